@@ -1,0 +1,241 @@
+//! Build events: past-tense facts, appended to a build's history in order. The history of a
+//! build is the list of its envelopes; its state is their fold (see `lifecycle`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::directives::ComputeProvider;
+use crate::names::{BuildId, ImageRef, LayerName, LeaseKey, Workspace};
+use crate::request::{BuildRequest, CascadeRef};
+use crate::sizing::{RunnerType, SizeDecision};
+
+/// One event as it travels on `lian.<ws>.build.<id>.<type>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub build_id: BuildId,
+    pub workspace: Workspace,
+    /// 1-based position in the build's history; also the dedup key of the append.
+    pub seq: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The worker that appended the event.
+    pub worker: String,
+    #[serde(flatten)]
+    pub event: BuildEvent,
+}
+
+/// The lifecycle step a failure happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Validate,
+    Size,
+    SpawnRunner,
+    SyncContext,
+    Build,
+    RecordMetrics,
+    DestroyRunner,
+    TimeBudget,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validate => "validate",
+            Self::Size => "size",
+            Self::SpawnRunner => "spawn_runner",
+            Self::SyncContext => "sync_context",
+            Self::Build => "build",
+            Self::RecordMetrics => "record_metrics",
+            Self::DestroyRunner => "destroy_runner",
+            Self::TimeBudget => "time_budget",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    /// The request passed validation; the history now holds everything needed to resume.
+    Accepted { request: Box<BuildRequest> },
+    /// Step 1.
+    Sized(SizeDecision),
+    /// Step 2.
+    Started { runner_type: RunnerType },
+    /// Step 3, intent: recorded before the provider is called.
+    RunnerRequested {
+        lease_key: LeaseKey,
+        provider: ComputeProvider,
+        runner_type: RunnerType,
+    },
+    /// Step 3, done.
+    RunnerLeased {
+        lease_key: LeaseKey,
+        lease_id: String,
+        host: String,
+    },
+    /// Step 4.
+    ContextSynced {
+        lease_key: LeaseKey,
+        files: u64,
+        bytes: u64,
+    },
+    /// Step 5.
+    ImageBuilt {
+        lease_key: LeaseKey,
+        image: ImageRef,
+        image_id: String,
+        duration_ms: u64,
+    },
+    /// A step failed; the runner (if any) is destroyed next.
+    StepFailed {
+        step: Step,
+        reason: String,
+        #[serde(default)]
+        oom: bool,
+    },
+    /// ADR-039: the build was OOM-killed and gets one more runner, one tier up.
+    OomEscalated { from: RunnerType, to: RunnerType },
+    /// Step 6.
+    MetricsRecorded {
+        duration_ms: u64,
+        #[serde(default)]
+        cpu_p95: Option<f64>,
+        #[serde(default)]
+        mem_p95_gb: Option<f64>,
+    },
+    /// Step 7.
+    RunnerDestroyed { lease_key: LeaseKey },
+    /// Step 8, success.
+    Completed {
+        image: ImageRef,
+        image_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<LayerName>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cascade: Option<CascadeRef>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
+    },
+    /// Step 8, failure (also the only event of a request that could not be read).
+    Failed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<Step>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<LayerName>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cascade: Option<CascadeRef>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        labels: BTreeMap<String, String>,
+    },
+}
+
+impl BuildEvent {
+    /// The last token of the event's subject.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Accepted { .. } => "accepted",
+            Self::Sized(_) => "sized",
+            Self::Started { .. } => "started",
+            Self::RunnerRequested { .. } => "runner_requested",
+            Self::RunnerLeased { .. } => "runner_leased",
+            Self::ContextSynced { .. } => "context_synced",
+            Self::ImageBuilt { .. } => "image_built",
+            Self::StepFailed { .. } => "step_failed",
+            Self::OomEscalated { .. } => "oom_escalated",
+            Self::MetricsRecorded { .. } => "metrics_recorded",
+            Self::RunnerDestroyed { .. } => "runner_destroyed",
+            Self::Completed { .. } => "completed",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Completed { .. } | Self::Failed { .. })
+    }
+
+    /// One human line, used by `lian watch` and `lian status`.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Accepted { request } => format!(
+                "accepted {} ({}{})",
+                request.directives.artifact.image,
+                request.directives.compute_provider.as_str(),
+                request
+                    .layer
+                    .as_ref()
+                    .map(|l| format!(", layer {l}"))
+                    .unwrap_or_default()
+            ),
+            Self::Sized(d) => format!(
+                "sized {} ({}: {})",
+                d.runner_type.as_str(),
+                d.tier.as_str(),
+                d.reason
+            ),
+            Self::Started { runner_type } => {
+                format!("started on a {} runner", runner_type.as_str())
+            }
+            Self::RunnerRequested {
+                lease_key,
+                provider,
+                runner_type,
+            } => {
+                format!(
+                    "runner requested {lease_key} ({} {})",
+                    provider.as_str(),
+                    runner_type.as_str()
+                )
+            }
+            Self::RunnerLeased {
+                lease_key, host, ..
+            } => format!("runner leased {lease_key} on {host}"),
+            Self::ContextSynced { files, bytes, .. } => {
+                format!("context synced: {files} files, {bytes} bytes")
+            }
+            Self::ImageBuilt {
+                image,
+                image_id,
+                duration_ms,
+                ..
+            } => {
+                format!(
+                    "image built {image} {} in {:.1}s",
+                    short_id(image_id),
+                    *duration_ms as f64 / 1000.0
+                )
+            }
+            Self::StepFailed { step, reason, oom } => {
+                format!(
+                    "step {} failed{}: {reason}",
+                    step.as_str(),
+                    if *oom { " (out of memory)" } else { "" }
+                )
+            }
+            Self::OomEscalated { from, to } => format!(
+                "out of memory on {}, retrying on {}",
+                from.as_str(),
+                to.as_str()
+            ),
+            Self::MetricsRecorded { duration_ms, .. } => {
+                format!("metrics recorded: {:.1}s", *duration_ms as f64 / 1000.0)
+            }
+            Self::RunnerDestroyed { lease_key } => format!("runner destroyed {lease_key}"),
+            Self::Completed {
+                image, image_id, ..
+            } => format!("completed {image} {}", short_id(image_id)),
+            Self::Failed { reason, step, .. } => match step {
+                Some(s) => format!("failed at {}: {reason}", s.as_str()),
+                None => format!("failed: {reason}"),
+            },
+        }
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    &id[..id.len().min(12)]
+}

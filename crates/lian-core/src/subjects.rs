@@ -1,0 +1,70 @@
+//! Every subject, stream and consumer name, in one place (documented in `subjects.md`).
+//! Requests have four tokens and events five, so the work-queue stream on requests and the
+//! events stream never overlap (NATS refuses overlapping stream subjects).
+
+use crate::names::{BuildId, CascadeId, Workspace};
+
+pub const PREFIX: &str = "lian";
+pub const REQUESTS_STREAM: &str = "LIAN_REQUESTS";
+pub const EVENTS_STREAM: &str = "LIAN_EVENTS";
+pub const WORKERS_CONSUMER: &str = "lian-workers";
+pub const CASCADE_CONSUMER: &str = "lian-cascade";
+pub const CONTEXT_BUCKET: &str = "lian-contexts";
+pub const METRICS_BUCKET: &str = "lian-metrics";
+
+pub const ALL_REQUESTS: &str = "lian.*.build.request";
+pub const ALL_BUILD_EVENTS: &str = "lian.*.build.*.*";
+pub const ALL_CASCADE_EVENTS: &str = "lian.*.cascade.*.*";
+pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] =
+    ["lian.*.build.*.completed", "lian.*.build.*.failed"];
+
+pub fn request(ws: &Workspace) -> String {
+    format!("{PREFIX}.{ws}.build.request")
+}
+
+pub fn build_event(ws: &Workspace, build: &BuildId, kind: &str) -> String {
+    format!("{PREFIX}.{ws}.build.{build}.{kind}")
+}
+
+/// Every event of one build, whatever its workspace.
+pub fn build_history(build: &BuildId) -> String {
+    format!("{PREFIX}.*.build.{build}.*")
+}
+
+pub fn cascade_event(ws: &Workspace, cascade: &CascadeId, kind: &str) -> String {
+    format!("{PREFIX}.{ws}.cascade.{cascade}.{kind}")
+}
+
+pub fn cascade_history(cascade: &CascadeId) -> String {
+    format!("{PREFIX}.*.cascade.{cascade}.*")
+}
+
+/// The workspace token of a request subject `lian.<ws>.build.request`, unvalidated.
+pub fn workspace_token(subject: &str) -> Option<&str> {
+    let mut parts = subject.split('.');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some(PREFIX), Some(ws), Some("build"), Some("request"), None) => Some(ws),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_have_the_documented_shape() {
+        let ws = Workspace::new("ws").unwrap();
+        let b = BuildId::new("b1").unwrap();
+        assert_eq!(request(&ws), "lian.ws.build.request");
+        assert_eq!(build_event(&ws, &b, "started"), "lian.ws.build.b1.started");
+        assert_eq!(workspace_token("lian.ws.build.request"), Some("ws"));
+        assert_eq!(workspace_token("lian.ws.build.b1.started"), None);
+    }
+}

@@ -1,0 +1,1 @@
+//! End-to-end tests and repository checks live in tests/; see README.
