@@ -16,10 +16,22 @@ use sha2::{Digest, Sha256};
 /// The schema files, relative to the schemas directory.
 const EMBEDDED: &[(&str, &str)] = &[
     ("common.ncl", include_str!("../../../schemas/common.ncl")),
-    ("build_directives.ncl", include_str!("../../../schemas/build_directives.ncl")),
-    ("build_spec.ncl", include_str!("../../../schemas/build_spec.ncl")),
-    ("cache_policy.ncl", include_str!("../../../schemas/cache_policy.ncl")),
-    ("workflow.ncl", include_str!("../../../schemas/workflow.ncl")),
+    (
+        "build_directives.ncl",
+        include_str!("../../../schemas/build_directives.ncl"),
+    ),
+    (
+        "build_spec.ncl",
+        include_str!("../../../schemas/build_spec.ncl"),
+    ),
+    (
+        "cache_policy.ncl",
+        include_str!("../../../schemas/cache_policy.ncl"),
+    ),
+    (
+        "workflow.ncl",
+        include_str!("../../../schemas/workflow.ncl"),
+    ),
     (
         "defaults/build_directives.ncl",
         include_str!("../../../schemas/defaults/build_directives.ncl"),
@@ -111,15 +123,27 @@ impl Schemas {
     }
 
     /// Evaluates a `.ncl` or `.json` file and applies the contract.
-    pub fn eval_file<T: DeserializeOwned>(&self, path: &Path, contract: Contract) -> Result<T, NickelError> {
+    pub fn eval_file<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+        contract: Contract,
+    ) -> Result<T, NickelError> {
         let builder = ProgramBuilder::new().add_path(path.as_os_str());
         self.eval(builder, contract, &path.display().to_string())
     }
 
     /// Checks a JSON document (a request published by any client) against the contract.
-    pub fn eval_json<T: DeserializeOwned>(&self, json: &str, name: &str, contract: Contract) -> Result<T, NickelError> {
-        let builder =
-            ProgramBuilder::new().add_source_with_format(Cursor::new(json.to_owned()), name, InputFormat::Json);
+    pub fn eval_json<T: DeserializeOwned>(
+        &self,
+        json: &str,
+        name: &str,
+        contract: Contract,
+    ) -> Result<T, NickelError> {
+        let builder = ProgramBuilder::new().add_source_with_format(
+            Cursor::new(json.to_owned()),
+            name,
+            InputFormat::Json,
+        );
         self.eval(builder, contract, name)
     }
 
@@ -160,7 +184,9 @@ fn tempdir_beside(dir: &Path) -> std::io::Result<PathBuf> {
     for attempt in 0..100u32 {
         let candidate = parent.join(format!(
             ".{}-{}-{attempt}",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("schemas"),
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("schemas"),
             std::process::id()
         ));
         if std::fs::create_dir(&candidate).is_ok() {
