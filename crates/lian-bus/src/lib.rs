@@ -1,1 +1,74 @@
+//! The only owner of NATS: the JetStream topology (streams, consumers, key-value, object
+//! store), appends with dedup, history reads, the work queue with heartbeats, and build
+//! contexts in the object store. Callers speak in subjects and serde values; nobody else
+//! imports async-nats.
 
+mod context;
+mod error;
+mod history;
+mod topology;
+mod work;
+
+pub use context::{Manifest, ManifestEntry};
+pub use error::BusError;
+pub use history::{Appended, Record};
+pub use topology::Topology;
+pub use work::{Job, JobStream};
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+/// A connection to NATS and its JetStream context.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects, retrying for `patience` so a fleet can start before its server is ready.
+    pub async fn connect(url: &str, name: &str, patience: Duration) -> Result<Self, BusError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let options = async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(5))
+                // After the first connection, keep retrying forever: a NATS restart must not
+                // take the fleet down.
+                .max_reconnects(None);
+            match options.connect(url).await {
+                Ok(client) => {
+                    let js = jetstream::new(client.clone());
+                    return Ok(Self { client, js });
+                }
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%url, %err, "nats not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => {
+                    return Err(BusError::Connect {
+                        url: url.to_string(),
+                        message: err.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Publishes on core NATS only (not persisted): for live notices nobody needs to replay.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError::nats("flush", e))
+    }
+
+    /// Subscribes to core NATS: sees every message on matching subjects, persisted or not.
+    pub async fn subscribe(&self, subject: &str) -> Result<async_nats::Subscriber, BusError> {
+        self.client
+            .subscribe(subject.to_string())
+            .await
+            .map_err(|e| BusError::nats("subscribe", e))
+    }
+}

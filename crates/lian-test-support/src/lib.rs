@@ -1,1 +1,65 @@
+//! Real services for tests, started per test on free ports and stopped on drop: a
+//! nats-server with JetStream in a temp store, a raw NATS protocol client (so end-to-end
+//! tests read `lian.>` with a client that is not ours), and the `lian` binary.
 
+mod nats;
+mod raw;
+
+pub use nats::NatsServer;
+pub use raw::{RawMessage, RawNats};
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The `lian` binary of this workspace, built on first use so a plain `cargo test` never
+/// runs a stale binary.
+pub fn lian_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "lian-cli", "--bin", "lian"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the lian binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        target.join("debug").join("lian")
+    })
+    .clone()
+}
+
+/// The repository root (where the top-level Cargo.toml is).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/lian-test-support sits two levels below the root")
+        .to_path_buf()
+}
+
+/// Whether a Docker engine answers; tests that build images need one.
+pub fn docker_available() -> bool {
+    Command::new(docker_cli())
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Debian's docker CLI builds with BuildKit without buildx; prefer it where installed.
+pub fn docker_cli() -> PathBuf {
+    let debian = PathBuf::from("/usr/bin/docker");
+    if debian.exists() { debian } else { PathBuf::from("docker") }
+}

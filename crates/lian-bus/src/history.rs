@@ -1,0 +1,125 @@
+//! Event histories: appends with a `Nats-Msg-Id`, reads of everything on a filter, and
+//! following a filter live.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::message::PublishMessage;
+use futures::{Stream, StreamExt};
+use lian_core::subjects;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Bus, BusError};
+
+/// The server's answer to an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub stream_sequence: u64,
+    /// The same `Nats-Msg-Id` was appended before (within the dedup window): this append
+    /// wrote nothing. For a history append it means another writer got there first.
+    pub duplicate: bool,
+}
+
+/// One stored message: its subject and payload.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub subject: String,
+    pub payload: bytes::Bytes,
+}
+
+impl Record {
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, BusError> {
+        serde_json::from_slice(&self.payload).map_err(|source| BusError::Decode {
+            what: format!("the message on {}", self.subject),
+            source,
+        })
+    }
+}
+
+impl Bus {
+    /// Appends a value to a stream subject; `msg_id` makes the append idempotent.
+    pub async fn append<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<Appended, BusError> {
+        let payload = serde_json::to_vec(value).expect("lian values serialize");
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_string(),
+                PublishMessage::build().payload(payload.into()).message_id(msg_id),
+            )
+            .await
+            .map_err(|e| BusError::nats("publish", e))?
+            .await
+            .map_err(|e| BusError::nats("publish ack", e))?;
+        Ok(Appended {
+            stream_sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Everything stored on `filter` in the events stream, oldest first.
+    pub async fn read_all(&self, filter: &str) -> Result<Vec<Record>, BusError> {
+        let stream = self
+            .js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| BusError::nats("open events stream", e))?;
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("read history", e))?;
+        let mut remaining = consumer.cached_info().num_pending;
+        let mut records = Vec::with_capacity(remaining as usize);
+        if remaining == 0 {
+            return Ok(records);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::nats("read history", e))?;
+        while remaining > 0 {
+            let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+                .await
+                .map_err(|_| BusError::nats("read history", "timed out"))?;
+            let Some(message) = next else { break };
+            let message = message.map_err(|e| BusError::nats("read history", e))?;
+            remaining = message.info().map(|i| i.pending).unwrap_or(0);
+            records.push(Record {
+                subject: message.subject.to_string(),
+                payload: message.payload.clone(),
+            });
+        }
+        Ok(records)
+    }
+
+    /// Every message on `filter` in the events stream, history first, then live.
+    pub async fn follow(&self, filter: &str) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
+        let stream = self
+            .js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| BusError::nats("open events stream", e))?;
+        let messages = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("follow", e))?
+            .messages()
+            .await
+            .map_err(|e| BusError::nats("follow", e))?;
+        Ok(messages.map(|m| {
+            let m = m.map_err(|e| BusError::nats("follow", e))?;
+            Ok(Record {
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+            })
+        }))
+    }
+}
