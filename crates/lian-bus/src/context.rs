@@ -28,7 +28,11 @@ pub struct ManifestEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EntryKind {
-    File { sha256: String, size: u64, executable: bool },
+    File {
+        sha256: String,
+        size: u64,
+        executable: bool,
+    },
     /// A symlink whose target stays inside the context.
     Symlink { target: String },
 }
@@ -74,7 +78,9 @@ impl Bus {
                 Err(e) => return Err(BusError::nats("look up context object", e)),
             }
             let path = root.join(&entry.path);
-            let mut file = tokio::fs::File::open(&path).await.map_err(BusError::io(&path))?;
+            let mut file = tokio::fs::File::open(&path)
+                .await
+                .map_err(BusError::io(&path))?;
             store
                 .put(name.as_str(), &mut file)
                 .await
@@ -112,7 +118,9 @@ impl Bus {
         let store = self.contexts().await?;
         let mut object = store.get(name).await.map_err(|e| {
             if e.to_string().contains("not found") {
-                BusError::MissingObject { name: name.to_string() }
+                BusError::MissingObject {
+                    name: name.to_string(),
+                }
             } else {
                 BusError::nats("read context object", e)
             }
@@ -126,16 +134,31 @@ impl Bus {
     }
 
     /// One file of a context, if the context has it.
-    pub async fn context_file(&self, context: &ContextRef, path: &str) -> Result<Option<Vec<u8>>, BusError> {
+    pub async fn context_file(
+        &self,
+        context: &ContextRef,
+        path: &str,
+    ) -> Result<Option<Vec<u8>>, BusError> {
         let manifest = self.manifest(context).await?;
-        match manifest.entries.iter().find(|e| e.path == path).map(|e| &e.kind) {
-            Some(EntryKind::File { sha256, .. }) => Ok(Some(self.object(&object_name(sha256)).await?)),
+        match manifest
+            .entries
+            .iter()
+            .find(|e| e.path == path)
+            .map(|e| &e.kind)
+        {
+            Some(EntryKind::File { sha256, .. }) => {
+                Ok(Some(self.object(&object_name(sha256)).await?))
+            }
             _ => Ok(None),
         }
     }
 
     /// Writes a context under `dest` (which must be empty or absent); returns files and bytes.
-    pub async fn download_context(&self, context: &ContextRef, dest: &Path) -> Result<(u64, u64), BusError> {
+    pub async fn download_context(
+        &self,
+        context: &ContextRef,
+        dest: &Path,
+    ) -> Result<(u64, u64), BusError> {
         let manifest = self.manifest(context).await?;
         let (mut files, mut bytes) = (0, 0);
         for entry in &manifest.entries {
@@ -145,10 +168,16 @@ impl Bus {
             })?;
             let path = dest.join(relative);
             if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(BusError::io(parent))?;
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(BusError::io(parent))?;
             }
             match &entry.kind {
-                EntryKind::File { sha256, size, executable } => {
+                EntryKind::File {
+                    sha256,
+                    size,
+                    executable,
+                } => {
                     let content = self.object(&object_name(sha256)).await?;
                     if hex(&Sha256::digest(&content)) != *sha256 {
                         return Err(BusError::Context {
@@ -156,17 +185,23 @@ impl Bus {
                             why: "stored content does not match its hash".into(),
                         });
                     }
-                    tokio::fs::write(&path, &content).await.map_err(BusError::io(&path))?;
+                    tokio::fs::write(&path, &content)
+                        .await
+                        .map_err(BusError::io(&path))?;
                     if *executable {
                         use std::os::unix::fs::PermissionsExt;
                         let perms = std::fs::Permissions::from_mode(0o755);
-                        tokio::fs::set_permissions(&path, perms).await.map_err(BusError::io(&path))?;
+                        tokio::fs::set_permissions(&path, perms)
+                            .await
+                            .map_err(BusError::io(&path))?;
                     }
                     files += 1;
                     bytes += size;
                 }
                 EntryKind::Symlink { target } => {
-                    tokio::fs::symlink(target, &path).await.map_err(BusError::io(&path))?;
+                    tokio::fs::symlink(target, &path)
+                        .await
+                        .map_err(BusError::io(&path))?;
                 }
             }
         }
@@ -213,7 +248,8 @@ fn scan(root: &Path) -> Result<Vec<ManifestEntry>, BusError> {
             if kind.is_dir() {
                 dirs.push(relative);
             } else if kind.is_symlink() {
-                let target = std::fs::read_link(child.path()).map_err(BusError::io(child.path()))?;
+                let target =
+                    std::fs::read_link(child.path()).map_err(BusError::io(child.path()))?;
                 let resolved = dir.join(&target);
                 if target.is_absolute() || !stays_inside(&resolved) {
                     return Err(BusError::Context {
@@ -234,7 +270,11 @@ fn scan(root: &Path) -> Result<Vec<ManifestEntry>, BusError> {
                 let path = child.path();
                 let (sha256, size) = hash_file(&path)?;
                 use std::os::unix::fs::PermissionsExt;
-                let mode = child.metadata().map_err(BusError::io(&path))?.permissions().mode();
+                let mode = child
+                    .metadata()
+                    .map_err(BusError::io(&path))?
+                    .permissions()
+                    .mode();
                 entries.push(ManifestEntry {
                     path: display,
                     kind: EntryKind::File {

@@ -39,13 +39,20 @@ impl Record {
 
 impl Bus {
     /// Appends a value to a stream subject; `msg_id` makes the append idempotent.
-    pub async fn append<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<Appended, BusError> {
+    pub async fn append<T: Serialize>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        value: &T,
+    ) -> Result<Appended, BusError> {
         let payload = serde_json::to_vec(value).expect("lian values serialize");
         let ack = self
             .js
             .send_publish(
                 subject.to_string(),
-                PublishMessage::build().payload(payload.into()).message_id(msg_id),
+                PublishMessage::build()
+                    .payload(payload.into())
+                    .message_id(msg_id),
             )
             .await
             .map_err(|e| BusError::nats("publish", e))?
@@ -55,6 +62,17 @@ impl Bus {
             stream_sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+
+    /// Publishes a build request on `lian.<ws>.build.request`, deduplicated by build id so
+    /// a retried submit within the dedup window is one request.
+    pub async fn submit(
+        &self,
+        request: &lian_core::BuildRequest,
+        build_id: &lian_core::BuildId,
+    ) -> Result<Appended, BusError> {
+        let subject = subjects::request(&request.directives.workspace);
+        self.append(&subject, build_id.as_str(), request).await
     }
 
     /// Everything stored on `filter` in the events stream, oldest first.
@@ -97,7 +115,10 @@ impl Bus {
     }
 
     /// Every message on `filter` in the events stream, history first, then live.
-    pub async fn follow(&self, filter: &str) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
+    pub async fn follow(
+        &self,
+        filter: &str,
+    ) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
         let stream = self
             .js
             .get_stream(subjects::EVENTS_STREAM)

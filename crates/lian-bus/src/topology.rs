@@ -51,7 +51,10 @@ impl Bus {
         let events = stream::Config {
             name: subjects::EVENTS_STREAM.into(),
             description: Some("lian build and cascade histories".into()),
-            subjects: vec![subjects::ALL_BUILD_EVENTS.into(), subjects::ALL_CASCADE_EVENTS.into()],
+            subjects: vec![
+                subjects::ALL_BUILD_EVENTS.into(),
+                subjects::ALL_CASCADE_EVENTS.into(),
+            ],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
@@ -84,7 +87,10 @@ impl Bus {
                 consumer::pull::Config {
                     durable_name: Some(subjects::CASCADE_CONSUMER.into()),
                     description: Some("the cascade service reads terminal build events".into()),
-                    filter_subjects: subjects::ALL_TERMINAL_BUILD_EVENTS.iter().map(|s| s.to_string()).collect(),
+                    filter_subjects: subjects::ALL_TERMINAL_BUILD_EVENTS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: t.ack_wait,
                     max_deliver: t.max_deliver,
@@ -95,7 +101,12 @@ impl Bus {
             )
             .await
             .map_err(|e| BusError::nats("create cascade consumer", e))?;
-        if self.js.get_object_store(subjects::CONTEXT_BUCKET).await.is_err() {
+        if self
+            .js
+            .get_object_store(subjects::CONTEXT_BUCKET)
+            .await
+            .is_err()
+        {
             self.js
                 .create_object_store(jetstream::object_store::Config {
                     bucket: subjects::CONTEXT_BUCKET.into(),
@@ -107,7 +118,12 @@ impl Bus {
                 .await
                 .map_err(|e| BusError::nats("create context store", e))?;
         }
-        if self.js.get_key_value(subjects::METRICS_BUCKET).await.is_err() {
+        if self
+            .js
+            .get_key_value(subjects::METRICS_BUCKET)
+            .await
+            .is_err()
+        {
             self.js
                 .create_key_value(jetstream::kv::Config {
                     bucket: subjects::METRICS_BUCKET.into(),
@@ -124,7 +140,11 @@ impl Bus {
     }
 
     /// Records one build's metrics (step 6), keyed `<workspace>.<build-id>`.
-    pub async fn record_metrics(&self, key: &str, value: &serde_json::Value) -> Result<(), BusError> {
+    pub async fn record_metrics(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), BusError> {
         let kv = self
             .js
             .get_key_value(subjects::METRICS_BUCKET)

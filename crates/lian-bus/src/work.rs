@@ -21,12 +21,14 @@ pub struct Job {
 impl Bus {
     /// Build requests, from the consumer every worker shares.
     pub async fn requests(&self) -> Result<JobStream, BusError> {
-        self.jobs(subjects::REQUESTS_STREAM, subjects::WORKERS_CONSUMER).await
+        self.jobs(subjects::REQUESTS_STREAM, subjects::WORKERS_CONSUMER)
+            .await
     }
 
     /// Terminal build events, from the consumer the cascade replicas share.
     pub async fn terminal_build_events(&self) -> Result<JobStream, BusError> {
-        self.jobs(subjects::EVENTS_STREAM, subjects::CASCADE_CONSUMER).await
+        self.jobs(subjects::EVENTS_STREAM, subjects::CASCADE_CONSUMER)
+            .await
     }
 
     async fn jobs(&self, stream: &str, consumer: &str) -> Result<JobStream, BusError> {

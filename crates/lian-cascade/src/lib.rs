@@ -1,1 +1,288 @@
+//! The cascade service: when a catalog layer's build completes, rebuild every layer built
+//! on it, each only after all of its parents in this cascade completed. It folds the
+//! cascade's history on every terminal build event, so any replica can carry on.
 
+mod catalog;
+
+pub use catalog::{LoadError, load_catalog};
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use lian_bus::{Bus, BusError, Job};
+use lian_catalog::Catalog;
+use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState};
+use lian_core::names::CascadeId;
+use lian_core::{
+    BuildDirectives, BuildEvent, BuildRequest, CascadeRef, Envelope, LayerName, Workspace, subjects,
+};
+use lian_nickel::{Contract, Schemas};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone)]
+pub struct CascadeOptions {
+    /// The catalog directory: one sub-directory per layer, each with `workflow.ncl`,
+    /// `build_directives.ncl` and the layer's build context.
+    pub catalog_dir: PathBuf,
+    pub schemas: Schemas,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CascadeServiceError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Catalog(#[from] LoadError),
+}
+
+struct Service {
+    bus: Bus,
+    catalog: Catalog,
+    options: CascadeOptions,
+}
+
+/// Serves terminal build events until `shutdown` resolves.
+pub async fn run(
+    bus: Bus,
+    options: CascadeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CascadeServiceError> {
+    let dir = options.catalog_dir.clone();
+    let schemas = options.schemas.clone();
+    let catalog = tokio::task::spawn_blocking(move || load_catalog(&dir, &schemas))
+        .await
+        .expect("catalog loading does not panic")?;
+    let service = Service {
+        bus: bus.clone(),
+        catalog,
+        options,
+    };
+    let mut jobs = bus.terminal_build_events().await?;
+    tracing::info!(catalog = %service.options.catalog_dir.display(), "cascade serving");
+    tokio::pin!(shutdown);
+    loop {
+        let job = tokio::select! {
+            () = &mut shutdown => break,
+            job = jobs.next() => job,
+        };
+        let Some(Ok(job)) = job else { continue };
+        match service.handle(&job).await {
+            Ok(()) => {
+                let _ = job.ack().await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cascade step interrupted; retrying");
+                let _ = job.nak(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Service {
+    async fn handle(&self, job: &Job) -> Result<(), BusError> {
+        let Ok(envelope) = job.record().decode::<Envelope>() else {
+            tracing::warn!(subject = job.subject(), "not a build event; ignored");
+            return Ok(());
+        };
+        let (layer, cascade_ref, ok, reason) = match &envelope.event {
+            BuildEvent::Completed { layer, cascade, .. } => (layer, cascade, true, String::new()),
+            BuildEvent::Failed {
+                layer,
+                cascade,
+                reason,
+                ..
+            } => (layer, cascade, false, reason.clone()),
+            _ => return Ok(()),
+        };
+        let Some(layer) = layer else { return Ok(()) };
+        let (id, root_started) = match cascade_ref {
+            Some(c) => (c.id.clone(), None),
+            // A catalog layer built on its own starts a cascade; a failed one does not.
+            None if ok && self.catalog.get(layer.as_str()).is_ok() => {
+                let id = CascadeId::rooted_at(&envelope.build_id);
+                let plan = self
+                    .catalog
+                    .plan(layer.as_str())
+                    .expect("layer is in the catalog");
+                (
+                    id,
+                    Some(CascadeEvent::Started {
+                        root: layer.clone(),
+                        root_build: envelope.build_id.clone(),
+                        plan,
+                    }),
+                )
+            }
+            None => return Ok(()),
+        };
+        let ws = &envelope.workspace;
+        let (mut state, mut seq) = self.fold(&id).await?;
+        let redelivered = job.delivered() > 1;
+        if let Some(started) = root_started {
+            if state.root.is_none() {
+                self.append(&mut state, &mut seq, &id, ws, started).await?;
+            }
+        } else if let Some(lian_catalog::cascade::LayerStatus::Requested(build)) =
+            state.layers.get(layer)
+        {
+            let build = build.clone();
+            let event = if ok {
+                CascadeEvent::LayerCompleted {
+                    layer: layer.clone(),
+                    build_id: build,
+                }
+            } else {
+                CascadeEvent::LayerFailed {
+                    layer: layer.clone(),
+                    build_id: build,
+                    reason,
+                }
+            };
+            self.append(&mut state, &mut seq, &id, ws, event).await?;
+        }
+        if redelivered {
+            // The previous attempt may have recorded a request it did not get to publish;
+            // requests are deduplicated by build id, so publishing again is safe.
+            let pending: Vec<LayerName> = state
+                .plan
+                .iter()
+                .filter(|l| state.build_of(l).is_some())
+                .cloned()
+                .collect();
+            for l in pending {
+                self.request_layer(&mut state, &mut seq, &id, ws, &l)
+                    .await?;
+            }
+        }
+        self.advance(&mut state, &mut seq, &id, ws).await
+    }
+
+    /// Appends what `decide` proposes and publishes the requested builds, until quiet.
+    async fn advance(
+        &self,
+        state: &mut CascadeState,
+        seq: &mut u32,
+        id: &CascadeId,
+        ws: &Workspace,
+    ) -> Result<(), BusError> {
+        loop {
+            let events = cascade::decide(state, &self.catalog, id);
+            if events.is_empty() {
+                return Ok(());
+            }
+            for event in events {
+                let requested = match &event {
+                    CascadeEvent::LayerRequested { layer, .. } => Some(layer.clone()),
+                    _ => None,
+                };
+                self.append(state, seq, id, ws, event).await?;
+                if let Some(layer) = requested {
+                    self.request_layer(state, seq, id, ws, &layer).await?;
+                }
+            }
+        }
+    }
+
+    /// Publishes the build of one layer; a layer whose directives cannot be read fails in
+    /// the cascade with the reason, and blocks its branch.
+    async fn request_layer(
+        &self,
+        state: &mut CascadeState,
+        seq: &mut u32,
+        id: &CascadeId,
+        ws: &Workspace,
+        layer: &LayerName,
+    ) -> Result<(), BusError> {
+        let build_id = state
+            .build_of(layer)
+            .cloned()
+            .expect("requested before published");
+        let dir = self.options.catalog_dir.join(layer.as_str());
+        let schemas = self.options.schemas.clone();
+        let directives_path = dir.join("build_directives.ncl");
+        let directives = tokio::task::spawn_blocking(move || {
+            schemas.eval_file::<BuildDirectives>(&directives_path, Contract::BuildDirectives)
+        })
+        .await
+        .expect("nickel evaluation does not panic");
+        let directives = match directives {
+            Ok(d) => d,
+            Err(e) => {
+                let event = CascadeEvent::LayerFailed {
+                    layer: layer.clone(),
+                    build_id,
+                    reason: format!("cannot read {}/build_directives.ncl: {e}", layer),
+                };
+                return self.append(state, seq, id, ws, event).await;
+            }
+        };
+        let context = match self.bus.upload_context(&dir).await {
+            Ok((context, _)) => context,
+            Err(BusError::Nats { op, message }) => return Err(BusError::Nats { op, message }),
+            Err(e) => {
+                let event = CascadeEvent::LayerFailed {
+                    layer: layer.clone(),
+                    build_id,
+                    reason: e.to_string(),
+                };
+                return self.append(state, seq, id, ws, event).await;
+            }
+        };
+        let root = state.root.clone().expect("a started cascade");
+        let request = BuildRequest {
+            build_id: Some(build_id.clone()),
+            directives,
+            context,
+            layer: Some(layer.clone()),
+            cascade: Some(CascadeRef {
+                id: id.clone(),
+                root,
+            }),
+        };
+        self.bus.submit(&request, &build_id).await?;
+        Ok(())
+    }
+
+    async fn fold(&self, id: &CascadeId) -> Result<(CascadeState, u32), BusError> {
+        let records = self.bus.read_all(&subjects::cascade_history(id)).await?;
+        let mut events = Vec::with_capacity(records.len());
+        for r in &records {
+            events.push(r.decode::<CascadeEnvelope>()?.event);
+        }
+        let state = cascade::fold(&events).map_err(|e| BusError::Nats {
+            op: "fold cascade",
+            message: e.to_string(),
+        })?;
+        let seq = state.len;
+        Ok((state, seq))
+    }
+
+    async fn append(
+        &self,
+        state: &mut CascadeState,
+        seq: &mut u32,
+        id: &CascadeId,
+        ws: &Workspace,
+        event: CascadeEvent,
+    ) -> Result<(), BusError> {
+        state.apply(&event).map_err(|e| BusError::Nats {
+            op: "cascade",
+            message: e.to_string(),
+        })?;
+        *seq += 1;
+        let subject = subjects::cascade_event(ws, id, event.kind());
+        let envelope = CascadeEnvelope {
+            cascade_id: id.clone(),
+            workspace: ws.clone(),
+            seq: *seq,
+            at: OffsetDateTime::now_utc(),
+            event,
+        };
+        self.bus
+            .append(&subject, &format!("{id}.{}", *seq), &envelope)
+            .await?;
+        tracing::info!(cascade = %id, "{}", envelope.event.summary());
+        Ok(())
+    }
+}

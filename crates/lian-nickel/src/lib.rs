@@ -132,6 +132,17 @@ impl Schemas {
         self.eval(builder, contract, &path.display().to_string())
     }
 
+    /// Evaluates Nickel source held in memory (a file read from a build context).
+    pub fn eval_str<T: DeserializeOwned>(
+        &self,
+        source: &str,
+        name: &str,
+        contract: Contract,
+    ) -> Result<T, NickelError> {
+        let builder = ProgramBuilder::new().add_source_string(source, name);
+        self.eval(builder, contract, name)
+    }
+
     /// Checks a JSON document (a request published by any client) against the contract.
     pub fn eval_json<T: DeserializeOwned>(
         &self,

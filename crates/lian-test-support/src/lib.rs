@@ -61,5 +61,9 @@ pub fn docker_available() -> bool {
 /// Debian's docker CLI builds with BuildKit without buildx; prefer it where installed.
 pub fn docker_cli() -> PathBuf {
     let debian = PathBuf::from("/usr/bin/docker");
-    if debian.exists() { debian } else { PathBuf::from("docker") }
+    if debian.exists() {
+        debian
+    } else {
+        PathBuf::from("docker")
+    }
 }

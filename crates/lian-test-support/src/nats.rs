@@ -39,7 +39,11 @@ impl NatsServer {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen on {} within 15 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {} within 15 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

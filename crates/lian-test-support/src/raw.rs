@@ -63,7 +63,11 @@ impl RawNats {
                     Some("MSG") | Some("HMSG") => {
                         let headers = parts[0] == "HMSG";
                         let total: usize = parts.last().unwrap().parse().unwrap();
-                        let header_len: usize = if headers { parts[parts.len() - 2].parse().unwrap() } else { 0 };
+                        let header_len: usize = if headers {
+                            parts[parts.len() - 2].parse().unwrap()
+                        } else {
+                            0
+                        };
                         let mut body = vec![0u8; total + 2];
                         if reader.read_exact(&mut body).is_err() {
                             return;
@@ -104,7 +108,12 @@ impl RawNats {
 
     /// Waits for the first message (new or already seen) that satisfies `pred`; panics
     /// with what was seen if none comes within `within`.
-    pub fn wait_for(&mut self, within: Duration, what: &str, pred: impl Fn(&RawMessage) -> bool) -> RawMessage {
+    pub fn wait_for(
+        &mut self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&RawMessage) -> bool,
+    ) -> RawMessage {
         if let Some(m) = self.seen.iter().find(|m| pred(m)) {
             return m.clone();
         }
@@ -119,7 +128,8 @@ impl RawNats {
                     }
                 }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    let subjects: Vec<&str> = self.seen.iter().map(|m| m.subject.as_str()).collect();
+                    let subjects: Vec<&str> =
+                        self.seen.iter().map(|m| m.subject.as_str()).collect();
                     panic!("no {what} within {within:?}; saw {subjects:#?}");
                 }
             }

@@ -1,1 +1,87 @@
+//! The worker: takes build requests from the shared work queue and drives each build's
+//! lifecycle. Stateless: everything it knows about a build it folds from the build's
+//! history, so any worker can carry on a build another worker dropped.
 
+mod driver;
+mod effects;
+mod intake;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lian_bus::Bus;
+use lian_nickel::Schemas;
+use lian_runner::{DockerBuilder, DockerLocal, Providers};
+
+pub use intake::MAX_REQUEST_BYTES;
+
+/// Everything a worker needs; the caller (the `lian` binary) builds it from config.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Appears in every event this worker appends.
+    pub name: String,
+    /// Runners of the docker_local provider live under `<runners_dir>/<lease-key>/`; shared
+    /// by the workers of one host, so a worker that takes over finds the runner.
+    pub runners_dir: PathBuf,
+    pub builder: DockerBuilder,
+    pub schemas: Schemas,
+    /// The work queue's ack wait; the worker heartbeats at a third of it.
+    pub ack_wait: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Bus(#[from] lian_bus::BusError),
+}
+
+/// Serves build requests until `shutdown` resolves. A build in flight at shutdown is left
+/// at its last recorded step and handed back to the queue for another worker.
+pub async fn run(
+    bus: Bus,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let stopping = Arc::new(AtomicBool::new(false));
+    let worker = Arc::new(driver::Worker {
+        bus: bus.clone(),
+        providers: Providers {
+            docker_local: Some(DockerLocal::new(&options.runners_dir)),
+        },
+        options,
+        stopping: stopping.clone(),
+    });
+    let mut jobs = bus.requests().await?;
+    tracing::info!(worker = %worker.options.name, "serving build requests");
+    tokio::pin!(shutdown);
+    loop {
+        let job = tokio::select! {
+            () = &mut shutdown => break,
+            job = jobs.next() => job,
+        };
+        let Some(job) = job else { break };
+        let job = match job {
+            Ok(job) => job,
+            Err(err) => {
+                tracing::warn!(%err, "cannot take a request");
+                continue;
+            }
+        };
+        let handle = worker.handle(job);
+        tokio::pin!(handle);
+        tokio::select! {
+            () = &mut shutdown => {
+                // Finish the effect in flight, then hand the build back.
+                stopping.store(true, Ordering::SeqCst);
+                handle.await;
+                break;
+            }
+            () = &mut handle => {}
+        }
+    }
+    tracing::info!(worker = %worker.options.name, "stopped");
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The effects of the lifecycle, each turned into an `Outcome`. A failure that belongs to
+//! the build (bad Dockerfile, OOM, missing context) is an outcome; one that belongs to the
+//! infrastructure (NATS unreachable, a runner that cannot be destroyed) is an `Err`, and
+//! the build is handed back to the queue to be resumed.
+
+use lian_core::BuildRequest;
+use lian_core::event::Step;
+use lian_core::lifecycle::{Effect, Outcome, State};
+use lian_core::sizing::{self, BuildSpec, SizingInputs};
+use lian_nickel::Contract;
+use lian_runner::BuildInvocation;
+
+use crate::driver::Worker;
+
+/// The file in a build context that sizes its runner (tier 1).
+const BUILD_SPEC_FILE: &str = ".build-spec.ncl";
+
+fn failed(step: Step, reason: impl Into<String>) -> Outcome {
+    Outcome::StepFailed {
+        step,
+        reason: reason.into(),
+        oom: false,
+    }
+}
+
+impl Worker {
+    pub(crate) async fn run_effect(
+        &self,
+        state: &State,
+        effect: Effect,
+    ) -> Result<Outcome, String> {
+        let request = state
+            .request
+            .as_ref()
+            .expect("effects follow an accepted request");
+        match effect {
+            Effect::ResolveSize => self.resolve_size(request).await,
+            Effect::SpawnRunner {
+                lease_key,
+                runner_type,
+            } => {
+                let provider = match self
+                    .providers
+                    .docker_local(request.directives.compute_provider)
+                {
+                    Ok(p) => p,
+                    Err(e) => return Ok(failed(Step::SpawnRunner, e.to_string())),
+                };
+                Ok(match provider.spawn(&lease_key, runner_type).await {
+                    Ok(r) => Outcome::RunnerLeased {
+                        lease_id: r.lease_id,
+                        host: r.host,
+                    },
+                    Err(e) => failed(Step::SpawnRunner, e.to_string()),
+                })
+            }
+            Effect::SyncContext { lease } => {
+                let provider = self
+                    .providers
+                    .docker_local(request.directives.compute_provider)
+                    .map_err(|e| e.to_string())?;
+                let dest = provider.workspace(&lease.key);
+                // A resumed sync starts from an empty directory: no half-written file survives.
+                let _ = tokio::fs::remove_dir_all(&dest).await;
+                tokio::fs::create_dir_all(&dest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match self.bus.download_context(&request.context, &dest).await {
+                    Ok((files, bytes)) => Ok(Outcome::ContextSynced { files, bytes }),
+                    Err(lian_bus::BusError::Nats { op, message }) => {
+                        Err(format!("{op}: {message}"))
+                    }
+                    Err(e) => Ok(failed(Step::SyncContext, e.to_string())),
+                }
+            }
+            Effect::RunBuild { lease } => {
+                let provider = self
+                    .providers
+                    .docker_local(request.directives.compute_provider)
+                    .map_err(|e| e.to_string())?;
+                let context = provider.workspace(&lease.key);
+                let artifact = &request.directives.artifact;
+                let invocation = BuildInvocation {
+                    context: &context,
+                    dockerfile: &artifact.dockerfile,
+                    image: artifact.image.as_str(),
+                    target: artifact.target.as_deref(),
+                    build_args: artifact
+                        .build_args
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                };
+                Ok(match self.options.builder.build(&invocation).await {
+                    Ok(out) => Outcome::ImageBuilt {
+                        image_id: out.image_id,
+                        duration_ms: out.duration_ms,
+                    },
+                    Err(f) => Outcome::StepFailed {
+                        step: Step::Build,
+                        reason: f.reason,
+                        oom: f.oom,
+                    },
+                })
+            }
+            Effect::RecordMetrics { built } => {
+                let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+                    return Err("a build without identity".into());
+                };
+                let record = serde_json::json!({
+                    "workspace": ws,
+                    "build_id": id,
+                    "runner_type": state.runner_type,
+                    "duration_ms": built.duration_ms,
+                    "cpu_p95": null,
+                    "mem_p95_gb": null,
+                });
+                // Metrics are advice for sizing: losing one must not fail a build.
+                if let Err(err) = self
+                    .bus
+                    .record_metrics(&format!("{ws}.{id}"), &record)
+                    .await
+                {
+                    tracing::warn!(%err, "metrics not recorded");
+                }
+                Ok(Outcome::MetricsRecorded {
+                    cpu_p95: None,
+                    mem_p95_gb: None,
+                })
+            }
+            Effect::DestroyRunner { lease_key } => {
+                let provider = self
+                    .providers
+                    .docker_local(request.directives.compute_provider)
+                    .map_err(|e| e.to_string())?;
+                provider
+                    .destroy(&lease_key)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Outcome::RunnerDestroyed)
+            }
+        }
+    }
+
+    async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {
+        let spec = match self
+            .bus
+            .context_file(&request.context, BUILD_SPEC_FILE)
+            .await
+        {
+            Ok(None) => None,
+            Ok(Some(bytes)) => {
+                let text = match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        return Ok(failed(
+                            Step::Size,
+                            format!("{BUILD_SPEC_FILE} is not UTF-8 text"),
+                        ));
+                    }
+                };
+                let schemas = self.options.schemas.clone();
+                let evaluated = tokio::task::spawn_blocking(move || {
+                    schemas.eval_str::<BuildSpec>(&text, BUILD_SPEC_FILE, Contract::BuildSpec)
+                })
+                .await
+                .expect("nickel evaluation does not panic");
+                match evaluated {
+                    Ok(spec) => Some(spec),
+                    Err(e) => return Ok(failed(Step::Size, format!("{BUILD_SPEC_FILE}: {e}"))),
+                }
+            }
+            Err(lian_bus::BusError::Nats { op, message }) => {
+                return Err(format!("{op}: {message}"));
+            }
+            Err(e) => return Ok(failed(Step::Size, e.to_string())),
+        };
+        let directives = &request.directives;
+        let inputs = SizingInputs {
+            override_type: directives
+                .runner_override
+                .as_ref()
+                .and_then(|o| o.runner_type),
+            override_budget: directives
+                .runner_override
+                .as_ref()
+                .and_then(|o| o.time_budget_min),
+            spec: spec.as_ref(),
+            // Tier 2 reads recorded P95s once usage is sampled on runners.
+            history: None,
+            history_approved: false,
+            language: directives.artifact.language,
+        };
+        Ok(match sizing::resolve(&inputs) {
+            Ok(decision) => Outcome::Sized(decision),
+            Err(e) => failed(Step::Size, e.to_string()),
+        })
+    }
+}

@@ -1,0 +1,103 @@
+//! Turning a delivered message into a build request, or into the reason it is refused.
+//! Nothing here trusts the payload: a malformed request ends as one `failed` event.
+
+use lian_bus::Job;
+use lian_core::{BuildDirectives, BuildId, BuildRequest, Workspace, cache, subjects};
+use lian_nickel::{Contract, Schemas};
+
+/// Largest request accepted; the requests stream refuses larger ones at publish time too.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// The workspace failed events go to when the subject's workspace token is not a valid one.
+const INVALID_WORKSPACE: &str = "invalid";
+
+pub enum Intake {
+    Accepted {
+        build_id: BuildId,
+        request: Box<BuildRequest>,
+    },
+    Refused {
+        build_id: BuildId,
+        workspace: Workspace,
+        reason: String,
+    },
+}
+
+pub async fn read(job: &Job, schemas: &Schemas) -> Intake {
+    let fallback_id = || BuildId::new(format!("q{}", job.stream_sequence())).expect("a token");
+    let subject_ws = subjects::workspace_token(job.subject()).unwrap_or("");
+    let workspace = Workspace::new(subject_ws);
+    let refuse = |build_id: BuildId, reason: String| Intake::Refused {
+        build_id,
+        workspace: workspace
+            .clone()
+            .unwrap_or_else(|_| Workspace::new(INVALID_WORKSPACE).expect("a token")),
+        reason,
+    };
+    if job.payload().len() > MAX_REQUEST_BYTES {
+        return refuse(
+            fallback_id(),
+            format!(
+                "request is {} bytes, over the {MAX_REQUEST_BYTES}-byte limit: put large inputs in the build context",
+                job.payload().len()
+            ),
+        );
+    }
+    let value: serde_json::Value = match serde_json::from_slice(job.payload()) {
+        Ok(v) => v,
+        Err(e) => return refuse(fallback_id(), format!("request is not valid JSON: {e}")),
+    };
+    let build_id = match value.get("build_id") {
+        None => fallback_id(),
+        Some(raw) => match raw.as_str().map(BuildId::new) {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => return refuse(fallback_id(), format!("build_id: {e}")),
+            None => return refuse(fallback_id(), "build_id must be a string".into()),
+        },
+    };
+    if let Err(e) = &workspace {
+        return refuse(build_id, format!("the subject's {e}"));
+    }
+    let Some(directives) = value.get("directives") else {
+        return refuse(
+            build_id,
+            "request has no `directives`: expected {build_id?, directives, context, layer?}".into(),
+        );
+    };
+    // The Nickel contract is the single source of truth for what directives may say.
+    let directives_json = directives.to_string();
+    let schemas = schemas.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        schemas.eval_json::<BuildDirectives>(
+            &directives_json,
+            "directives",
+            Contract::BuildDirectives,
+        )
+    })
+    .await
+    .expect("nickel evaluation does not panic");
+    if let Err(e) = checked {
+        return refuse(build_id, format!("directives break the contract: {e}"));
+    }
+    let request: BuildRequest = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) => return refuse(build_id, format!("request has the wrong shape: {e}")),
+    };
+    let ws = workspace.clone().expect("checked above");
+    if request.directives.workspace != ws {
+        return refuse(
+            build_id,
+            format!(
+                "directives.workspace is {} but the request was published on lian.{ws}.build.request: publish on lian.{}.build.request",
+                request.directives.workspace, request.directives.workspace
+            ),
+        );
+    }
+    if let Err(e) = cache::check(&request.directives) {
+        return refuse(build_id, format!("cache policy refused: {e}"));
+    }
+    Intake::Accepted {
+        build_id,
+        request: Box::new(request),
+    }
+}
