@@ -1,1 +1,39 @@
-fn main() {}
+//! `lian`: one binary for every role (`up`, `worker`, `cascade`) and every client command
+//! (`submit`, `watch`, `status`, `catalog`). This file only parses and dispatches.
+
+mod catalog_cmd;
+mod cli;
+mod config;
+mod output;
+mod roles;
+mod submit;
+mod up;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIAN_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(cli.global, args).await,
+            Command::Worker(args) => roles::worker(cli.global, args).await,
+            Command::Cascade(args) => roles::cascade(cli.global, args).await,
+            Command::Submit(args) => submit::run(cli.global, args).await,
+            Command::Watch(args) => output::watch(cli.global, args).await,
+            Command::Status(args) => output::status(cli.global, args).await,
+            Command::Catalog(args) => catalog_cmd::run(args),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,156 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "lian", version, about = "lian-build: Rust container builds on an event-sourced fleet")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// NATS server with JetStream.
+    #[arg(long, global = true, env = "LIAN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Config file (TOML); settings also come from LIAN_* environment variables.
+    #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Start a local fleet: nats-server, JetStream topology, workers, cascade.
+    Up(UpArgs),
+    /// Serve build requests (one worker).
+    Worker(WorkerArgs),
+    /// Rebuild the descendants of completed catalog layers.
+    Cascade(CascadeArgs),
+    /// Submit a build: evaluate directives, upload the context, publish the request.
+    Submit(SubmitArgs),
+    /// Print every event on lian.> as it happens.
+    Watch(WatchArgs),
+    /// Print a build's history and current state.
+    Status(StatusArgs),
+    /// Ask the lamina catalog: validate, plan, graph.
+    Catalog(CatalogArgs),
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where the fleet keeps its NATS store, runners and logs.
+    #[arg(long, default_value = ".lian")]
+    pub state_dir: PathBuf,
+    /// Port for the nats-server `lian up` starts (0 picks a free one). Ignored with --external-nats.
+    #[arg(long, default_value_t = 4222)]
+    pub nats_port: u16,
+    /// Use the NATS server at --nats-url instead of starting one.
+    #[arg(long)]
+    pub external_nats: bool,
+    /// The nats-server binary (>= 2.10).
+    #[arg(long, env = "LIAN_NATS_SERVER", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: u16,
+    /// The catalog the cascade follows (default: catalog/, or examples/catalog with --demo).
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    /// Submit the example catalog's root layer and print the build and its cascade.
+    #[arg(long)]
+    pub demo: bool,
+    /// With --demo: stop the fleet once the cascade ends; exit 0 if it completed.
+    #[arg(long, requires = "demo")]
+    pub once: bool,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    #[arg(long, default_value = ".lian")]
+    pub state_dir: PathBuf,
+    /// Shown in every event this worker appends.
+    #[arg(long, default_value = "worker")]
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct CascadeArgs {
+    #[arg(long, default_value = "catalog")]
+    pub catalog: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// Build directives: a .ncl file (evaluated against schemas/) or a .json file.
+    pub directives: PathBuf,
+    /// The build context directory.
+    #[arg(long)]
+    pub context: PathBuf,
+    /// The catalog layer this build is; its completion starts a cascade.
+    #[arg(long)]
+    pub layer: Option<String>,
+    /// Choose the build id (one subject token); a repeated submit with the same id within
+    /// the dedup window is one build.
+    #[arg(long)]
+    pub build_id: Option<String>,
+    /// Follow the build and exit 0 when it completed, 1 when it failed.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds (exit 3).
+    #[arg(long, requires = "wait")]
+    pub timeout: Option<u64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct WatchArgs {
+    /// Subject filter.
+    #[arg(default_value = "lian.>")]
+    pub filter: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    pub build_id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CatalogArgs {
+    /// The catalog directory.
+    #[arg(long, global = true, default_value = "catalog")]
+    pub catalog: PathBuf,
+    #[command(subcommand)]
+    pub command: CatalogCommand,
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Check the DAG (acyclic, every base exists) and ADR-001 / ADR-002.
+    Validate,
+    /// The layers that rebuild when one changes, in build order.
+    Plan {
+        #[arg(long)]
+        changed: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The layer DAG as Graphviz dot or Mermaid.
+    Graph {
+        #[arg(long, value_enum, default_value_t = Format::Dot)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Dot,
+    Mermaid,
+}

@@ -1,0 +1,58 @@
+//! Settings of the long-running roles, from one loader: defaults, then the config file,
+//! then `LIAN_*` environment variables (flags override what they name).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// The docker CLI used for builds; Debian's builds with BuildKit without buildx.
+    pub docker_cli: PathBuf,
+    /// DOCKER_HOST for builds; empty for the default socket.
+    pub docker_host: String,
+    /// `--network` of RUN steps: "host" (steps may reach package registries) or "none".
+    pub build_network: String,
+    /// Work-queue ack wait in seconds; workers heartbeat at a third of it.
+    pub ack_wait_secs: u64,
+    /// Deliveries of a request before it is given up.
+    pub max_deliver: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let debian = PathBuf::from("/usr/bin/docker");
+        Self {
+            docker_cli: if debian.exists() { debian } else { "docker".into() },
+            docker_host: String::new(),
+            build_network: "host".into(),
+            ack_wait_secs: 30,
+            max_deliver: 5,
+        }
+    }
+}
+
+impl Settings {
+    pub fn load(file: &Path) -> anyhow::Result<Self> {
+        let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("LIAN_").only(&["docker_cli", "docker_host", "build_network", "ack_wait_secs", "max_deliver"]))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
+        if !matches!(settings.build_network.as_str(), "host" | "none") {
+            anyhow::bail!("build_network must be \"host\" or \"none\", not {:?}", settings.build_network);
+        }
+        Ok(settings)
+    }
+
+    pub fn topology(&self) -> lian_bus::Topology {
+        lian_bus::Topology {
+            ack_wait: Duration::from_secs(self.ack_wait_secs.max(3)),
+            max_deliver: self.max_deliver,
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! The long-running roles, each a thin shell around its service crate.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use lian_bus::Bus;
+use lian_nickel::Schemas;
+use lian_runner::DockerBuilder;
+
+use crate::cli::{CascadeArgs, Global, WorkerArgs};
+use crate::config::Settings;
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow::Result<Bus> {
+    let bus = Bus::connect(&global.nats_url, name, Duration::from_secs(10)).await?;
+    bus.ensure_topology(&settings.topology()).await.context("cannot create the JetStream topology")?;
+    Ok(bus)
+}
+
+pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    let bus = connect(&global, &args.name, &settings).await?;
+    let options = lian_worker::WorkerOptions {
+        name: args.name,
+        runners_dir: args.state_dir.join("runners"),
+        builder: DockerBuilder {
+            cli: settings.docker_cli.clone(),
+            host: (!settings.docker_host.is_empty()).then(|| settings.docker_host.clone()),
+            network: settings.build_network.clone(),
+        },
+        schemas: Schemas::embedded()?,
+        ack_wait: settings.topology().ack_wait,
+    };
+    lian_worker::run(bus, options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    let bus = connect(&global, "cascade", &settings).await?;
+    let options = lian_cascade::CascadeOptions {
+        catalog_dir: args.catalog,
+        schemas: Schemas::embedded()?,
+    };
+    lian_cascade::run(bus, options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

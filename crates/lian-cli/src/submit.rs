@@ -1,0 +1,134 @@
+//! `lian submit`: evaluate and check directives, upload the context, publish the request,
+//! and with `--wait` follow the build to its end.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use lian_bus::Bus;
+use lian_core::{BuildDirectives, BuildEvent, BuildId, BuildRequest, Envelope, LayerName, cache, subjects};
+use lian_nickel::{Contract, Schemas};
+
+use crate::cli::{Global, SubmitArgs};
+use crate::config::Settings;
+use crate::output;
+
+pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let directives = evaluate(&args.directives).await?;
+    cache::check(&directives).map_err(|e| anyhow::anyhow!("{}: cache policy refused: {e}", args.directives.display()))?;
+    let layer = args.layer.as_deref().map(LayerName::new).transpose()?;
+    let build_id = match &args.build_id {
+        Some(id) => BuildId::new(id.as_str())?,
+        None => new_build_id(),
+    };
+    let settings = Settings::load(&global.config)?;
+    let bus = crate::roles::connect(&global, "lian-submit", &settings).await?;
+    let workspace = directives.workspace.clone();
+    let appended = send(&bus, directives, &args.context, layer, &build_id).await?;
+    if appended.duplicate {
+        eprintln!("build {build_id} was already submitted; following the existing build");
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"build_id": build_id, "subject": subjects::request(&workspace), "duplicate": appended.duplicate})
+        );
+    } else {
+        println!("{build_id}");
+    }
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let wait = follow(&bus, &build_id, args.json);
+    match args.timeout {
+        None => wait.await,
+        Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), wait).await {
+            Ok(result) => result,
+            Err(_) => {
+                eprintln!("gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})");
+                Ok(ExitCode::from(3))
+            }
+        },
+    }
+}
+
+/// Uploads the context and publishes the request.
+pub async fn send(
+    bus: &Bus,
+    directives: BuildDirectives,
+    context_dir: &Path,
+    layer: Option<LayerName>,
+    build_id: &BuildId,
+) -> anyhow::Result<lian_bus::Appended> {
+    let (context, uploaded) = bus
+        .upload_context(context_dir)
+        .await
+        .with_context(|| format!("cannot upload the build context {}", context_dir.display()))?;
+    eprintln!(
+        "context {}: {} files, {} bytes ({} files, {} bytes uploaded)",
+        context_dir.display(),
+        context.files,
+        context.bytes,
+        uploaded.uploaded_files,
+        uploaded.uploaded_bytes
+    );
+    let request = BuildRequest {
+        build_id: Some(build_id.clone()),
+        directives,
+        context,
+        layer,
+        cascade: None,
+    };
+    Ok(bus.submit(&request, build_id).await?)
+}
+
+/// A fresh build id: a lowercase ULID, sortable by submit time.
+pub fn new_build_id() -> BuildId {
+    BuildId::new(ulid::Ulid::new().to_string().to_lowercase()).expect("a ULID is a token")
+}
+
+/// Evaluates a `.ncl` or `.json` directives file against the contract.
+pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !matches!(ext, "ncl" | "json") {
+        bail!("{}: directives are a .ncl or .json file", path.display());
+    }
+    let schemas = Schemas::embedded()?;
+    let path = path.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives))
+        .await
+        .expect("nickel evaluation does not panic");
+    Ok(result?)
+}
+
+/// Prints the build's events until it ends; 0 when it completed, 1 when it failed.
+async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result<ExitCode> {
+    let mut events = Box::pin(bus.follow(&subjects::build_history(build_id)).await?);
+    while let Some(record) = events.next().await {
+        let record = record?;
+        let envelope: Envelope = record.decode()?;
+        if json {
+            println!("{}", String::from_utf8_lossy(&record.payload));
+        } else {
+            eprintln!("{}", output::build_line(&envelope));
+        }
+        match &envelope.event {
+            BuildEvent::Completed { image, .. } => {
+                if !json {
+                    println!("completed {image}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            BuildEvent::Failed { reason, .. } => {
+                if !json {
+                    println!("failed: {reason}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+    }
+    bail!("the event stream ended before build {build_id} did")
+}

