@@ -3,7 +3,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "lian", version, about = "lian-build: Rust container builds on an event-sourced fleet")]
+#[command(
+    name = "lian",
+    version,
+    about = "lian-build: Rust container builds on an event-sourced fleet"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -14,7 +18,12 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// NATS server with JetStream.
-    #[arg(long, global = true, env = "LIAN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "LIAN_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
     /// Config file (TOML); settings also come from LIAN_* environment variables.
     #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]

@@ -26,7 +26,11 @@ impl Default for Settings {
     fn default() -> Self {
         let debian = PathBuf::from("/usr/bin/docker");
         Self {
-            docker_cli: if debian.exists() { debian } else { "docker".into() },
+            docker_cli: if debian.exists() {
+                debian
+            } else {
+                "docker".into()
+            },
             docker_host: String::new(),
             build_network: "host".into(),
             ack_wait_secs: 30,
@@ -39,11 +43,20 @@ impl Settings {
     pub fn load(file: &Path) -> anyhow::Result<Self> {
         let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("LIAN_").only(&["docker_cli", "docker_host", "build_network", "ack_wait_secs", "max_deliver"]))
+            .merge(Env::prefixed("LIAN_").only(&[
+                "docker_cli",
+                "docker_host",
+                "build_network",
+                "ack_wait_secs",
+                "max_deliver",
+            ]))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
         if !matches!(settings.build_network.as_str(), "host" | "none") {
-            anyhow::bail!("build_network must be \"host\" or \"none\", not {:?}", settings.build_network);
+            anyhow::bail!(
+                "build_network must be \"host\" or \"none\", not {:?}",
+                settings.build_network
+            );
         }
         Ok(settings)
     }

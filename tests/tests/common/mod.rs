@@ -1,0 +1,121 @@
+//! Helpers shared by the end-to-end tests: running `lian` as a user would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lian_test_support::{lian_bin, workspace_root};
+
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(lian_bin());
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("LIAN_CONFIG", "/nonexistent/lian.toml")
+        .env("LIAN_BUILD_NETWORK", "none");
+    cmd
+}
+
+pub fn lian(args: &[&str]) -> Output {
+    command(args).output().expect("lian runs")
+}
+
+pub fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A `lian` process stopped with SIGTERM on drop, the way Ctrl-C stops it.
+pub struct Running {
+    pub child: Child,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Running {
+    /// Starts `lian ARGS` and waits (bounded) until it prints a line containing `ready`;
+    /// with an empty `ready` it returns at once.
+    pub fn start(args: &[&str], ready: &str) -> Self {
+        let mut child = command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("lian starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        if !ready.is_empty() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) => {
+                        let done = line.contains(ready);
+                        lines.push(line);
+                        if done {
+                            break;
+                        }
+                    }
+                    Err(_) => panic!(
+                        "lian {args:?} did not print {ready:?} within 60 s; printed {lines:#?}"
+                    ),
+                }
+            }
+        }
+        Self {
+            child,
+            stdout_lines: lines,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A copy of the example catalog with the static busybox its root layer needs.
+pub fn staged_examples() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&workspace_root().join("examples/catalog"), dir.path());
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("a static busybox (apt-get install busybox-static)");
+    std::fs::copy(busybox, dir.path().join("base/busybox")).unwrap();
+    dir
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}

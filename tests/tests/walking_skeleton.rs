@@ -1,0 +1,203 @@
+//! The whole road, as a user drives it: `lian up` on a free port, `lian submit --wait` of
+//! the example root layer, and every event read from `lian.>` by a NATS client that is not
+//! ours (the raw protocol).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Running, lian, staged_examples, text};
+use lian_test_support::{RawMessage, RawNats, docker_available, docker_cli, free_port};
+
+const STEPS: [&str; 10] = [
+    "accepted",
+    "sized",
+    "started",
+    "runner_requested",
+    "runner_leased",
+    "context_synced",
+    "image_built",
+    "metrics_recorded",
+    "runner_destroyed",
+    "completed",
+];
+
+fn kind(m: &RawMessage) -> &str {
+    m.subject.rsplit('.').next().unwrap()
+}
+
+fn build_of(m: &RawMessage) -> Option<&str> {
+    let t: Vec<&str> = m.subject.split('.').collect();
+    (t.len() == 5 && t[2] == "build").then(|| t[3])
+}
+
+#[test]
+fn a_root_layer_build_and_its_cascade_run_through_every_step() {
+    assert!(
+        docker_available(),
+        "this test builds images: start a Docker engine (see .ci/run)"
+    );
+    let catalog = staged_examples();
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let nats_url = format!("nats://127.0.0.1:{port}");
+    let _fleet = Running::start(
+        &[
+            "up",
+            "--nats-port",
+            &port.to_string(),
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--catalog",
+            catalog.path().to_str().unwrap(),
+        ],
+        "Ctrl-C stops everything",
+    );
+    let mut events = RawNats::subscribe(port, "lian.>");
+
+    let root = catalog.path().join("base");
+    let submitted = lian(&[
+        "--nats-url",
+        &nats_url,
+        "submit",
+        root.join("build_directives.ncl").to_str().unwrap(),
+        "--context",
+        root.to_str().unwrap(),
+        "--layer",
+        "base",
+        "--wait",
+        "--timeout",
+        "120",
+    ]);
+    assert!(
+        submitted.status.success(),
+        "submit --wait: {}",
+        text(&submitted)
+    );
+    let build_id = String::from_utf8_lossy(&submitted.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let cascade = format!("c-{build_id}");
+    let end = events.wait_for(Duration::from_secs(120), "the cascade's end", |m| {
+        m.subject.contains(&format!(".cascade.{cascade}."))
+            && matches!(kind(m), "completed" | "failed")
+    });
+    assert_eq!(
+        kind(&end),
+        "completed",
+        "cascade ended with {}",
+        String::from_utf8_lossy(&end.payload)
+    );
+
+    // The root build: every step, in order, each once.
+    let root_kinds: Vec<&str> = events
+        .seen
+        .iter()
+        .filter(|m| build_of(m) == Some(&build_id))
+        .map(kind)
+        .collect();
+    assert_eq!(root_kinds, STEPS, "the root build's story");
+
+    // The cascade: every descendant requested exactly once and built through every step.
+    let requested: Vec<String> = events
+        .seen
+        .iter()
+        .filter(|m| m.subject.contains(".cascade.") && kind(m) == "layer_requested")
+        .map(|m| m.json()["layer"].as_str().unwrap().to_string())
+        .collect();
+    let mut sorted = requested.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["app", "deps", "tools"],
+        "each descendant once: {requested:?}"
+    );
+    let mut images = BTreeMap::new();
+    for layer in ["tools", "deps", "app"] {
+        let id = format!("{cascade}-{layer}");
+        let kinds: Vec<&str> = events
+            .seen
+            .iter()
+            .filter(|m| build_of(m) == Some(id.as_str()))
+            .map(kind)
+            .collect();
+        assert_eq!(kinds, STEPS, "{layer}'s story");
+        let completed = events
+            .seen
+            .iter()
+            .find(|m| build_of(m) == Some(id.as_str()) && kind(m) == "completed")
+            .unwrap();
+        images.insert(
+            layer,
+            completed.json()["image_id"].as_str().unwrap().to_string(),
+        );
+    }
+
+    // The two-parent layer starts only after both of its parents completed.
+    let position = |pred: &dyn Fn(&RawMessage) -> bool| events.seen.iter().position(pred).unwrap();
+    let app_accepted =
+        position(&|m| build_of(m) == Some(&format!("{cascade}-app")) && kind(m) == "accepted");
+    for parent in ["tools", "deps"] {
+        let done = position(&|m| {
+            build_of(m) == Some(&format!("{cascade}-{parent}")) && kind(m) == "completed"
+        });
+        assert!(done < app_accepted, "app began before {parent} completed");
+    }
+
+    // The images are in the Docker engine, as built.
+    for (layer, id) in images {
+        let out = Command::new(docker_cli())
+            .args([
+                "image",
+                "inspect",
+                "--format",
+                "{{.Id}}",
+                &format!("lian-example/{layer}:latest"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            id,
+            "lian-example/{layer}:latest"
+        );
+    }
+    let run = Command::new(docker_cli())
+        .args([
+            "run",
+            "--rm",
+            "--network=none",
+            "lian-example/app:latest",
+            "cat",
+            "/opt/app/hello",
+            "/opt/app/deps",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        said.contains("hello from the tools layer") && said.contains("tokio"),
+        "{said}"
+    );
+
+    // No runner is left behind.
+    let runners: Vec<_> = std::fs::read_dir(state.path().join("runners"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(runners.is_empty(), "runners left: {runners:?}");
+
+    // `lian status` tells the same story.
+    let status = lian(&["--nats-url", &nats_url, "status", &build_id]);
+    assert!(status.status.success());
+    assert!(
+        text(&status).contains("state: completed"),
+        "{}",
+        text(&status)
+    );
+}
