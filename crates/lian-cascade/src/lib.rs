@@ -212,7 +212,7 @@ impl Service {
                 let event = CascadeEvent::LayerFailed {
                     layer: layer.clone(),
                     build_id,
-                    reason: format!("cannot read {}/build_directives.ncl: {e}", layer),
+                    reason: format!("cannot read {layer}/build_directives.ncl: {}", e.summary()),
                 };
                 return self.append(state, seq, id, ws, event).await;
             }

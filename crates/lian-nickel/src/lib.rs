@@ -73,6 +73,22 @@ pub enum NickelError {
     },
 }
 
+impl NickelError {
+    /// The report without its source snippets: one line for an event or a log.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Eval(report) => report
+                .lines()
+                .take_while(|l| !l.trim_start().starts_with('┌'))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": "),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Where the contracts live on disk, for Nickel's imports to resolve.
 #[derive(Debug, Clone)]
 pub struct Schemas {

@@ -60,6 +60,9 @@ fn a_contract_violation_names_the_field() {
     let text = err.to_string();
     assert!(text.contains("workspace"), "{text}");
     assert!(text.contains("a.b"), "{text}");
+    let summary = err.summary();
+    assert!(!summary.contains('\n') && !summary.contains("registry_provider"), "one line, no snippet: {summary}");
+    assert!(summary.contains("contract broken by the value of `workspace`"), "{summary}");
 }
 
 #[test]
