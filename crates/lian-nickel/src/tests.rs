@@ -61,8 +61,14 @@ fn a_contract_violation_names_the_field() {
     assert!(text.contains("workspace"), "{text}");
     assert!(text.contains("a.b"), "{text}");
     let summary = err.summary();
-    assert!(!summary.contains('\n') && !summary.contains("registry_provider"), "one line, no snippet: {summary}");
-    assert!(summary.contains("contract broken by the value of `workspace`"), "{summary}");
+    assert!(
+        !summary.contains('\n') && !summary.contains("registry_provider"),
+        "one line, no snippet: {summary}"
+    );
+    assert!(
+        summary.contains("contract broken by the value of `workspace`"),
+        "{summary}"
+    );
 }
 
 #[test]

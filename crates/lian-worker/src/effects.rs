@@ -167,7 +167,12 @@ impl Worker {
                 .expect("nickel evaluation does not panic");
                 match evaluated {
                     Ok(spec) => Some(spec),
-                    Err(e) => return Ok(failed(Step::Size, format!("{BUILD_SPEC_FILE}: {}", e.summary()))),
+                    Err(e) => {
+                        return Ok(failed(
+                            Step::Size,
+                            format!("{BUILD_SPEC_FILE}: {}", e.summary()),
+                        ));
+                    }
                 }
             }
             Err(lian_bus::BusError::Nats { op, message }) => {

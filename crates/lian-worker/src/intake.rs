@@ -77,7 +77,10 @@ pub async fn read(job: &Job, schemas: &Schemas) -> Intake {
     .await
     .expect("nickel evaluation does not panic");
     if let Err(e) = checked {
-        return refuse(build_id, format!("directives break the contract: {}", e.summary()));
+        return refuse(
+            build_id,
+            format!("directives break the contract: {}", e.summary()),
+        );
     }
     let request: BuildRequest = match serde_json::from_value(value) {
         Ok(r) => r,
