@@ -20,10 +20,10 @@ fn parents_from_files(catalog: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let mut parents = BTreeSet::new();
         for line in workflow.lines() {
             let line = line.trim();
-            if let Some(rest) = line.strip_prefix("build_base") {
-                if let Some(layer) = rest.split("layer = \"").nth(1) {
-                    parents.insert(layer.split('"').next().unwrap().to_string());
-                }
+            if let Some(rest) = line.strip_prefix("build_base")
+                && let Some(layer) = rest.split("layer = \"").nth(1)
+            {
+                parents.insert(layer.split('"').next().unwrap().to_string());
             }
             if let Some(rest) = line.strip_prefix("donors") {
                 for d in rest.split('"').skip(1).step_by(2) {

@@ -207,13 +207,12 @@ fn check_rules(layer: &Layer, errors: &mut Vec<CatalogError>) {
         }
         _ => {}
     }
-    if let (Some(b), Some(r)) = (layer.build_base.layer(), layer.runtime_base.layer()) {
-        if b == &layer.name || r == &layer.name {
-            errors.push(CatalogError::BaseSeparation {
-                layer: name(),
-                why: "a layer cannot be its own base",
-            });
-        }
+    let own = Some(&layer.name);
+    if layer.build_base.layer() == own || layer.runtime_base.layer() == own {
+        errors.push(CatalogError::BaseSeparation {
+            layer: name(),
+            why: "a layer cannot be its own base",
+        });
     }
 }
 

@@ -384,24 +384,25 @@ pub fn decide(
             }));
         }
         let current = state.runner_type;
-        if failure.oom && state.oom_retries < MAX_OOM_RETRIES {
-            if let Some((from, to)) = current.and_then(|f| f.next().map(|t| (f, t))) {
-                let lease_key = LeaseKey::for_attempt(build_id, state.attempts + 1);
-                return Ok(Decision {
-                    events: vec![
-                        BuildEvent::OomEscalated { from, to },
-                        BuildEvent::RunnerRequested {
-                            lease_key: lease_key.clone(),
-                            provider: request.directives.compute_provider,
-                            runner_type: to,
-                        },
-                    ],
-                    effect: Some(Effect::SpawnRunner {
-                        lease_key,
+        if failure.oom
+            && state.oom_retries < MAX_OOM_RETRIES
+            && let Some((from, to)) = current.and_then(|f| f.next().map(|t| (f, t)))
+        {
+            let lease_key = LeaseKey::for_attempt(build_id, state.attempts + 1);
+            return Ok(Decision {
+                events: vec![
+                    BuildEvent::OomEscalated { from, to },
+                    BuildEvent::RunnerRequested {
+                        lease_key: lease_key.clone(),
+                        provider: request.directives.compute_provider,
                         runner_type: to,
-                    }),
-                });
-            }
+                    },
+                ],
+                effect: Some(Effect::SpawnRunner {
+                    lease_key,
+                    runner_type: to,
+                }),
+            });
         }
         let reason = if failure.oom {
             format!(

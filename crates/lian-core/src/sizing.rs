@@ -203,27 +203,27 @@ pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
             });
         }
     }
-    if let Some(p95) = inputs.history {
-        if inputs.history_approved {
-            let cpu = ((p95.cpu * 1.2).ceil() as u32).max(2);
-            let mem = ((p95.memory_gb * 1.2).ceil() as u32).max(4);
-            let t = RunnerType::fitting(cpu, mem).ok_or(SizingError::TooLarge {
-                source_name: "the workspace's P95 history",
-                cpu,
-                memory_gb: mem,
-            })?;
-            return Ok(SizeDecision {
-                tier: SizingTier::History,
-                runner_type: t,
-                time_budget_min: budget,
-                reason: format!(
-                    "P95 {:.1} cpu / {:.1} GB x 1.2 = {cpu} cpu / {mem} GB: {}",
-                    p95.cpu,
-                    p95.memory_gb,
-                    t.as_str()
-                ),
-            });
-        }
+    if let Some(p95) = inputs.history
+        && inputs.history_approved
+    {
+        let cpu = ((p95.cpu * 1.2).ceil() as u32).max(2);
+        let mem = ((p95.memory_gb * 1.2).ceil() as u32).max(4);
+        let t = RunnerType::fitting(cpu, mem).ok_or(SizingError::TooLarge {
+            source_name: "the workspace's P95 history",
+            cpu,
+            memory_gb: mem,
+        })?;
+        return Ok(SizeDecision {
+            tier: SizingTier::History,
+            runner_type: t,
+            time_budget_min: budget,
+            reason: format!(
+                "P95 {:.1} cpu / {:.1} GB x 1.2 = {cpu} cpu / {mem} GB: {}",
+                p95.cpu,
+                p95.memory_gb,
+                t.as_str()
+            ),
+        });
     }
     let why_not_history = match (inputs.history, inputs.history_approved) {
         (None, _) => "no history yet",

@@ -51,10 +51,10 @@ impl DockerLocal {
         };
         let dir = self.dir(key);
         let record = dir.join("lease.json");
-        if let Ok(existing) = tokio::fs::read(&record).await {
-            if let Ok(found) = serde_json::from_slice::<LeaseRecord>(&existing) {
-                return Ok(self.runner(key, found.runner_type));
-            }
+        if let Ok(existing) = tokio::fs::read(&record).await
+            && let Ok(found) = serde_json::from_slice::<LeaseRecord>(&existing)
+        {
+            return Ok(self.runner(key, found.runner_type));
         }
         tokio::fs::create_dir_all(self.workspace(key))
             .await

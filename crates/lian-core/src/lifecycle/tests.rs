@@ -251,7 +251,7 @@ fn every_row_of_the_transition_table() {
         }
     }
     let lease_rows = [(4, "SyncContext"), (5, "RunBuild"), (6, "RecordMetrics")];
-    let base = vec![
+    let base = [
         sized(),
         started(),
         requested(1, cax21),
