@@ -54,14 +54,8 @@ fn adr_lamina_001_every_layer_declares_both_bases() {
 #[test]
 fn adr_lamina_002_native_dep_layers_declare_native_deps() {
     for name in ["fastembed", "secretumvault"] {
-        let (_, workflow) = catalog_layers()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .unwrap();
-        assert!(
-            workflow.contains("'native_dep"),
-            "{name} is a native-dep layer"
-        );
+        let (_, workflow) = catalog_layers().into_iter().find(|(n, _)| n == name).unwrap();
+        assert!(workflow.contains("'native_dep"), "{name} is a native-dep layer");
         let deps = workflow.split("native_deps").nth(1).unwrap();
         assert!(
             deps.split(']').next().unwrap().contains('"'),
@@ -76,12 +70,7 @@ fn adr_lamina_002_native_dep_layers_declare_native_deps() {
         .unwrap()
         .replace("'source_dep", "'native_dep");
     std::fs::write(&deps, w).unwrap();
-    let out = lian(&[
-        "catalog",
-        "--catalog",
-        dir.path().to_str().unwrap(),
-        "validate",
-    ]);
+    let out = lian(&["catalog", "--catalog", dir.path().to_str().unwrap(), "validate"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("ADR-002"), "{}", text(&out));
 }
@@ -111,22 +100,14 @@ fn adr_lian_001_core_names_no_caller() {
     for file in rust_sources(&workspace_root().join("crates/lian-core/src")) {
         let source = std::fs::read_to_string(&file).unwrap().to_lowercase();
         for caller in ["vapora", "provisioning", "github", "gitlab", "woodpecker"] {
-            assert!(
-                !source.contains(caller),
-                "{} names caller {caller}",
-                file.display()
-            );
+            assert!(!source.contains(caller), "{} names caller {caller}", file.display());
         }
     }
 }
 
 #[test]
 fn adr_lian_039_oom_retry_bounded_at_one() {
-    assert_eq!(
-        lian_core::sizing::MAX_OOM_RETRIES,
-        1,
-        "changing this needs a new ADR"
-    );
+    assert_eq!(lian_core::sizing::MAX_OOM_RETRIES, 1, "changing this needs a new ADR");
     // The state machine's side (a second OOM fails with the runner_type hint) is walked by
     // lian-core's lifecycle tests: terminal_and_failure_rows, the_oom_story_is_bounded_by_adr_039.
 }

@@ -6,10 +6,7 @@ use lian_test_support::workspace_root;
 
 fn dependencies() -> BTreeMap<String, Vec<String>> {
     let mut deps = BTreeMap::new();
-    for entry in std::fs::read_dir(workspace_root().join("crates"))
-        .unwrap()
-        .flatten()
-    {
+    for entry in std::fs::read_dir(workspace_root().join("crates")).unwrap().flatten() {
         let manifest = std::fs::read_to_string(entry.path().join("Cargo.toml")).unwrap();
         let normal = manifest
             .split("[dependencies]")
@@ -37,18 +34,8 @@ const SERVICES: [&str; 2] = ["lian-worker", "lian-cascade"];
 fn pure_crates_do_no_io_and_pull_no_runtime() {
     let deps = dependencies();
     for krate in PURE {
-        for banned in [
-            "tokio",
-            "async-nats",
-            "nickel-lang-core",
-            "russh",
-            "reqwest",
-            "futures",
-        ] {
-            assert!(
-                !deps[krate].iter().any(|d| d == banned),
-                "{krate} depends on {banned}"
-            );
+        for banned in ["tokio", "async-nats", "nickel-lang-core", "russh", "reqwest", "futures"] {
+            assert!(!deps[krate].iter().any(|d| d == banned), "{krate} depends on {banned}");
         }
         for d in &deps[krate] {
             assert!(
@@ -104,11 +91,7 @@ fn time_is_an_input_to_the_state_machines() {
                 }
                 let source = std::fs::read_to_string(&p).unwrap();
                 for clock in ["now_utc()", "SystemTime::now", "Instant::now"] {
-                    assert!(
-                        !source.contains(clock),
-                        "{} reads the clock ({clock})",
-                        p.display()
-                    );
+                    assert!(!source.contains(clock), "{} reads the clock ({clock})", p.display());
                 }
             }
         }

@@ -49,42 +49,23 @@ fn bad_requests_fail_with_a_reason_and_the_worker_keeps_serving() {
 
     // 1. A contract violation: the workspace inside the directives is not one subject token.
     client.publish("lian.ws.build.request", &request("a.b", "bad-contract"));
-    let failed = client.wait_for(
-        Duration::from_secs(30),
-        "the contract violation's failed event",
-        |m| m.subject == "lian.ws.build.bad-contract.failed",
-    );
+    let failed = client.wait_for(Duration::from_secs(30), "the contract violation's failed event", |m| {
+        m.subject == "lian.ws.build.bad-contract.failed"
+    });
     let reason = failed.json()["reason"].as_str().unwrap().to_string();
-    assert!(
-        reason.contains("workspace"),
-        "the reason names the field: {reason}"
-    );
-    assert!(
-        reason.contains("a.b"),
-        "the reason shows the value: {reason}"
-    );
+    assert!(reason.contains("workspace"), "the reason names the field: {reason}");
+    assert!(reason.contains("a.b"), "the reason shows the value: {reason}");
 
     // 2. The same worker serves the next request: malformed JSON this time.
     client.publish("lian.ws.build.request", b"{not json");
-    let malformed = client.wait_for(
-        Duration::from_secs(30),
-        "the malformed request's failed event",
-        |m| m.subject.starts_with("lian.ws.build.q") && m.subject.ends_with(".failed"),
-    );
-    assert!(
-        malformed.json()["reason"]
-            .as_str()
-            .unwrap()
-            .contains("not valid JSON")
-    );
+    let malformed = client.wait_for(Duration::from_secs(30), "the malformed request's failed event", |m| {
+        m.subject.starts_with("lian.ws.build.q") && m.subject.ends_with(".failed")
+    });
+    assert!(malformed.json()["reason"].as_str().unwrap().contains("not valid JSON"));
 
     // 3. `lian status` shows the reason.
     let status = lian(&["--nats-url", &server.url, "status", "bad-contract"]);
-    assert_eq!(
-        status.status.code(),
-        Some(1),
-        "a failed build's status exits 1"
-    );
+    assert_eq!(status.status.code(), Some(1), "a failed build's status exits 1");
     let shown = text(&status);
     assert!(
         shown.contains("state: failed") && shown.contains("workspace"),

@@ -54,10 +54,7 @@ fn plan_for_rust_lists_its_ten_descendants_in_a_valid_order() {
         "secretumvault",
     ]
     .into();
-    assert_eq!(
-        plan.iter().map(String::as_str).collect::<BTreeSet<_>>(),
-        expected
-    );
+    assert_eq!(plan.iter().map(String::as_str).collect::<BTreeSet<_>>(), expected);
     assert_eq!(plan.len(), 10, "each once: {plan:?}");
     assert!(
         !plan.iter().any(|l| l == "nickel" || l == "nushell"),
@@ -69,10 +66,7 @@ fn plan_for_rust_lists_its_ten_descendants_in_a_valid_order() {
     for (i, layer) in plan.iter().enumerate() {
         for parent in &dag[layer] {
             if let Some(j) = plan.iter().position(|l| l == parent) {
-                assert!(
-                    j < i,
-                    "{layer} is planned before its parent {parent}: {plan:?}"
-                );
+                assert!(j < i, "{layer} is planned before its parent {parent}: {plan:?}");
             } else {
                 assert_eq!(
                     parent, "rust",
@@ -93,11 +87,7 @@ fn the_catalogs_validate_and_graph() {
         assert!(out.status.success(), "{dir}: {}", text(&out));
     }
     let dot = lian(&["catalog", "graph", "--format", "dot"]);
-    assert!(
-        text(&dot).contains("\"wasm\" -> \"leptos\";"),
-        "{}",
-        text(&dot)
-    );
+    assert!(text(&dot).contains("\"wasm\" -> \"leptos\";"), "{}", text(&dot));
     let mermaid = lian(&["catalog", "graph", "--format", "mermaid"]);
     assert!(
         text(&mermaid).contains("stratumiops --> stratumiops_ia"),
@@ -106,11 +96,7 @@ fn the_catalogs_validate_and_graph() {
     );
     let unknown = lian(&["catalog", "plan", "--changed", "nope"]);
     assert!(!unknown.status.success());
-    assert!(
-        text(&unknown).contains("no layer named nope"),
-        "{}",
-        text(&unknown)
-    );
+    assert!(text(&unknown).contains("no layer named nope"), "{}", text(&unknown));
 }
 
 #[test]
@@ -137,12 +123,7 @@ fn a_cycle_and_a_missing_base_are_refused_with_the_layers_named() {
         ),
     )
     .unwrap();
-    let out = lian(&[
-        "catalog",
-        "--catalog",
-        dir.path().to_str().unwrap(),
-        "validate",
-    ]);
+    let out = lian(&["catalog", "--catalog", dir.path().to_str().unwrap(), "validate"]);
     assert!(!out.status.success());
     let said = text(&out);
     assert!(

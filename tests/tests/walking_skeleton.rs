@@ -71,11 +71,7 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
         "--timeout",
         "120",
     ]);
-    assert!(
-        submitted.status.success(),
-        "submit --wait: {}",
-        text(&submitted)
-    );
+    assert!(submitted.status.success(), "submit --wait: {}", text(&submitted));
     let build_id = String::from_utf8_lossy(&submitted.stdout)
         .lines()
         .next()
@@ -85,8 +81,7 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
 
     let cascade = format!("c-{build_id}");
     let end = events.wait_for(Duration::from_secs(120), "the cascade's end", |m| {
-        m.subject.contains(&format!(".cascade.{cascade}."))
-            && matches!(kind(m), "completed" | "failed")
+        m.subject.contains(&format!(".cascade.{cascade}.")) && matches!(kind(m), "completed" | "failed")
     });
     assert_eq!(
         kind(&end),
@@ -113,11 +108,7 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
         .collect();
     let mut sorted = requested.clone();
     sorted.sort();
-    assert_eq!(
-        sorted,
-        ["app", "deps", "tools"],
-        "each descendant once: {requested:?}"
-    );
+    assert_eq!(sorted, ["app", "deps", "tools"], "each descendant once: {requested:?}");
     let mut images = BTreeMap::new();
     for layer in ["tools", "deps", "app"] {
         let id = format!("{cascade}-{layer}");
@@ -133,20 +124,14 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
             .iter()
             .find(|m| build_of(m) == Some(id.as_str()) && kind(m) == "completed")
             .unwrap();
-        images.insert(
-            layer,
-            completed.json()["image_id"].as_str().unwrap().to_string(),
-        );
+        images.insert(layer, completed.json()["image_id"].as_str().unwrap().to_string());
     }
 
     // The two-parent layer starts only after both of its parents completed.
     let position = |pred: &dyn Fn(&RawMessage) -> bool| events.seen.iter().position(pred).unwrap();
-    let app_accepted =
-        position(&|m| build_of(m) == Some(&format!("{cascade}-app")) && kind(m) == "accepted");
+    let app_accepted = position(&|m| build_of(m) == Some(&format!("{cascade}-app")) && kind(m) == "accepted");
     for parent in ["tools", "deps"] {
-        let done = position(&|m| {
-            build_of(m) == Some(&format!("{cascade}-{parent}")) && kind(m) == "completed"
-        });
+        let done = position(&|m| build_of(m) == Some(&format!("{cascade}-{parent}")) && kind(m) == "completed");
         assert!(done < app_accepted, "app began before {parent} completed");
     }
 
@@ -195,9 +180,5 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     // `lian status` tells the same story.
     let status = lian(&["--nats-url", &nats_url, "status", &build_id]);
     assert!(status.status.success());
-    assert!(
-        text(&status).contains("state: completed"),
-        "{}",
-        text(&status)
-    );
+    assert!(text(&status).contains("state: completed"), "{}", text(&status));
 }

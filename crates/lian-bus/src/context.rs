@@ -78,9 +78,7 @@ impl Bus {
                 Err(e) => return Err(BusError::nats("look up context object", e)),
             }
             let path = root.join(&entry.path);
-            let mut file = tokio::fs::File::open(&path)
-                .await
-                .map_err(BusError::io(&path))?;
+            let mut file = tokio::fs::File::open(&path).await.map_err(BusError::io(&path))?;
             store
                 .put(name.as_str(), &mut file)
                 .await
@@ -118,9 +116,7 @@ impl Bus {
         let store = self.contexts().await?;
         let mut object = store.get(name).await.map_err(|e| {
             if e.to_string().contains("not found") {
-                BusError::MissingObject {
-                    name: name.to_string(),
-                }
+                BusError::MissingObject { name: name.to_string() }
             } else {
                 BusError::nats("read context object", e)
             }
@@ -134,31 +130,16 @@ impl Bus {
     }
 
     /// One file of a context, if the context has it.
-    pub async fn context_file(
-        &self,
-        context: &ContextRef,
-        path: &str,
-    ) -> Result<Option<Vec<u8>>, BusError> {
+    pub async fn context_file(&self, context: &ContextRef, path: &str) -> Result<Option<Vec<u8>>, BusError> {
         let manifest = self.manifest(context).await?;
-        match manifest
-            .entries
-            .iter()
-            .find(|e| e.path == path)
-            .map(|e| &e.kind)
-        {
-            Some(EntryKind::File { sha256, .. }) => {
-                Ok(Some(self.object(&object_name(sha256)).await?))
-            }
+        match manifest.entries.iter().find(|e| e.path == path).map(|e| &e.kind) {
+            Some(EntryKind::File { sha256, .. }) => Ok(Some(self.object(&object_name(sha256)).await?)),
             _ => Ok(None),
         }
     }
 
     /// Writes a context under `dest` (which must be empty or absent); returns files and bytes.
-    pub async fn download_context(
-        &self,
-        context: &ContextRef,
-        dest: &Path,
-    ) -> Result<(u64, u64), BusError> {
+    pub async fn download_context(&self, context: &ContextRef, dest: &Path) -> Result<(u64, u64), BusError> {
         let manifest = self.manifest(context).await?;
         let (mut files, mut bytes) = (0, 0);
         for entry in &manifest.entries {
@@ -168,9 +149,7 @@ impl Bus {
             })?;
             let path = dest.join(relative);
             if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(BusError::io(parent))?;
+                tokio::fs::create_dir_all(parent).await.map_err(BusError::io(parent))?;
             }
             match &entry.kind {
                 EntryKind::File {
@@ -185,9 +164,7 @@ impl Bus {
                             why: "stored content does not match its hash".into(),
                         });
                     }
-                    tokio::fs::write(&path, &content)
-                        .await
-                        .map_err(BusError::io(&path))?;
+                    tokio::fs::write(&path, &content).await.map_err(BusError::io(&path))?;
                     if *executable {
                         use std::os::unix::fs::PermissionsExt;
                         let perms = std::fs::Permissions::from_mode(0o755);
@@ -199,9 +176,7 @@ impl Bus {
                     bytes += size;
                 }
                 EntryKind::Symlink { target } => {
-                    tokio::fs::symlink(target, &path)
-                        .await
-                        .map_err(BusError::io(&path))?;
+                    tokio::fs::symlink(target, &path).await.map_err(BusError::io(&path))?;
                 }
             }
         }
@@ -248,8 +223,7 @@ fn scan(root: &Path) -> Result<Vec<ManifestEntry>, BusError> {
             if kind.is_dir() {
                 dirs.push(relative);
             } else if kind.is_symlink() {
-                let target =
-                    std::fs::read_link(child.path()).map_err(BusError::io(child.path()))?;
+                let target = std::fs::read_link(child.path()).map_err(BusError::io(child.path()))?;
                 let resolved = dir.join(&target);
                 if target.is_absolute() || !stays_inside(&resolved) {
                     return Err(BusError::Context {
@@ -270,11 +244,7 @@ fn scan(root: &Path) -> Result<Vec<ManifestEntry>, BusError> {
                 let path = child.path();
                 let (sha256, size) = hash_file(&path)?;
                 use std::os::unix::fs::PermissionsExt;
-                let mode = child
-                    .metadata()
-                    .map_err(BusError::io(&path))?
-                    .permissions()
-                    .mode();
+                let mode = child.metadata().map_err(BusError::io(&path))?.permissions().mode();
                 entries.push(ManifestEntry {
                     path: display,
                     kind: EntryKind::File {

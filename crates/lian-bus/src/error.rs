@@ -6,20 +6,16 @@ pub enum BusError {
     Connect { url: String, message: String },
     #[error("nats {op}: {message}")]
     Nats { op: &'static str, message: String },
+    #[error("another writer appended on {subject} first")]
+    Conflict { subject: String },
     #[error("{what} is not what lian expects: {source}")]
-    Decode {
-        what: String,
-        source: serde_json::Error,
-    },
+    Decode { what: String, source: serde_json::Error },
     #[error("build context {path}: {why}")]
     Context { path: PathBuf, why: String },
     #[error("context object {name} is missing from the store: submit the build again")]
     MissingObject { name: String },
     #[error("i/o on {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 impl BusError {

@@ -26,6 +26,16 @@ pub struct Appended {
 pub struct Record {
     pub subject: String,
     pub payload: bytes::Bytes,
+    /// Position in its stream (0 when not read from a stream).
+    pub sequence: u64,
+}
+
+/// An optimistic-concurrency condition: the append is refused unless the last message on
+/// `filter` (a wildcard subject) is at `sequence` (0: no message yet).
+#[derive(Debug, Clone)]
+pub struct After {
+    pub filter: String,
+    pub sequence: u64,
 }
 
 impl Record {
@@ -39,25 +49,48 @@ impl Record {
 
 impl Bus {
     /// Appends a value to a stream subject; `msg_id` makes the append idempotent.
-    pub async fn append<T: Serialize>(
+    pub async fn append<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<Appended, BusError> {
+        self.publish(subject, PublishMessage::build().message_id(msg_id), value)
+            .await
+    }
+
+    /// Appends only if nobody appended on `after.filter` since `after.sequence`: of two
+    /// writers racing on one history, exactly one succeeds; the other gets
+    /// `BusError::Conflict` and has written nothing. Needs nats-server >= 2.11.
+    pub async fn append_after<T: Serialize>(
         &self,
         subject: &str,
         msg_id: &str,
         value: &T,
+        after: &After,
     ) -> Result<Appended, BusError> {
+        let message = PublishMessage::build()
+            .message_id(msg_id)
+            .expected_last_subject_sequence(after.sequence)
+            .header("Nats-Expected-Last-Subject-Sequence-Subject", after.filter.as_str());
+        self.publish(subject, message, value).await
+    }
+
+    async fn publish<T: Serialize>(
+        &self,
+        subject: &str,
+        message: PublishMessage,
+        value: &T,
+    ) -> Result<Appended, BusError> {
+        use async_nats::jetstream::context::PublishErrorKind;
         let payload = serde_json::to_vec(value).expect("lian values serialize");
         let ack = self
             .js
-            .send_publish(
-                subject.to_string(),
-                PublishMessage::build()
-                    .payload(payload.into())
-                    .message_id(msg_id),
-            )
+            .send_publish(subject.to_string(), message.payload(payload.into()))
             .await
             .map_err(|e| BusError::nats("publish", e))?
             .await
-            .map_err(|e| BusError::nats("publish ack", e))?;
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => BusError::Conflict {
+                    subject: subject.to_string(),
+                },
+                _ => BusError::nats("publish ack", e),
+            })?;
         Ok(Appended {
             stream_sequence: ack.sequence,
             duplicate: ack.duplicate,
@@ -105,20 +138,19 @@ impl Bus {
                 .map_err(|_| BusError::nats("read history", "timed out"))?;
             let Some(message) = next else { break };
             let message = message.map_err(|e| BusError::nats("read history", e))?;
-            remaining = message.info().map(|i| i.pending).unwrap_or(0);
+            let info = message.info().map_err(|e| BusError::nats("read history", e))?;
+            remaining = info.pending;
             records.push(Record {
                 subject: message.subject.to_string(),
                 payload: message.payload.clone(),
+                sequence: info.stream_sequence,
             });
         }
         Ok(records)
     }
 
     /// Every message on `filter` in the events stream, history first, then live.
-    pub async fn follow(
-        &self,
-        filter: &str,
-    ) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
+    pub async fn follow(&self, filter: &str) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
         let stream = self
             .js
             .get_stream(subjects::EVENTS_STREAM)
@@ -140,6 +172,7 @@ impl Bus {
             Ok(Record {
                 subject: m.subject.to_string(),
                 payload: m.payload.clone(),
+                sequence: m.info().map(|i| i.stream_sequence).unwrap_or(0),
             })
         }))
     }

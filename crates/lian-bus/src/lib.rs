@@ -11,7 +11,7 @@ mod work;
 
 pub use context::{Manifest, ManifestEntry};
 pub use error::BusError;
-pub use history::{Appended, Record};
+pub use history::{After, Appended, Record};
 pub use topology::Topology;
 pub use work::{Job, JobStream};
 
@@ -58,10 +58,7 @@ impl Bus {
 
     /// Publishes on core NATS only (not persisted): for live notices nobody needs to replay.
     pub async fn flush(&self) -> Result<(), BusError> {
-        self.client
-            .flush()
-            .await
-            .map_err(|e| BusError::nats("flush", e))
+        self.client.flush().await.map_err(|e| BusError::nats("flush", e))
     }
 
     /// Subscribes to core NATS: sees every message on matching subjects, persisted or not.

@@ -21,14 +21,12 @@ pub struct Job {
 impl Bus {
     /// Build requests, from the consumer every worker shares.
     pub async fn requests(&self) -> Result<JobStream, BusError> {
-        self.jobs(subjects::REQUESTS_STREAM, subjects::WORKERS_CONSUMER)
-            .await
+        self.jobs(subjects::REQUESTS_STREAM, subjects::WORKERS_CONSUMER).await
     }
 
     /// Terminal build events, from the consumer the cascade replicas share.
     pub async fn terminal_build_events(&self) -> Result<JobStream, BusError> {
-        self.jobs(subjects::EVENTS_STREAM, subjects::CASCADE_CONSUMER)
-            .await
+        self.jobs(subjects::EVENTS_STREAM, subjects::CASCADE_CONSUMER).await
     }
 
     async fn jobs(&self, stream: &str, consumer: &str) -> Result<JobStream, BusError> {
@@ -72,6 +70,7 @@ impl Job {
         Record {
             subject: self.message.subject.to_string(),
             payload: self.message.payload.clone(),
+            sequence: self.stream_sequence(),
         }
     }
 
@@ -103,10 +102,7 @@ impl Job {
     }
 
     pub async fn ack(&self) -> Result<(), BusError> {
-        self.message
-            .double_ack()
-            .await
-            .map_err(|e| BusError::nats("ack", e))
+        self.message.double_ack().await.map_err(|e| BusError::nats("ack", e))
     }
 
     /// Never deliver this message again.

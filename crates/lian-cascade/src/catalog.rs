@@ -9,23 +9,13 @@ use lian_nickel::{Contract, NickelError, Schemas};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read catalog directory {path}: {source} (pass --catalog DIR)")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Dir { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Workflow { path: PathBuf, source: NickelError },
     #[error("{path}: the workflow names layer {name}, but its directory is {dir}")]
-    NameMismatch {
-        path: PathBuf,
-        name: String,
-        dir: String,
-    },
+    NameMismatch { path: PathBuf, name: String, dir: String },
     #[error("the catalog in {dir} is not valid:\n{}", .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-    Invalid {
-        dir: PathBuf,
-        errors: Vec<CatalogError>,
-    },
+    Invalid { dir: PathBuf, errors: Vec<CatalogError> },
 }
 
 pub fn load_catalog(dir: &Path, schemas: &Schemas) -> Result<Catalog, LoadError> {

@@ -13,9 +13,7 @@ use lian_bus::{Bus, BusError, Job};
 use lian_catalog::Catalog;
 use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState};
 use lian_core::names::CascadeId;
-use lian_core::{
-    BuildDirectives, BuildEvent, BuildRequest, CascadeRef, Envelope, LayerName, Workspace, subjects,
-};
+use lian_core::{BuildDirectives, BuildEvent, BuildRequest, CascadeRef, Envelope, LayerName, Workspace, subjects};
 use lian_nickel::{Contract, Schemas};
 use time::OffsetDateTime;
 
@@ -88,10 +86,7 @@ impl Service {
         let (layer, cascade_ref, ok, reason) = match &envelope.event {
             BuildEvent::Completed { layer, cascade, .. } => (layer, cascade, true, String::new()),
             BuildEvent::Failed {
-                layer,
-                cascade,
-                reason,
-                ..
+                layer, cascade, reason, ..
             } => (layer, cascade, false, reason.clone()),
             _ => return Ok(()),
         };
@@ -101,10 +96,7 @@ impl Service {
             // A catalog layer built on its own starts a cascade; a failed one does not.
             None if ok && self.catalog.get(layer.as_str()).is_ok() => {
                 let id = CascadeId::rooted_at(&envelope.build_id);
-                let plan = self
-                    .catalog
-                    .plan(layer.as_str())
-                    .expect("layer is in the catalog");
+                let plan = self.catalog.plan(layer.as_str()).expect("layer is in the catalog");
                 (
                     id,
                     Some(CascadeEvent::Started {
@@ -123,9 +115,7 @@ impl Service {
             if state.root.is_none() {
                 self.append(&mut state, &mut seq, &id, ws, started).await?;
             }
-        } else if let Some(lian_catalog::cascade::LayerStatus::Requested(build)) =
-            state.layers.get(layer)
-        {
+        } else if let Some(lian_catalog::cascade::LayerStatus::Requested(build)) = state.layers.get(layer) {
             let build = build.clone();
             let event = if ok {
                 CascadeEvent::LayerCompleted {
@@ -151,8 +141,7 @@ impl Service {
                 .cloned()
                 .collect();
             for l in pending {
-                self.request_layer(&mut state, &mut seq, &id, ws, &l)
-                    .await?;
+                self.request_layer(&mut state, &mut seq, &id, ws, &l).await?;
             }
         }
         self.advance(&mut state, &mut seq, &id, ws).await
@@ -194,10 +183,7 @@ impl Service {
         ws: &Workspace,
         layer: &LayerName,
     ) -> Result<(), BusError> {
-        let build_id = state
-            .build_of(layer)
-            .cloned()
-            .expect("requested before published");
+        let build_id = state.build_of(layer).cloned().expect("requested before published");
         let dir = self.options.catalog_dir.join(layer.as_str());
         let schemas = self.options.schemas.clone();
         let directives_path = dir.join("build_directives.ncl");
@@ -235,10 +221,7 @@ impl Service {
             directives,
             context,
             layer: Some(layer.clone()),
-            cascade: Some(CascadeRef {
-                id: id.clone(),
-                root,
-            }),
+            cascade: Some(CascadeRef { id: id.clone(), root }),
         };
         self.bus.submit(&request, &build_id).await?;
         Ok(())
@@ -279,9 +262,7 @@ impl Service {
             at: OffsetDateTime::now_utc(),
             event,
         };
-        self.bus
-            .append(&subject, &format!("{id}.{}", *seq), &envelope)
-            .await?;
+        self.bus.append(&subject, &format!("{id}.{}", *seq), &envelope).await?;
         tracing::info!(cascade = %id, "{}", envelope.event.summary());
         Ok(())
     }

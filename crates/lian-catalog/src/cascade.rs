@@ -91,11 +91,7 @@ impl CascadeEvent {
             Self::LayerBlocked { layer, because } => format!("{layer} blocked: {because} failed"),
             Self::Completed { built } => format!("completed: rebuilt [{}]", list(built)),
             Self::Failed { failed, blocked } => {
-                format!(
-                    "failed: [{}] failed, [{}] blocked",
-                    list(failed),
-                    list(blocked)
-                )
+                format!("failed: [{}] failed, [{}] blocked", list(failed), list(blocked))
             }
         }
     }
@@ -160,8 +156,7 @@ impl CascadeState {
                 self.layers
                     .insert(layer.clone(), LayerStatus::Requested(build_id.clone()));
             }
-            CascadeEvent::LayerCompleted { layer, .. }
-            | CascadeEvent::LayerFailed { layer, .. } => {
+            CascadeEvent::LayerCompleted { layer, .. } | CascadeEvent::LayerFailed { layer, .. } => {
                 if !matches!(self.layers.get(layer), Some(LayerStatus::Requested(_))) {
                     return bad("only a requested layer completes or fails");
                 }
@@ -193,9 +188,7 @@ impl CascadeState {
     }
 }
 
-pub fn fold<'a>(
-    events: impl IntoIterator<Item = &'a CascadeEvent>,
-) -> Result<CascadeState, CascadeError> {
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a CascadeEvent>) -> Result<CascadeState, CascadeError> {
     let mut state = CascadeState::default();
     for e in events {
         state.apply(e)?;
@@ -239,12 +232,9 @@ pub fn decide(state: &CascadeState, catalog: &Catalog, cascade: &CascadeId) -> V
             continue;
         };
         let parents: Vec<&LayerName> = spec.parents().filter(|p| in_plan.contains(p)).collect();
-        let dead = parents.iter().find(|p| {
-            matches!(
-                next.layers.get(**p),
-                Some(LayerStatus::Failed | LayerStatus::Blocked)
-            )
-        });
+        let dead = parents
+            .iter()
+            .find(|p| matches!(next.layers.get(**p), Some(LayerStatus::Failed | LayerStatus::Blocked)));
         let event = if let Some(because) = dead {
             CascadeEvent::LayerBlocked {
                 layer: layer.clone(),
@@ -261,8 +251,7 @@ pub fn decide(state: &CascadeState, catalog: &Catalog, cascade: &CascadeId) -> V
         } else {
             continue;
         };
-        next.apply(&event)
-            .expect("decide only proposes possible events");
+        next.apply(&event).expect("decide only proposes possible events");
         events.push(event);
     }
     let all_settled = state.plan.iter().all(|l| {

@@ -52,8 +52,7 @@ impl Catalog {
             }
         }
         let names: Vec<LayerName> = by_name.keys().cloned().collect();
-        let index: BTreeMap<&LayerName, usize> =
-            names.iter().enumerate().map(|(i, n)| (n, i)).collect();
+        let index: BTreeMap<&LayerName, usize> = names.iter().enumerate().map(|(i, n)| (n, i)).collect();
         let mut graph = DiGraphMap::new();
         for i in 0..names.len() {
             graph.add_node(i);
@@ -117,19 +116,12 @@ impl Catalog {
             .map(|(_, l)| l)
             .ok_or_else(|| CatalogError::UnknownLayer {
                 layer: name.to_string(),
-                known: self
-                    .names
-                    .iter()
-                    .map(|n| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: self.names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
             })
     }
 
     fn index(&self, name: &LayerName) -> usize {
-        self.names
-            .binary_search(name)
-            .expect("a layer of this catalog")
+        self.names.binary_search(name).expect("a layer of this catalog")
     }
 
     /// Every layer built, directly or not, on `changed`, in an order where each layer comes
@@ -139,10 +131,7 @@ impl Catalog {
         let mut affected = BTreeSet::new();
         let mut stack = vec![self.index(&root)];
         while let Some(n) = stack.pop() {
-            for child in self
-                .graph
-                .neighbors_directed(n, petgraph::Direction::Outgoing)
-            {
+            for child in self.graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
                 if affected.insert(child) {
                     stack.push(child);
                 }
@@ -169,10 +158,7 @@ impl Catalog {
         while let Some(name) = ready.pop_first() {
             let n = self.index(name);
             order.push(name.clone());
-            for child in self
-                .graph
-                .neighbors_directed(n, petgraph::Direction::Outgoing)
-            {
+            for child in self.graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
                 if let Some(w) = waiting.get_mut(&child) {
                     *w -= 1;
                     if *w == 0 {
@@ -199,9 +185,7 @@ impl Catalog {
 fn check_rules(layer: &Layer, errors: &mut Vec<CatalogError>) {
     let name = || layer.name.clone();
     match (layer.class, layer.native_deps.is_empty()) {
-        (LayerClass::NativeDep, true) => {
-            errors.push(CatalogError::NativeDepsMissing { layer: name() })
-        }
+        (LayerClass::NativeDep, true) => errors.push(CatalogError::NativeDepsMissing { layer: name() }),
         (LayerClass::Toolchain | LayerClass::SourceDep, false) => {
             errors.push(CatalogError::NativeDepsOutsideClass { layer: name() })
         }

@@ -35,10 +35,7 @@ pub struct Layer {
 impl Layer {
     /// The catalog layers this one is built from: its build base (if a layer) and donors.
     pub fn parents(&self) -> impl Iterator<Item = &LayerName> {
-        self.build_base
-            .layer()
-            .into_iter()
-            .chain(self.donors.iter())
+        self.build_base.layer().into_iter().chain(self.donors.iter())
     }
 }
 

@@ -30,10 +30,7 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string(&plan)?);
             } else {
-                println!(
-                    "{} layers rebuild when {changed} changes, in this order:",
-                    plan.len()
-                );
+                println!("{} layers rebuild when {changed} changes, in this order:", plan.len());
                 for (i, layer) in plan.iter().enumerate() {
                     let spec = catalog.get(layer.as_str())?;
                     let parents: Vec<&str> = spec.parents().map(|p| p.as_str()).collect();

@@ -18,12 +18,7 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// NATS server with JetStream.
-    #[arg(
-        long,
-        global = true,
-        env = "LIAN_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
+    #[arg(long, global = true, env = "LIAN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Config file (TOML); settings also come from LIAN_* environment variables.
     #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]
@@ -46,6 +41,23 @@ pub enum Command {
     Status(StatusArgs),
     /// Ask the lamina catalog: validate, plan, graph.
     Catalog(CatalogArgs),
+    /// Stop a build at its next safe point; its runner is destroyed and it fails as cancelled.
+    Cancel(CancelArgs),
+    /// List the requests the fleet gave up on (refused or out of deliveries).
+    DeadLetters(DeadLettersArgs),
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    pub build_id: String,
+    #[arg(long, default_value = "requested by an operator")]
+    pub reason: String,
+}
+
+#[derive(Args)]
+pub struct DeadLettersArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -82,6 +94,9 @@ pub struct WorkerArgs {
     /// Shown in every event this worker appends.
     #[arg(long, default_value = "worker")]
     pub name: String,
+    /// Refuse requests for layers that are not in this catalog.
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -100,10 +115,13 @@ pub struct SubmitArgs {
     /// The catalog layer this build is; its completion starts a cascade.
     #[arg(long)]
     pub layer: Option<String>,
-    /// Choose the build id (one subject token); a repeated submit with the same id within
-    /// the dedup window is one build.
-    #[arg(long)]
+    /// Choose the build id (one subject token); a repeated submit with the same id is one build.
+    #[arg(long, conflicts_with = "request_id")]
     pub build_id: Option<String>,
+    /// Your own id for this request (any text, e.g. a CI job id): the same request id in the
+    /// same workspace always names the same build, so a retried submit is one build.
+    #[arg(long)]
+    pub request_id: Option<String>,
     /// Follow the build and exit 0 when it completed, 1 when it failed.
     #[arg(long)]
     pub wait: bool,
@@ -129,6 +147,9 @@ pub struct StatusArgs {
     pub build_id: String,
     #[arg(long)]
     pub json: bool,
+    /// Keep printing events until the build ends; exit 0 completed, 1 failed.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 #[derive(Args)]

@@ -20,21 +20,20 @@ pub struct Settings {
     pub ack_wait_secs: u64,
     /// Deliveries of a request before it is given up.
     pub max_deliver: i64,
+    /// Seconds between reaper passes over this host's runners.
+    pub reap_every_secs: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         let debian = PathBuf::from("/usr/bin/docker");
         Self {
-            docker_cli: if debian.exists() {
-                debian
-            } else {
-                "docker".into()
-            },
+            docker_cli: if debian.exists() { debian } else { "docker".into() },
             docker_host: String::new(),
             build_network: "host".into(),
             ack_wait_secs: 30,
             max_deliver: 5,
+            reap_every_secs: 60,
         }
     }
 }
@@ -63,7 +62,7 @@ impl Settings {
 
     pub fn topology(&self) -> lian_bus::Topology {
         lian_bus::Topology {
-            ack_wait: Duration::from_secs(self.ack_wait_secs.max(3)),
+            ack_wait: Duration::from_secs(self.ack_wait_secs.max(1)),
             max_deliver: self.max_deliver,
             ..Default::default()
         }

@@ -16,8 +16,8 @@ use crate::cli::{Cli, Command};
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // async_nats logs its own connection chatter at info; ours is what an operator reads.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LIAN_LOG")
-        .unwrap_or_else(|_| "info,async_nats=warn".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LIAN_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -37,6 +37,8 @@ fn main() -> std::process::ExitCode {
             Command::Watch(args) => output::watch(cli.global, args).await,
             Command::Status(args) => output::status(cli.global, args).await,
             Command::Catalog(args) => catalog_cmd::run(args),
+            Command::Cancel(args) => output::cancel(cli.global, args).await,
+            Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
         }
     });
     match result {

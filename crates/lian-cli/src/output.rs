@@ -2,14 +2,16 @@
 
 use std::process::ExitCode;
 
+use anyhow::bail;
 use futures::StreamExt;
+use lian_bus::Bus;
 use lian_catalog::cascade::CascadeEnvelope;
 use lian_core::lifecycle::{self, Terminal};
-use lian_core::{BuildId, BuildRequest, Envelope, subjects};
+use lian_core::{BuildEvent, BuildId, BuildRequest, Envelope, subjects};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::cli::{Global, StatusArgs, WatchArgs};
+use crate::cli::{CancelArgs, DeadLettersArgs, Global, StatusArgs, WatchArgs};
 use crate::config::Settings;
 
 fn clock(at: OffsetDateTime) -> String {
@@ -47,9 +49,7 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
             Ok(r) => format!(
                 "{} {ws} request {} {}{}",
                 clock(OffsetDateTime::now_utc()),
-                r.build_id
-                    .map(|b| b.to_string())
-                    .unwrap_or_else(|| "(no id)".into()),
+                r.build_id.map(|b| b.to_string()).unwrap_or_else(|| "(no id)".into()),
                 r.directives.artifact.image,
                 r.layer.map(|l| format!(" layer {l}")).unwrap_or_default()
             ),
@@ -71,17 +71,9 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
 }
 
 pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let bus = lian_bus::Bus::connect(
-        &global.nats_url,
-        "lian-watch",
-        std::time::Duration::from_secs(10),
-    )
-    .await?;
+    let bus = lian_bus::Bus::connect(&global.nats_url, "lian-watch", std::time::Duration::from_secs(10)).await?;
     let mut sub = bus.subscribe(&args.filter).await?;
-    eprintln!(
-        "watching {} on {} (Ctrl-C to stop)",
-        args.filter, global.nats_url
-    );
+    eprintln!("watching {} on {} (Ctrl-C to stop)", args.filter, global.nats_url);
     loop {
         tokio::select! {
             _ = crate::roles::shutdown_signal() => return Ok(ExitCode::SUCCESS),
@@ -103,6 +95,9 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     let build_id = BuildId::new(args.build_id.as_str())?;
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-status", &settings).await?;
+    if args.follow {
+        return follow(&bus, &build_id, args.json).await;
+    }
     let records = bus.read_all(&subjects::build_history(&build_id)).await?;
     if records.is_empty() {
         eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
@@ -116,9 +111,7 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     let (word, code) = match &state {
         Ok(s) => match &s.terminal {
             Some(Terminal::Completed { .. }) => ("completed".to_string(), ExitCode::SUCCESS),
-            Some(Terminal::Failed { reason, .. }) => {
-                (format!("failed: {reason}"), ExitCode::FAILURE)
-            }
+            Some(Terminal::Failed { reason, .. }) => (format!("failed: {reason}"), ExitCode::FAILURE),
             None => (
                 format!(
                     "in progress after {}",
@@ -141,4 +134,88 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
         println!("state: {word}");
     }
     Ok(code)
+}
+
+/// Prints the build's events until it ends; 0 when it completed, 1 when it failed.
+pub async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result<ExitCode> {
+    let mut events = Box::pin(bus.follow(&subjects::build_history(build_id)).await?);
+    while let Some(record) = events.next().await {
+        let record = record?;
+        let envelope: Envelope = record.decode()?;
+        if json {
+            println!("{}", String::from_utf8_lossy(&record.payload));
+        } else {
+            eprintln!("{}", build_line(&envelope));
+        }
+        match &envelope.event {
+            BuildEvent::Completed { image, .. } => {
+                if !json {
+                    println!("completed {image}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            BuildEvent::Failed { reason, .. } => {
+                if !json {
+                    println!("failed: {reason}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+    }
+    bail!("the event stream ended before build {build_id} did")
+}
+
+/// Reads a build's history: its workspace, and whether it already ended.
+async fn history(bus: &Bus, build_id: &BuildId) -> anyhow::Result<Vec<Envelope>> {
+    let mut out = Vec::new();
+    for r in bus.read_all(&subjects::build_history(build_id)).await? {
+        out.push(r.decode::<Envelope>()?);
+    }
+    Ok(out)
+}
+
+pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let build_id = BuildId::new(args.build_id.as_str())?;
+    let settings = Settings::load(&global.config)?;
+    let bus = crate::roles::connect(&global, "lian-cancel", &settings).await?;
+    let history = history(&bus, &build_id).await?;
+    let Some(first) = history.first() else {
+        eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
+        return Ok(ExitCode::from(4));
+    };
+    if let Some(last) = history.last().filter(|e| e.event.is_terminal()) {
+        eprintln!("build {build_id} already ended: {}", last.event.summary());
+        return Ok(ExitCode::FAILURE);
+    }
+    let subject = subjects::cancel(&first.workspace, &build_id);
+    let record = serde_json::json!({"build_id": build_id, "reason": args.reason});
+    bus.append(&subject, &format!("cancel-{build_id}"), &record).await?;
+    println!("cancel requested for {build_id}: it stops at its next step, destroys its runner and fails as cancelled");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    let bus = crate::roles::connect(&global, "lian-dead-letters", &settings).await?;
+    let records = bus.dead_letters().await?;
+    if args.json {
+        println!("{}", serde_json::Value::Array(records));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if records.is_empty() {
+        println!("no dead letters");
+    }
+    for r in records {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        println!(
+            "{} {} {} (delivered {}): {}",
+            s("at"),
+            s("workspace"),
+            s("build_id"),
+            r["deliveries"],
+            s("reason")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

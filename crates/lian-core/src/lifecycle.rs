@@ -110,6 +110,32 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The effect's name, as failpoints and logs spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ResolveSize => "resolve_size",
+            Self::SpawnRunner { .. } => "spawn_runner",
+            Self::SyncContext { .. } => "sync_context",
+            Self::RunBuild { .. } => "run_build",
+            Self::RecordMetrics { .. } => "record_metrics",
+            Self::DestroyRunner { .. } => "destroy_runner",
+        }
+    }
+
+    /// The lifecycle step the effect belongs to.
+    pub fn step(&self) -> Step {
+        match self {
+            Self::ResolveSize => Step::Size,
+            Self::SpawnRunner { .. } => Step::SpawnRunner,
+            Self::SyncContext { .. } => Step::SyncContext,
+            Self::RunBuild { .. } => Step::Build,
+            Self::RecordMetrics { .. } => Step::RecordMetrics,
+            Self::DestroyRunner { .. } => Step::DestroyRunner,
+        }
+    }
+}
+
 /// What an effect reported.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -195,12 +221,7 @@ impl State {
         if self.terminal.is_some() {
             return bad("the build already ended");
         }
-        if self.len == 0
-            && !matches!(
-                envelope.event,
-                BuildEvent::Accepted { .. } | BuildEvent::Failed { .. }
-            )
-        {
+        if self.len == 0 && !matches!(envelope.event, BuildEvent::Accepted { .. } | BuildEvent::Failed { .. }) {
             return bad("a history starts with accepted or failed");
         }
         match &envelope.event {
@@ -224,14 +245,10 @@ impl State {
                 self.started_at = Some(envelope.at);
             }
             BuildEvent::RunnerRequested {
-                lease_key,
-                runner_type,
-                ..
+                lease_key, runner_type, ..
             } => {
                 if self.started_at.is_none() || self.lease.is_some() || self.failure.is_some() {
-                    return bad(
-                        "a runner is requested after start, with no runner held and no failure pending",
-                    );
+                    return bad("a runner is requested after start, with no runner held and no failure pending");
                 }
                 self.attempts += 1;
                 self.lease = Some(Lease {
@@ -254,9 +271,7 @@ impl State {
                 _ => return bad("no matching runner request"),
             },
             BuildEvent::ContextSynced { lease_key, .. } => match &mut self.lease {
-                Some(l) if l.key == *lease_key && l.lease_id.is_some() && !l.synced => {
-                    l.synced = true
-                }
+                Some(l) if l.key == *lease_key && l.lease_id.is_some() && !l.synced => l.synced = true,
                 _ => return bad("no leased runner to sync to"),
             },
             BuildEvent::ImageBuilt {
@@ -291,9 +306,7 @@ impl State {
                     && self.runner_type == Some(*from)
                     && from.next() == Some(*to);
                 if !ok {
-                    return bad(
-                        "escalation needs an OOM failure, no runner held, a retry left and the next tier",
-                    );
+                    return bad("escalation needs an OOM failure, no runner held, a retry left and the next tier");
                 }
                 self.oom_retries += 1;
                 self.failure = None;
@@ -308,22 +321,14 @@ impl State {
             BuildEvent::RunnerDestroyed { lease_key } => match &self.lease {
                 Some(l) if l.key == *lease_key => {
                     if self.built.is_some() && !self.metrics_recorded {
-                        return bad(
-                            "metrics are recorded before the runner that measured them goes",
-                        );
+                        return bad("metrics are recorded before the runner that measured them goes");
                     }
                     self.lease = None;
                 }
                 _ => return bad("no such runner held"),
             },
-            BuildEvent::Completed {
-                image_id, image, ..
-            } => {
-                if self.built.is_none()
-                    || self.lease.is_some()
-                    || self.failure.is_some()
-                    || !self.metrics_recorded
-                {
+            BuildEvent::Completed { image_id, image, .. } => {
+                if self.built.is_none() || self.lease.is_some() || self.failure.is_some() || !self.metrics_recorded {
                     return bad("completion needs an image, metrics, and the runner destroyed");
                 }
                 self.terminal = Some(Terminal::Completed {
@@ -360,11 +365,7 @@ pub fn fold<'a>(history: impl IntoIterator<Item = &'a Envelope>) -> Result<State
 }
 
 /// Says what to append and which effect to run next. `now` is the only clock.
-pub fn decide(
-    state: &State,
-    outcome: Option<Outcome>,
-    now: OffsetDateTime,
-) -> Result<Decision, LifecycleError> {
+pub fn decide(state: &State, outcome: Option<Outcome>, now: OffsetDateTime) -> Result<Decision, LifecycleError> {
     if state.is_terminal() {
         return Ok(Decision::default());
     }
@@ -443,10 +444,7 @@ pub fn decide(
                 provider: request.directives.compute_provider,
                 runner_type,
             },
-            Effect::SpawnRunner {
-                lease_key,
-                runner_type,
-            },
+            Effect::SpawnRunner { lease_key, runner_type },
         )
     };
     if state.started_at.is_none() {
@@ -478,23 +476,17 @@ pub fn decide(
             runner_type: lease.runner_type,
         }
     } else if !lease.synced {
-        Effect::SyncContext {
-            lease: lease.clone(),
-        }
+        Effect::SyncContext { lease: lease.clone() }
     } else if let Some(built) = &state.built {
         if state.metrics_recorded {
             Effect::DestroyRunner {
                 lease_key: lease.key.clone(),
             }
         } else {
-            Effect::RecordMetrics {
-                built: built.clone(),
-            }
+            Effect::RecordMetrics { built: built.clone() }
         }
     } else {
-        Effect::RunBuild {
-            lease: lease.clone(),
-        }
+        Effect::RunBuild { lease: lease.clone() }
     };
     Ok(effect(next))
 }
@@ -507,10 +499,7 @@ fn effect(effect: Effect) -> Decision {
 }
 
 fn events(events: Vec<BuildEvent>) -> Decision {
-    Decision {
-        events,
-        effect: None,
-    }
+    Decision { events, effect: None }
 }
 
 /// The terminal failure event of a request, carrying what the cascade and callers need.
@@ -546,10 +535,7 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
             },
             None => return unexpected("context_synced"),
         },
-        Outcome::ImageBuilt {
-            image_id,
-            duration_ms,
-        } => match (lease, &state.request) {
+        Outcome::ImageBuilt { image_id, duration_ms } => match (lease, &state.request) {
             (Some(l), Some(r)) => BuildEvent::ImageBuilt {
                 lease_key: l.key.clone(),
                 image: r.directives.artifact.image.clone(),
@@ -558,10 +544,7 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
             },
             _ => return unexpected("image_built"),
         },
-        Outcome::MetricsRecorded {
-            cpu_p95,
-            mem_p95_gb,
-        } => match &state.built {
+        Outcome::MetricsRecorded { cpu_p95, mem_p95_gb } => match &state.built {
             Some(b) => BuildEvent::MetricsRecorded {
                 duration_ms: b.duration_ms,
                 cpu_p95,

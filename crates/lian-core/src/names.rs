@@ -162,18 +162,14 @@ impl ImageRef {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
                 && !tag.starts_with(['.', '-']);
             if !tag_ok {
-                return Err(err(
-                    "a tag is 1-128 of A-Z a-z 0-9 _ . - not starting with . or -",
-                ));
+                return Err(err("a tag is 1-128 of A-Z a-z 0-9 _ . - not starting with . or -"));
             }
         }
         let path_ok = path.split('/').all(|part| {
             !part.is_empty()
-                && part.chars().all(|c| {
-                    c.is_ascii_lowercase()
-                        || c.is_ascii_digit()
-                        || matches!(c, '.' | '_' | '-' | ':')
-                })
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | ':'))
                 && part.starts_with(|c: char| c.is_ascii_alphanumeric())
                 && part.ends_with(|c: char| c.is_ascii_alphanumeric())
         });
@@ -229,17 +225,7 @@ mod tests {
             assert!(Workspace::new(good).is_ok(), "{good}");
         }
         let long = "a".repeat(300);
-        for bad in [
-            "a.b",
-            "*",
-            ">",
-            "has space",
-            "",
-            long.as_str(),
-            "Upper",
-            "-lead",
-            "ü",
-        ] {
+        for bad in ["a.b", "*", ">", "has space", "", long.as_str(), "Upper", "-lead", "ü"] {
             let err = Workspace::new(bad).unwrap_err();
             assert_eq!(err.kind, "workspace");
         }
@@ -280,10 +266,7 @@ mod tests {
     #[test]
     fn names_deserialize_through_validation() {
         let err = serde_json::from_str::<Workspace>("\"a.b\"").unwrap_err();
-        assert!(
-            err.to_string().contains("workspace `a.b` is not valid"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("workspace `a.b` is not valid"), "{err}");
     }
 
     #[test]

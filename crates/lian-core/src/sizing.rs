@@ -162,10 +162,7 @@ fn language_default(language: Language) -> (RunnerType, u32) {
 pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
     let (default_type, default_budget) = language_default(inputs.language);
     let spec_budget = inputs.spec.and_then(|s| s.time_budget_min);
-    let budget = inputs
-        .override_budget
-        .or(spec_budget)
-        .unwrap_or(default_budget);
+    let budget = inputs.override_budget.or(spec_budget).unwrap_or(default_budget);
 
     if let Some(t) = inputs.override_type {
         return Ok(SizeDecision {
@@ -354,10 +351,7 @@ mod tests {
         })
         .unwrap();
         // ceil(3.2 * 1.2) = 4 cpu, ceil(6.1 * 1.2) = 8 GB
-        assert_eq!(
-            (d.tier, d.runner_type),
-            (SizingTier::History, RunnerType::Cax21)
-        );
+        assert_eq!((d.tier, d.runner_type), (SizingTier::History, RunnerType::Cax21));
 
         let tiny = resolve(&SizingInputs {
             history: Some(P95 {

@@ -11,12 +11,16 @@ pub const WORKERS_CONSUMER: &str = "lian-workers";
 pub const CASCADE_CONSUMER: &str = "lian-cascade";
 pub const CONTEXT_BUCKET: &str = "lian-contexts";
 pub const METRICS_BUCKET: &str = "lian-metrics";
+pub const CONTROL_STREAM: &str = "LIAN_CONTROL";
+pub const DEAD_LETTER_BUCKET: &str = "lian-dead-letters";
+
+pub const ALL_CANCELS: &str = "lian.*.cancel.*";
+pub const ALL_REAPED: &str = "lian.*.reaped.*";
 
 pub const ALL_REQUESTS: &str = "lian.*.build.request";
 pub const ALL_BUILD_EVENTS: &str = "lian.*.build.*.*";
 pub const ALL_CASCADE_EVENTS: &str = "lian.*.cascade.*.*";
-pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] =
-    ["lian.*.build.*.completed", "lian.*.build.*.failed"];
+pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] = ["lian.*.build.*.completed", "lian.*.build.*.failed"];
 
 pub fn request(ws: &Workspace) -> String {
     format!("{PREFIX}.{ws}.build.request")
@@ -39,16 +43,21 @@ pub fn cascade_history(cascade: &CascadeId) -> String {
     format!("{PREFIX}.*.cascade.{cascade}.*")
 }
 
+/// Where `lian cancel` asks a build to stop; the worker reads the last message here
+/// before every effect.
+pub fn cancel(ws: &Workspace, build: &BuildId) -> String {
+    format!("{PREFIX}.{ws}.cancel.{build}")
+}
+
+/// Where the reaper records a runner it destroyed.
+pub fn reaped(ws: &Workspace, lease: &crate::LeaseKey) -> String {
+    format!("{PREFIX}.{ws}.reaped.{lease}")
+}
+
 /// The workspace token of a request subject `lian.<ws>.build.request`, unvalidated.
 pub fn workspace_token(subject: &str) -> Option<&str> {
     let mut parts = subject.split('.');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(PREFIX), Some(ws), Some("build"), Some("request"), None) => Some(ws),
         _ => None,
     }

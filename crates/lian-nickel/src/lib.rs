@@ -20,18 +20,9 @@ const EMBEDDED: &[(&str, &str)] = &[
         "build_directives.ncl",
         include_str!("../../../schemas/build_directives.ncl"),
     ),
-    (
-        "build_spec.ncl",
-        include_str!("../../../schemas/build_spec.ncl"),
-    ),
-    (
-        "cache_policy.ncl",
-        include_str!("../../../schemas/cache_policy.ncl"),
-    ),
-    (
-        "workflow.ncl",
-        include_str!("../../../schemas/workflow.ncl"),
-    ),
+    ("build_spec.ncl", include_str!("../../../schemas/build_spec.ncl")),
+    ("cache_policy.ncl", include_str!("../../../schemas/cache_policy.ncl")),
+    ("workflow.ncl", include_str!("../../../schemas/workflow.ncl")),
     (
         "defaults/build_directives.ncl",
         include_str!("../../../schemas/defaults/build_directives.ncl"),
@@ -62,15 +53,9 @@ pub enum NickelError {
     #[error("{0}")]
     Eval(String),
     #[error("{what} evaluated, but does not have the expected shape: {source}")]
-    Shape {
-        what: String,
-        source: serde_json::Error,
-    },
+    Shape { what: String, source: serde_json::Error },
     #[error("cannot prepare the schemas directory {path}: {source}")]
-    Schemas {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Schemas { path: PathBuf, source: std::io::Error },
 }
 
 impl NickelError {
@@ -139,11 +124,7 @@ impl Schemas {
     }
 
     /// Evaluates a `.ncl` or `.json` file and applies the contract.
-    pub fn eval_file<T: DeserializeOwned>(
-        &self,
-        path: &Path,
-        contract: Contract,
-    ) -> Result<T, NickelError> {
+    pub fn eval_file<T: DeserializeOwned>(&self, path: &Path, contract: Contract) -> Result<T, NickelError> {
         let builder = ProgramBuilder::new().add_path(path.as_os_str());
         self.eval(builder, contract, &path.display().to_string())
     }
@@ -160,17 +141,9 @@ impl Schemas {
     }
 
     /// Checks a JSON document (a request published by any client) against the contract.
-    pub fn eval_json<T: DeserializeOwned>(
-        &self,
-        json: &str,
-        name: &str,
-        contract: Contract,
-    ) -> Result<T, NickelError> {
-        let builder = ProgramBuilder::new().add_source_with_format(
-            Cursor::new(json.to_owned()),
-            name,
-            InputFormat::Json,
-        );
+    pub fn eval_json<T: DeserializeOwned>(&self, json: &str, name: &str, contract: Contract) -> Result<T, NickelError> {
+        let builder =
+            ProgramBuilder::new().add_source_with_format(Cursor::new(json.to_owned()), name, InputFormat::Json);
         self.eval(builder, contract, name)
     }
 
@@ -211,9 +184,7 @@ fn tempdir_beside(dir: &Path) -> std::io::Result<PathBuf> {
     for attempt in 0..100u32 {
         let candidate = parent.join(format!(
             ".{}-{}-{attempt}",
-            dir.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("schemas"),
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("schemas"),
             std::process::id()
         ));
         if std::fs::create_dir(&candidate).is_ok() {

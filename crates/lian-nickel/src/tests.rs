@@ -22,9 +22,7 @@ fn make_ci_build_evaluates_to_directives() {
         r#"let D = import "defaults/build_directives.ncl" in
            D.make_ci_build { workspace = "lian-build", artifact = { image = "registry/lian-build:abc" } }"#,
     );
-    let d: BuildDirectives = schemas()
-        .eval_file(&path, Contract::BuildDirectives)
-        .unwrap();
+    let d: BuildDirectives = schemas().eval_file(&path, Contract::BuildDirectives).unwrap();
     assert_eq!(d.workspace.as_str(), "lian-build");
     assert_eq!(d.cache_policy.cache_to, vec!["ci/lian-build".to_string()]);
     assert_eq!(d.artifact.dockerfile, "Dockerfile");
@@ -40,13 +38,8 @@ fn make_session_build_follows_the_namespace_rules() {
         r#"let D = import "defaults/build_directives.ncl" in
            D.make_session_build { workspace = "lian-build", actor_id = "jpl", disposition = 'export }"#,
     );
-    let d: BuildDirectives = schemas()
-        .eval_file(&path, Contract::BuildDirectives)
-        .unwrap();
-    assert_eq!(
-        d.cache_policy.cache_to,
-        vec!["dev/jpl-lian-build".to_string()]
-    );
+    let d: BuildDirectives = schemas().eval_file(&path, Contract::BuildDirectives).unwrap();
+    assert_eq!(d.cache_policy.cache_to, vec!["dev/jpl-lian-build".to_string()]);
     assert_eq!(lian_core::cache::check(&d), Ok(()));
 }
 
@@ -94,8 +87,6 @@ fn a_build_spec_evaluates() {
     assert_eq!(spec.runner_type, Some(RunnerType::Cax31));
     assert_eq!(spec.time_budget_min, Some(90));
     let bad = write(dir.path(), "bad.ncl", "{ cpu = -1 }");
-    let err = schemas()
-        .eval_file::<BuildSpec>(&bad, Contract::BuildSpec)
-        .unwrap_err();
+    let err = schemas().eval_file::<BuildSpec>(&bad, Contract::BuildSpec).unwrap_err();
     assert!(err.to_string().contains("cpu"), "{err}");
 }

@@ -83,20 +83,13 @@ impl DockerBuilder {
             cmd.env("DOCKER_HOST", host);
         }
         let mut child = cmd.spawn().map_err(|e| BuildFailure {
-            reason: format!(
-                "cannot run {}: {e} (is docker.io installed?)",
-                self.cli.display()
-            ),
+            reason: format!("cannot run {}: {e} (is docker.io installed?)", self.cli.display()),
             oom: false,
         })?;
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (_, _, status) = tokio::join!(
-            stdout.read_to_end(&mut out),
-            stderr.read_to_end(&mut err),
-            child.wait()
-        );
+        let (_, _, status) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err), child.wait());
         let status = status.map_err(|e| BuildFailure {
             reason: format!("docker build did not finish: {e}"),
             oom: false,
@@ -105,12 +98,10 @@ impl DockerBuilder {
         if !status.success() {
             return Err(failure(&log, status.code()));
         }
-        let image_id = tokio::fs::read_to_string(&iidfile)
-            .await
-            .map_err(|e| BuildFailure {
-                reason: format!("docker build succeeded but wrote no image id: {e}"),
-                oom: false,
-            })?;
+        let image_id = tokio::fs::read_to_string(&iidfile).await.map_err(|e| BuildFailure {
+            reason: format!("docker build succeeded but wrote no image id: {e}"),
+            oom: false,
+        })?;
         Ok(BuildOutput {
             image_id: image_id.trim().to_string(),
             duration_ms: started.elapsed().as_millis() as u64,
@@ -120,14 +111,11 @@ impl DockerBuilder {
 
 /// The reason of a failed build: BuildKit's error lines, or the log's tail.
 fn failure(log: &str, code: Option<i32>) -> BuildFailure {
-    let oom =
-        log.contains("exit code: 137") || log.lines().any(|l| l.trim_end().ends_with("Killed"));
+    let oom = log.contains("exit code: 137") || log.lines().any(|l| l.trim_end().ends_with("Killed"));
     let errors: Vec<&str> = log
         .lines()
         .map(str::trim)
-        .filter(|l| {
-            l.starts_with("ERROR") || l.starts_with("error:") || l.contains("failed to solve")
-        })
+        .filter(|l| l.starts_with("ERROR") || l.starts_with("error:") || l.contains("failed to solve"))
         .collect();
     let lines: Vec<&str> = if errors.is_empty() {
         log.lines()
@@ -142,10 +130,7 @@ fn failure(log: &str, code: Option<i32>) -> BuildFailure {
     };
     let mut reason = lines.join(" | ");
     if reason.len() > 600 {
-        let cut = (0..=600)
-            .rev()
-            .find(|i| reason.is_char_boundary(*i))
-            .unwrap_or(0);
+        let cut = (0..=600).rev().find(|i| reason.is_char_boundary(*i)).unwrap_or(0);
         reason.truncate(cut);
         reason.push_str("...");
     }

@@ -37,11 +37,7 @@ impl DockerLocal {
     }
 
     /// Finds the runner recorded under `key`, or creates it.
-    pub async fn spawn(
-        &self,
-        key: &LeaseKey,
-        runner_type: RunnerType,
-    ) -> Result<Runner, RunnerError> {
+    pub async fn spawn(&self, key: &LeaseKey, runner_type: RunnerType) -> Result<Runner, RunnerError> {
         let io = |op| {
             move |source| RunnerError::Io {
                 op,
@@ -67,9 +63,7 @@ impl DockerLocal {
         // Written beside and renamed: a crash never leaves half a record.
         let tmp = dir.join("lease.json.tmp");
         tokio::fs::write(&tmp, body).await.map_err(io("record"))?;
-        tokio::fs::rename(&tmp, &record)
-            .await
-            .map_err(io("record"))?;
+        tokio::fs::rename(&tmp, &record).await.map_err(io("record"))?;
         Ok(self.runner(key, runner_type))
     }
 
@@ -93,6 +87,12 @@ impl DockerLocal {
                 source,
             }),
         }
+    }
+
+    /// How long ago the runner was created, if it exists.
+    pub fn age(&self, key: &LeaseKey) -> Option<std::time::Duration> {
+        let created = std::fs::metadata(self.dir(key)).ok()?.modified().ok()?;
+        created.elapsed().ok()
     }
 
     /// The lease keys of every runner that exists now.
@@ -125,10 +125,7 @@ mod tests {
         let a = p.spawn(&key, RunnerType::Cax21).await.unwrap();
         std::fs::write(p.workspace(&key).join("f"), "x").unwrap();
         let b = p.spawn(&key, RunnerType::Cax41).await.unwrap();
-        assert_eq!(
-            a, b,
-            "the runner recorded under the key is found, not re-created"
-        );
+        assert_eq!(a, b, "the runner recorded under the key is found, not re-created");
         assert!(p.workspace(&key).join("f").exists());
         assert_eq!(p.leases(), vec!["b1-r1".to_string()]);
         p.destroy(&key).await.unwrap();

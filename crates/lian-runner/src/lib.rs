@@ -25,10 +25,7 @@ pub struct Runner {
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     #[error("compute provider {provider} is not configured on this worker: {hint}")]
-    NotConfigured {
-        provider: &'static str,
-        hint: &'static str,
-    },
+    NotConfigured { provider: &'static str, hint: &'static str },
     #[error("{op} runner {lease_key}: {source}")]
     Io {
         op: &'static str,

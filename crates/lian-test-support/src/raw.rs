@@ -108,12 +108,7 @@ impl RawNats {
 
     /// Waits for the first message (new or already seen) that satisfies `pred`; panics
     /// with what was seen if none comes within `within`.
-    pub fn wait_for(
-        &mut self,
-        within: Duration,
-        what: &str,
-        pred: impl Fn(&RawMessage) -> bool,
-    ) -> RawMessage {
+    pub fn wait_for(&mut self, within: Duration, what: &str, pred: impl Fn(&RawMessage) -> bool) -> RawMessage {
         if let Some(m) = self.seen.iter().find(|m| pred(m)) {
             return m.clone();
         }
@@ -128,8 +123,7 @@ impl RawNats {
                     }
                 }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    let subjects: Vec<&str> =
-                        self.seen.iter().map(|m| m.subject.as_str()).collect();
+                    let subjects: Vec<&str> = self.seen.iter().map(|m| m.subject.as_str()).collect();
                     panic!("no {what} within {within:?}; saw {subjects:#?}");
                 }
             }

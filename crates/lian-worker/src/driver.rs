@@ -1,15 +1,19 @@
 //! The driver: the only code that performs a build's effects. It folds the history, asks
-//! `lifecycle::decide` what next, appends the events (deduplicated by `<build>.<seq>`, so of
-//! two workers racing on one build only one writes), runs the effect while heartbeating the
+//! `lifecycle::decide` what next, appends the events, runs the effect while heartbeating the
 //! request, and feeds the outcome back, until the build ends.
+//!
+//! Single writer: every append says which history it extends (the stream sequence of the
+//! build's last event, checked by the server on `lian.*.build.<id>.*`) and carries the
+//! `Nats-Msg-Id` `<build>.<seq>`. Of two workers racing on one build, the second append is
+//! refused and that worker stops without running another effect.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use lian_bus::{Bus, Job};
+use lian_bus::{After, Bus, BusError, Job};
 use lian_core::event::Step;
-use lian_core::lifecycle::{self, State};
+use lian_core::lifecycle::{self, Effect, Outcome, State};
 use lian_core::{BuildEvent, BuildId, Envelope, Workspace, subjects};
 use lian_runner::Providers;
 use time::OffsetDateTime;
@@ -36,9 +40,17 @@ enum Stop {
     ShuttingDown,
 }
 
+/// A build's folded state and where its history ends in the stream.
+struct History {
+    build_id: BuildId,
+    workspace: Workspace,
+    state: State,
+    last_sequence: u64,
+}
+
 impl Worker {
     pub async fn handle(self: &Arc<Self>, job: Job) {
-        let (build_id, workspace, first) = match intake::read(&job, &self.options.schemas).await {
+        let (build_id, workspace, first) = match intake::read(&job, &self.options).await {
             Intake::Accepted { build_id, request } => {
                 let ws = request.directives.workspace.clone();
                 (build_id, ws, BuildEvent::Accepted { request })
@@ -49,6 +61,7 @@ impl Worker {
                 reason,
             } => {
                 tracing::warn!(%build_id, %reason, "request refused");
+                self.dead_letter(&job, &build_id, &workspace, &reason).await;
                 let failed = BuildEvent::Failed {
                     reason,
                     step: Some(Step::Validate),
@@ -73,6 +86,7 @@ impl Worker {
             }
             Err(Stop::Impossible(why)) => {
                 tracing::error!(%build_id, %why, "history cannot be folded; dropping the request");
+                self.dead_letter(&job, &build_id, &workspace, &why).await;
                 job.term().await
             }
         };
@@ -81,43 +95,30 @@ impl Worker {
         }
     }
 
-    async fn drive(
-        &self,
-        job: &Job,
-        build_id: &BuildId,
-        ws: &Workspace,
-        first: BuildEvent,
-    ) -> Result<(), Stop> {
-        let history = self
-            .bus
-            .read_all(&subjects::build_history(build_id))
-            .await
-            .map_err(|e| Stop::Transient(e.to_string()))?;
-        let mut envelopes = Vec::with_capacity(history.len());
-        for record in &history {
-            envelopes.push(
-                record
-                    .decode::<Envelope>()
-                    .map_err(|e| Stop::Impossible(e.to_string()))?,
-            );
-        }
-        let mut state = lifecycle::fold(&envelopes).map_err(|e| Stop::Impossible(e.to_string()))?;
-        if state.len == 0 {
-            self.append(&mut state, build_id, ws, first).await?;
-        } else if job.delivered() == 1 && !state.is_terminal() {
-            // A fresh delivery of a build with a history is a duplicate submit of a build in
+    async fn drive(&self, job: &Job, build_id: &BuildId, ws: &Workspace, first: BuildEvent) -> Result<(), Stop> {
+        let mut h = self.load(build_id, ws).await?;
+        if h.state.len == 0 {
+            self.append(&mut h, first).await?;
+        } else if job.delivered() == 1 && !h.state.is_terminal() {
+            // A fresh delivery of a build with a history is a repeated submit of a build in
             // flight: its owner holds the original delivery.
             return Ok(());
         }
+        let deliveries = job.delivered();
+        let last_chance = deliveries >= self.options.max_deliver;
         let mut outcome = None;
         loop {
-            let decision = lifecycle::decide(&state, outcome.take(), OffsetDateTime::now_utc())
+            let decision = lifecycle::decide(&h.state, outcome.take(), OffsetDateTime::now_utc())
                 .map_err(|e| Stop::Impossible(e.to_string()))?;
             for event in decision.events {
-                self.append(&mut state, build_id, ws, event).await?;
+                self.append(&mut h, event).await?;
             }
             let Some(effect) = decision.effect else {
-                if state.is_terminal() {
+                if h.state.is_terminal() {
+                    if last_chance {
+                        self.dead_letter(job, build_id, ws, "see the build's failed event")
+                            .await;
+                    }
                     return Ok(());
                 }
                 continue;
@@ -125,42 +126,131 @@ impl Worker {
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(Stop::ShuttingDown);
             }
+            // Safe point: nothing is in flight. Stop here if asked to, or if this is the
+            // request's last delivery (bounded redelivery: the build ends now, as failed).
+            if h.state.failure.is_none() {
+                if let Some(reason) = self.cancel_requested(&h).await? {
+                    outcome = Some(failed(Step::Cancelled, format!("cancelled: {reason}")));
+                    continue;
+                }
+                if last_chance {
+                    let reason = format!(
+                        "abandoned: the request was delivered {deliveries} times without the build finishing (last stopped before {}); resubmit once the cause is fixed",
+                        effect.name()
+                    );
+                    outcome = Some(failed(Step::Abandoned, reason));
+                    continue;
+                }
+            }
+            self.failpoint(&effect).await;
             let every = self.options.ack_wait / 3;
-            let run = self.run_effect(&state, effect);
-            outcome = Some(heartbeat(job, every, run).await.map_err(Stop::Transient)?);
+            let step = effect.step();
+            match heartbeat(job, every, self.run_effect(&h.state, effect)).await {
+                Ok(o) => outcome = Some(o),
+                Err(why) if last_chance && h.state.failure.is_none() => {
+                    outcome = Some(failed(step, format!("abandoned after {deliveries} deliveries: {why}")));
+                }
+                Err(why) => return Err(Stop::Transient(why)),
+            }
         }
     }
 
-    async fn append(
-        &self,
-        state: &mut State,
-        build_id: &BuildId,
-        ws: &Workspace,
-        event: BuildEvent,
-    ) -> Result<(), Stop> {
-        let envelope = Envelope {
+    async fn load(&self, build_id: &BuildId, ws: &Workspace) -> Result<History, Stop> {
+        let records = self
+            .bus
+            .read_all(&subjects::build_history(build_id))
+            .await
+            .map_err(|e| Stop::Transient(e.to_string()))?;
+        let mut envelopes = Vec::with_capacity(records.len());
+        for record in &records {
+            envelopes.push(
+                record
+                    .decode::<Envelope>()
+                    .map_err(|e| Stop::Impossible(e.to_string()))?,
+            );
+        }
+        let state = lifecycle::fold(&envelopes).map_err(|e| Stop::Impossible(e.to_string()))?;
+        Ok(History {
             build_id: build_id.clone(),
-            workspace: ws.clone(),
-            seq: state.len + 1,
+            workspace: state.workspace.clone().unwrap_or_else(|| ws.clone()),
+            state,
+            last_sequence: records.last().map_or(0, |r| r.sequence),
+        })
+    }
+
+    async fn append(&self, h: &mut History, event: BuildEvent) -> Result<(), Stop> {
+        let envelope = Envelope {
+            build_id: h.build_id.clone(),
+            workspace: h.workspace.clone(),
+            seq: h.state.len + 1,
             at: OffsetDateTime::now_utc(),
             worker: self.options.name.clone(),
             event,
         };
-        state
-            .apply(&envelope)
-            .map_err(|e| Stop::Impossible(e.to_string()))?;
-        let subject = subjects::build_event(ws, build_id, envelope.event.kind());
-        let msg_id = format!("{build_id}.{}", envelope.seq);
-        let appended = self
+        let mut next = h.state.clone();
+        next.apply(&envelope).map_err(|e| Stop::Impossible(e.to_string()))?;
+        let subject = subjects::build_event(&h.workspace, &h.build_id, envelope.event.kind());
+        let msg_id = format!("{}.{}", h.build_id, envelope.seq);
+        let after = After {
+            filter: subjects::build_history(&h.build_id),
+            sequence: h.last_sequence,
+        };
+        let appended = match self.bus.append_after(&subject, &msg_id, &envelope, &after).await {
+            Ok(a) if a.duplicate => return Err(Stop::LostRace),
+            Ok(a) => a,
+            Err(BusError::Conflict { .. }) => return Err(Stop::LostRace),
+            Err(e) => return Err(Stop::Transient(e.to_string())),
+        };
+        h.state = next;
+        h.last_sequence = appended.stream_sequence;
+        tracing::info!(build_id = %h.build_id, seq = envelope.seq, event = envelope.event.kind(), "{}", envelope.event.summary());
+        Ok(())
+    }
+
+    async fn cancel_requested(&self, h: &History) -> Result<Option<String>, Stop> {
+        let subject = subjects::cancel(&h.workspace, &h.build_id);
+        let record = self
             .bus
-            .append(&subject, &msg_id, &envelope)
+            .last_control(&subject)
             .await
             .map_err(|e| Stop::Transient(e.to_string()))?;
-        if appended.duplicate {
-            return Err(Stop::LostRace);
+        Ok(record.map(|r| {
+            r.decode::<serde_json::Value>()
+                .ok()
+                .and_then(|v| v["reason"].as_str().map(String::from))
+                .unwrap_or_else(|| "requested".into())
+        }))
+    }
+
+    /// Test hook: `LIAN_FAILPOINT=pause_before:<effect>` stops this worker, forever, at the
+    /// safe point before that effect, so a test can kill it there.
+    async fn failpoint(&self, effect: &Effect) {
+        if self.options.pause_before.as_deref() == Some(effect.name()) {
+            tracing::warn!(effect = effect.name(), "failpoint: pausing before this effect");
+            std::future::pending::<()>().await;
         }
-        tracing::info!(%build_id, seq = envelope.seq, event = envelope.event.kind(), "{}", envelope.event.summary());
-        Ok(())
+    }
+
+    async fn dead_letter(&self, job: &Job, build_id: &BuildId, ws: &Workspace, reason: &str) {
+        let record = serde_json::json!({
+            "build_id": build_id,
+            "workspace": ws,
+            "subject": job.subject(),
+            "deliveries": job.delivered(),
+            "reason": reason,
+            "at": OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        });
+        if let Err(err) = self.bus.record_dead_letter(build_id.as_str(), &record).await {
+            tracing::warn!(%build_id, %err, "dead letter not recorded");
+        }
+    }
+}
+
+fn failed(step: Step, reason: String) -> Outcome {
+    Outcome::StepFailed {
+        step,
+        reason,
+        oom: false,
     }
 }
 

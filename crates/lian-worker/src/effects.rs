@@ -24,25 +24,12 @@ fn failed(step: Step, reason: impl Into<String>) -> Outcome {
 }
 
 impl Worker {
-    pub(crate) async fn run_effect(
-        &self,
-        state: &State,
-        effect: Effect,
-    ) -> Result<Outcome, String> {
-        let request = state
-            .request
-            .as_ref()
-            .expect("effects follow an accepted request");
+    pub(crate) async fn run_effect(&self, state: &State, effect: Effect) -> Result<Outcome, String> {
+        let request = state.request.as_ref().expect("effects follow an accepted request");
         match effect {
             Effect::ResolveSize => self.resolve_size(request).await,
-            Effect::SpawnRunner {
-                lease_key,
-                runner_type,
-            } => {
-                let provider = match self
-                    .providers
-                    .docker_local(request.directives.compute_provider)
-                {
+            Effect::SpawnRunner { lease_key, runner_type } => {
+                let provider = match self.providers.docker_local(request.directives.compute_provider) {
                     Ok(p) => p,
                     Err(e) => return Ok(failed(Step::SpawnRunner, e.to_string())),
                 };
@@ -62,14 +49,10 @@ impl Worker {
                 let dest = provider.workspace(&lease.key);
                 // A resumed sync starts from an empty directory: no half-written file survives.
                 let _ = tokio::fs::remove_dir_all(&dest).await;
-                tokio::fs::create_dir_all(&dest)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                tokio::fs::create_dir_all(&dest).await.map_err(|e| e.to_string())?;
                 match self.bus.download_context(&request.context, &dest).await {
                     Ok((files, bytes)) => Ok(Outcome::ContextSynced { files, bytes }),
-                    Err(lian_bus::BusError::Nats { op, message }) => {
-                        Err(format!("{op}: {message}"))
-                    }
+                    Err(lian_bus::BusError::Nats { op, message }) => Err(format!("{op}: {message}")),
                     Err(e) => Ok(failed(Step::SyncContext, e.to_string())),
                 }
             }
@@ -116,11 +99,7 @@ impl Worker {
                     "mem_p95_gb": null,
                 });
                 // Metrics are advice for sizing: losing one must not fail a build.
-                if let Err(err) = self
-                    .bus
-                    .record_metrics(&format!("{ws}.{id}"), &record)
-                    .await
-                {
+                if let Err(err) = self.bus.record_metrics(&format!("{ws}.{id}"), &record).await {
                     tracing::warn!(%err, "metrics not recorded");
                 }
                 Ok(Outcome::MetricsRecorded {
@@ -133,30 +112,20 @@ impl Worker {
                     .providers
                     .docker_local(request.directives.compute_provider)
                     .map_err(|e| e.to_string())?;
-                provider
-                    .destroy(&lease_key)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                provider.destroy(&lease_key).await.map_err(|e| e.to_string())?;
                 Ok(Outcome::RunnerDestroyed)
             }
         }
     }
 
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {
-        let spec = match self
-            .bus
-            .context_file(&request.context, BUILD_SPEC_FILE)
-            .await
-        {
+        let spec = match self.bus.context_file(&request.context, BUILD_SPEC_FILE).await {
             Ok(None) => None,
             Ok(Some(bytes)) => {
                 let text = match String::from_utf8(bytes) {
                     Ok(t) => t,
                     Err(_) => {
-                        return Ok(failed(
-                            Step::Size,
-                            format!("{BUILD_SPEC_FILE} is not UTF-8 text"),
-                        ));
+                        return Ok(failed(Step::Size, format!("{BUILD_SPEC_FILE} is not UTF-8 text")));
                     }
                 };
                 let schemas = self.options.schemas.clone();
@@ -168,10 +137,7 @@ impl Worker {
                 match evaluated {
                     Ok(spec) => Some(spec),
                     Err(e) => {
-                        return Ok(failed(
-                            Step::Size,
-                            format!("{BUILD_SPEC_FILE}: {}", e.summary()),
-                        ));
+                        return Ok(failed(Step::Size, format!("{BUILD_SPEC_FILE}: {}", e.summary())));
                     }
                 }
             }
@@ -182,14 +148,8 @@ impl Worker {
         };
         let directives = &request.directives;
         let inputs = SizingInputs {
-            override_type: directives
-                .runner_override
-                .as_ref()
-                .and_then(|o| o.runner_type),
-            override_budget: directives
-                .runner_override
-                .as_ref()
-                .and_then(|o| o.time_budget_min),
+            override_type: directives.runner_override.as_ref().and_then(|o| o.runner_type),
+            override_budget: directives.runner_override.as_ref().and_then(|o| o.time_budget_min),
             spec: spec.as_ref(),
             // Tier 2 reads recorded P95s once usage is sampled on runners.
             history: None,

@@ -3,10 +3,13 @@
 
 use lian_bus::Job;
 use lian_core::{BuildDirectives, BuildId, BuildRequest, Workspace, cache, subjects};
-use lian_nickel::{Contract, Schemas};
+use lian_nickel::Contract;
 
-/// Largest request accepted; the requests stream refuses larger ones at publish time too.
-pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+use crate::WorkerOptions;
+
+/// Largest request accepted. Requests carry a context reference, not the context, so a
+/// real one is a few KiB; anything near this is a mistake worth a clear refusal.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// The workspace failed events go to when the subject's workspace token is not a valid one.
 const INVALID_WORKSPACE: &str = "invalid";
@@ -23,7 +26,8 @@ pub enum Intake {
     },
 }
 
-pub async fn read(job: &Job, schemas: &Schemas) -> Intake {
+pub async fn read(job: &Job, options: &WorkerOptions) -> Intake {
+    let schemas = &options.schemas;
     let fallback_id = || BuildId::new(format!("q{}", job.stream_sequence())).expect("a token");
     let subject_ws = subjects::workspace_token(job.subject()).unwrap_or("");
     let workspace = Workspace::new(subject_ws);
@@ -68,19 +72,12 @@ pub async fn read(job: &Job, schemas: &Schemas) -> Intake {
     let directives_json = directives.to_string();
     let schemas = schemas.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        schemas.eval_json::<BuildDirectives>(
-            &directives_json,
-            "directives",
-            Contract::BuildDirectives,
-        )
+        schemas.eval_json::<BuildDirectives>(&directives_json, "directives", Contract::BuildDirectives)
     })
     .await
     .expect("nickel evaluation does not panic");
     if let Err(e) = checked {
-        return refuse(
-            build_id,
-            format!("directives break the contract: {}", e.summary()),
-        );
+        return refuse(build_id, format!("directives break the contract: {}", e.summary()));
     }
     let request: BuildRequest = match serde_json::from_value(value) {
         Ok(r) => r,
@@ -98,6 +95,18 @@ pub async fn read(job: &Job, schemas: &Schemas) -> Intake {
     }
     if let Err(e) = cache::check(&request.directives) {
         return refuse(build_id, format!("cache policy refused: {e}"));
+    }
+    if let (Some(layer), Some(known)) = (&request.layer, &options.catalog_layers)
+        && !known.contains(layer.as_str())
+    {
+        let known: Vec<&str> = known.iter().map(String::as_str).collect();
+        return refuse(
+            build_id,
+            format!(
+                "layer {layer} is not in the catalog (known: {}): fix --layer or add the layer",
+                known.join(", ")
+            ),
+        );
     }
     Intake::Accepted {
         build_id,

@@ -5,6 +5,7 @@
 mod driver;
 mod effects;
 mod intake;
+mod reaper;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,6 +31,15 @@ pub struct WorkerOptions {
     pub schemas: Schemas,
     /// The work queue's ack wait; the worker heartbeats at a third of it.
     pub ack_wait: Duration,
+    /// The work queue's max deliver: on the last delivery an unfinished build is ended as
+    /// failed (abandoned) instead of being tried again.
+    pub max_deliver: i64,
+    /// The catalog's layer names: a request for another layer is refused. `None` accepts any.
+    pub catalog_layers: Option<std::collections::BTreeSet<String>>,
+    /// Test hook (`LIAN_FAILPOINT=pause_before:<effect>`): pause forever before that effect.
+    pub pause_before: Option<String>,
+    /// How often the reaper looks for runners nobody will destroy.
+    pub reap_every: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +50,7 @@ pub enum WorkerError {
 
 /// Serves build requests until `shutdown` resolves. A build in flight at shutdown is left
 /// at its last recorded step and handed back to the queue for another worker.
-pub async fn run(
-    bus: Bus,
-    options: WorkerOptions,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), WorkerError> {
+pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let stopping = Arc::new(AtomicBool::new(false));
     let worker = Arc::new(driver::Worker {
         bus: bus.clone(),
@@ -54,6 +60,17 @@ pub async fn run(
         options,
         stopping: stopping.clone(),
     });
+    let reaper = {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(err) = worker.reap_once().await {
+                    tracing::warn!(%err, "reaper pass failed");
+                }
+                tokio::time::sleep(worker.options.reap_every).await;
+            }
+        })
+    };
     let mut jobs = bus.requests().await?;
     tracing::info!(worker = %worker.options.name, "serving build requests");
     tokio::pin!(shutdown);
@@ -82,6 +99,7 @@ pub async fn run(
             () = &mut handle => {}
         }
     }
+    reaper.abort();
     tracing::info!(worker = %worker.options.name, "stopped");
     Ok(())
 }

@@ -63,9 +63,7 @@ impl Running {
                             break;
                         }
                     }
-                    Err(_) => panic!(
-                        "lian {args:?} did not print {ready:?} within 60 s; printed {lines:#?}"
-                    ),
+                    Err(_) => panic!("lian {args:?} did not print {ready:?} within 60 s; printed {lines:#?}"),
                 }
             }
         }

@@ -44,19 +44,11 @@ fn example() -> Catalog {
 #[test]
 fn the_plan_lists_descendants_after_their_parents() {
     let c = example();
-    let plan: Vec<String> = c
-        .plan("base")
-        .unwrap()
-        .iter()
-        .map(|l| l.to_string())
-        .collect();
+    let plan: Vec<String> = c.plan("base").unwrap().iter().map(|l| l.to_string()).collect();
     assert_eq!(plan, ["deps", "tools", "app"]);
     assert_eq!(c.plan("tools").unwrap(), vec![name("app")]);
     assert!(c.plan("app").unwrap().is_empty());
-    assert!(matches!(
-        c.plan("nope"),
-        Err(CatalogError::UnknownLayer { .. })
-    ));
+    assert!(matches!(c.plan("nope"), Err(CatalogError::UnknownLayer { .. })));
 }
 
 #[test]
@@ -67,8 +59,18 @@ fn cycles_and_missing_bases_are_reported_together() {
         layer("c", Some("ghost"), &[]),
     ])
     .unwrap_err();
-    assert!(errors.iter().any(|e| matches!(e, CatalogError::Cycle { cycle } if cycle.contains('a') && cycle.contains('b'))), "{errors:?}");
-    assert!(errors.iter().any(|e| matches!(e, CatalogError::MissingBase { missing, .. } if missing.as_str() == "ghost")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .any(|e| matches!(e, CatalogError::Cycle { cycle } if cycle.contains('a') && cycle.contains('b'))),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| matches!(e, CatalogError::MissingBase { missing, .. } if missing.as_str() == "ghost")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -76,12 +78,7 @@ fn adr_002_native_dep_layers_declare_their_native_deps() {
     let mut native = layer("fast", None, &[]);
     native.class = LayerClass::NativeDep;
     let errors = Catalog::new(vec![native.clone()]).unwrap_err();
-    assert_eq!(
-        errors,
-        vec![CatalogError::NativeDepsMissing {
-            layer: name("fast")
-        }]
-    );
+    assert_eq!(errors, vec![CatalogError::NativeDepsMissing { layer: name("fast") }]);
     native.native_deps = vec!["libonnxruntime-dev".into()];
     assert!(Catalog::new(vec![native]).is_ok());
     let mut wrong = layer("tool", None, &[]);
@@ -155,16 +152,11 @@ fn a_two_parent_layer_waits_for_both_parents() {
     assert_eq!(requested(&first), ["deps", "tools"]);
     apply_all(&mut state, &first);
     settle(&mut state, "tools", true);
-    assert!(
-        cascade::decide(&state, &c, &id).is_empty(),
-        "app waits for deps"
-    );
+    assert!(cascade::decide(&state, &c, &id).is_empty(), "app waits for deps");
     settle(&mut state, "deps", true);
     let next = cascade::decide(&state, &c, &id);
     assert_eq!(requested(&next), ["app"]);
-    assert!(
-        matches!(&next[0], CascadeEvent::LayerRequested { build_id, .. } if build_id.as_str() == "c-b1-app")
-    );
+    assert!(matches!(&next[0], CascadeEvent::LayerRequested { build_id, .. } if build_id.as_str() == "c-b1-app"));
     apply_all(&mut state, &next);
     settle(&mut state, "app", true);
     let end = cascade::decide(&state, &c, &id);
@@ -196,9 +188,7 @@ fn a_failure_blocks_its_branch_and_says_so() {
 fn a_leaf_starts_a_cascade_that_ends_at_once() {
     let c = example();
     let (id, state, _) = start(&c, "app");
-    assert!(
-        matches!(&cascade::decide(&state, &c, &id)[..], [CascadeEvent::Completed { built }] if built.is_empty())
-    );
+    assert!(matches!(&cascade::decide(&state, &c, &id)[..], [CascadeEvent::Completed { built }] if built.is_empty()));
 }
 
 #[test]

@@ -152,31 +152,14 @@ fn every_row_of_the_transition_table() {
             vec![],
             Some(spawn(1, cax21)),
         ),
+        (vec![sized(), started(), requested(1, cax21), leased(1)], vec![], None),
         (
-            vec![sized(), started(), requested(1, cax21), leased(1)],
+            vec![sized(), started(), requested(1, cax21), leased(1), synced(1)],
             vec![],
             None,
         ),
         (
-            vec![
-                sized(),
-                started(),
-                requested(1, cax21),
-                leased(1),
-                synced(1),
-            ],
-            vec![],
-            None,
-        ),
-        (
-            vec![
-                sized(),
-                started(),
-                requested(1, cax21),
-                leased(1),
-                synced(1),
-                built(1),
-            ],
+            vec![sized(), started(), requested(1, cax21), leased(1), synced(1), built(1)],
             vec![],
             None,
         ),
@@ -208,14 +191,7 @@ fn every_row_of_the_transition_table() {
             None,
         ),
         (
-            vec![
-                sized(),
-                started(),
-                requested(1, cax21),
-                leased(1),
-                synced(1),
-                oom(),
-            ],
+            vec![sized(), started(), requested(1, cax21), leased(1), synced(1), oom()],
             vec![],
             Some(DestroyRunner { lease_key: key(1) }),
         ),
@@ -241,24 +217,14 @@ fn every_row_of_the_transition_table() {
             (Some(want), Some(got)) => assert_eq!(got, want, "row {i}"),
             // rows whose effect carries a lease are checked by kind below
             (None, Some(got)) => assert!(
-                matches!(
-                    got,
-                    SyncContext { .. } | RunBuild { .. } | RecordMetrics { .. }
-                ),
+                matches!(got, SyncContext { .. } | RunBuild { .. } | RecordMetrics { .. }),
                 "row {i}: {got:?}"
             ),
             (Some(want), None) => panic!("row {i}: wanted {want:?}, got no effect"),
         }
     }
     let lease_rows = [(4, "SyncContext"), (5, "RunBuild"), (6, "RecordMetrics")];
-    let base = [
-        sized(),
-        started(),
-        requested(1, cax21),
-        leased(1),
-        synced(1),
-        built(1),
-    ];
+    let base = [sized(), started(), requested(1, cax21), leased(1), synced(1), built(1)];
     for (len, name) in lease_rows {
         let d = next(base[..len].to_vec());
         assert!(
@@ -332,10 +298,7 @@ fn terminal_and_failure_rows() {
     let BuildEvent::Failed { reason, .. } = &second.events[0] else {
         unreachable!()
     };
-    assert!(
-        reason.contains("set runner_type in .build-spec.ncl"),
-        "{reason}"
-    );
+    assert!(reason.contains("set runner_type in .build-spec.ncl"), "{reason}");
     assert!(reason.contains("cax31"), "{reason}");
 }
 
@@ -379,12 +342,7 @@ fn the_time_budget_is_checked_against_the_given_clock() {
 
 #[test]
 fn outcomes_become_their_events() {
-    let state = fold(&history(vec![
-        sized(),
-        started(),
-        requested(1, RunnerType::Cax21),
-    ]))
-    .unwrap();
+    let state = fold(&history(vec![sized(), started(), requested(1, RunnerType::Cax21)])).unwrap();
     let d = decide(
         &state,
         Some(Outcome::RunnerLeased {
@@ -396,12 +354,7 @@ fn outcomes_become_their_events() {
     .unwrap();
     assert_eq!(kinds(&d), vec!["runner_leased"]);
     assert!(d.effect.is_none());
-    let err = decide(
-        &fold(&history(vec![])).unwrap(),
-        Some(Outcome::RunnerDestroyed),
-        T0,
-    )
-    .unwrap_err();
+    let err = decide(&fold(&history(vec![])).unwrap(), Some(Outcome::RunnerDestroyed), T0).unwrap_err();
     assert!(matches!(err, LifecycleError::UnexpectedOutcome { .. }));
 }
 
@@ -416,13 +369,7 @@ fn impossible_histories_are_typed_errors() {
             requested(1, RunnerType::Cax21),
             requested(2, RunnerType::Cax21),
         ],
-        vec![
-            sized(),
-            started(),
-            requested(1, RunnerType::Cax21),
-            leased(1),
-            built(1),
-        ],
+        vec![sized(), started(), requested(1, RunnerType::Cax21), leased(1), built(1)],
         vec![
             sized(),
             started(),
@@ -438,10 +385,7 @@ fn impossible_histories_are_typed_errors() {
         let Err(err) = fold(&history(events)) else {
             panic!("{kinds:?} should be impossible");
         };
-        assert!(
-            matches!(err, LifecycleError::Impossible { .. }),
-            "{kinds:?}: {err}"
-        );
+        assert!(matches!(err, LifecycleError::Impossible { .. }), "{kinds:?}: {err}");
     }
     // a failed build may not hold a runner
     let err = fold(&history(vec![
@@ -463,10 +407,7 @@ fn impossible_histories_are_typed_errors() {
     h[1].seq = 5;
     assert!(matches!(
         fold(&h),
-        Err(LifecycleError::OutOfOrder {
-            expected: 2,
-            found: 5
-        })
+        Err(LifecycleError::OutOfOrder { expected: 2, found: 5 })
     ));
 }
 
@@ -509,10 +450,7 @@ impl World {
                     host: "local".into(),
                 }
             }
-            Effect::SyncContext { .. } => Outcome::ContextSynced {
-                files: 3,
-                bytes: 10,
-            },
+            Effect::SyncContext { .. } => Outcome::ContextSynced { files: 3, bytes: 10 },
             Effect::RunBuild { lease } => {
                 if self.oom_on.contains(&lease.runner_type) {
                     Outcome::StepFailed {
@@ -634,20 +572,9 @@ fn a_crash_after_any_step_resumes_to_the_same_end_without_leaks() {
 #[test]
 fn the_oom_story_is_bounded_by_adr_039() {
     let (once, _) = crash_free(vec![RunnerType::Cax21]);
-    assert!(matches!(
-        once.last().unwrap().event,
-        BuildEvent::Completed { .. }
-    ));
-    assert_eq!(
-        once.iter()
-            .filter(|e| e.event.kind() == "oom_escalated")
-            .count(),
-        1
-    );
+    assert!(matches!(once.last().unwrap().event, BuildEvent::Completed { .. }));
+    assert_eq!(once.iter().filter(|e| e.event.kind() == "oom_escalated").count(), 1);
     let (twice, world) = crash_free(vec![RunnerType::Cax21, RunnerType::Cax31]);
-    assert!(matches!(
-        twice.last().unwrap().event,
-        BuildEvent::Failed { .. }
-    ));
+    assert!(matches!(twice.last().unwrap().event, BuildEvent::Failed { .. }));
     assert_eq!(world.spawns.len(), 1 + usize::from(MAX_OOM_RETRIES));
 }
