@@ -51,9 +51,16 @@ impl NatsServer {
 
 fn spawn(port: u16, store: &PathBuf) -> Child {
     let bin = std::env::var("LIAN_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    // As `lian up` runs it: every acknowledged write is on disk before the ack.
+    let conf = store.join("server.conf");
+    let text = format!(
+        "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        store.join("js").display()
+    );
+    std::fs::write(&conf, text).expect("write the server config");
     Command::new(&bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(store)
+        .arg("-c")
+        .arg(&conf)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -9,17 +9,24 @@ use std::time::{Duration, Instant};
 
 use lian_test_support::{lian_bin, workspace_root};
 
-fn command(args: &[&str]) -> Command {
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(lian_bin());
     cmd.args(args)
         .current_dir(workspace_root())
         .env("LIAN_CONFIG", "/nonexistent/lian.toml")
-        .env("LIAN_BUILD_NETWORK", "none");
+        .env("LIAN_BUILD_NETWORK", "none")
+        .env("LIAN_LOG", "warn")
+        .envs(env.iter().copied());
     cmd
 }
 
 pub fn lian(args: &[&str]) -> Output {
-    command(args).output().expect("lian runs")
+    lian_with(args, &[])
+}
+
+/// `lian ARGS` with extra environment (settings such as LIAN_ACK_WAIT_SECS).
+pub fn lian_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().expect("lian runs")
 }
 
 pub fn text(out: &Output) -> String {
@@ -36,7 +43,11 @@ impl Running {
     /// Starts `lian ARGS` and waits (bounded) until it prints a line containing `ready`;
     /// with an empty `ready` it returns at once.
     pub fn start(args: &[&str], ready: &str) -> Self {
-        let mut child = command(args)
+        Self::start_with(args, &[], ready)
+    }
+
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
+        let mut child = command(args, env)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,6 +82,14 @@ impl Running {
             child,
             stdout_lines: lines,
         }
+    }
+}
+
+impl Running {
+    /// SIGKILL: the process gets no chance to clean up, as in a crash.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -116,4 +135,71 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), &target).unwrap();
         }
     }
+}
+
+/// Directives for a test build of `image` in `workspace`, written as JSON into `dir`.
+pub fn directives_json(dir: &Path, workspace: &str, image: &str) -> PathBuf {
+    let path = dir.join(format!("{}.json", image.replace(['/', ':'], "-")));
+    let json = serde_json::json!({
+        "workspace": workspace,
+        "artifact": {"image": image, "language": "other"},
+        "compute_provider": "docker_local",
+        "registry_provider": "zot",
+        "cache_policy": {"actor": "ci", "cache_from": [], "cache_to": []}
+    });
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+/// The example root layer's context (FROM scratch + busybox) with extra Dockerfile lines.
+pub fn context_with(extra: &str) -> tempfile::TempDir {
+    let catalog = staged_examples();
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&catalog.path().join("base"), dir.path());
+    let dockerfile = dir.path().join("Dockerfile");
+    let text = std::fs::read_to_string(&dockerfile).unwrap() + extra;
+    std::fs::write(dockerfile, text).unwrap();
+    dir
+}
+
+/// The event kinds of a build in order, as `lian status --json` reports its history.
+pub fn history_kinds(nats_url: &str, build_id: &str) -> Vec<(String, String)> {
+    let out = lian(&["--nats-url", nats_url, "status", build_id, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                e["worker"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The lifecycle of a build that completed, event by event.
+pub const STEPS: [&str; 10] = [
+    "accepted",
+    "sized",
+    "started",
+    "runner_requested",
+    "runner_leased",
+    "context_synced",
+    "image_built",
+    "metrics_recorded",
+    "runner_destroyed",
+    "completed",
+];
+
+/// The runners left under a fleet's state directory.
+pub fn runners_left(state: &Path) -> Vec<String> {
+    std::fs::read_dir(state.join("runners"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
