@@ -320,7 +320,7 @@ impl State {
             }
             BuildEvent::RunnerDestroyed { lease_key } => match &self.lease {
                 Some(l) if l.key == *lease_key => {
-                    if self.built.is_some() && !self.metrics_recorded {
+                    if self.built.is_some() && !self.metrics_recorded && self.failure.is_none() {
                         return bad("metrics are recorded before the runner that measured them goes");
                     }
                     self.lease = None;

@@ -578,3 +578,69 @@ fn the_oom_story_is_bounded_by_adr_039() {
     assert!(matches!(twice.last().unwrap().event, BuildEvent::Failed { .. }));
     assert_eq!(world.spawns.len(), 1 + usize::from(MAX_OOM_RETRIES));
 }
+
+/// Runs the driver loop, injecting a cancel at the `at`-th safe point (before an effect,
+/// with no failure pending), as the worker does when `lian cancel` was asked.
+fn drive_with_cancel(world: &mut World, at: usize) -> Vec<Envelope> {
+    let mut history = history(vec![]);
+    let mut state = fold(history.iter()).unwrap();
+    let mut outcome = None;
+    let mut safe_points = 0;
+    loop {
+        let decision = decide(&state, outcome.take(), T0).unwrap();
+        for event in decision.events {
+            let e = envelope(state.len + 1, event);
+            state.apply(&e).unwrap();
+            history.push(e);
+        }
+        match decision.effect {
+            Some(effect) => {
+                if state.failure.is_none() {
+                    safe_points += 1;
+                    if safe_points == at {
+                        outcome = Some(Outcome::StepFailed {
+                            step: Step::Cancelled,
+                            reason: "cancelled".into(),
+                            oom: false,
+                        });
+                        continue;
+                    }
+                }
+                outcome = Some(world.run(effect, &state));
+            }
+            None if state.is_terminal() => return history,
+            None => {}
+        }
+    }
+}
+
+#[test]
+fn a_cancel_at_any_safe_point_ends_failed_with_every_runner_destroyed() {
+    for oom_on in [vec![], vec![RunnerType::Cax21]] {
+        for at in 1..12 {
+            let mut world = World {
+                oom_on: oom_on.clone(),
+                ..Default::default()
+            };
+            let history = drive_with_cancel(&mut world, at);
+            let last = &history.last().unwrap().event;
+            assert!(
+                matches!(
+                    last,
+                    BuildEvent::Failed {
+                        step: Some(Step::Cancelled),
+                        ..
+                    }
+                ) || matches!(last, BuildEvent::Completed { .. }),
+                "cancel at safe point {at}: {last:?}"
+            );
+            assert!(world.live.is_empty(), "cancel at {at} left {:?}", world.live);
+            // A lease requested but never spawned is destroyed too: the spawn may have
+            // happened without being recorded, and destroying nothing is harmless.
+            assert!(
+                world.spawns.keys().all(|k| world.destroyed.contains(k)),
+                "cancel at {at}"
+            );
+        }
+    }
+}
