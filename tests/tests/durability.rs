@@ -185,3 +185,27 @@ fn a_request_out_of_deliveries_ends_failed_with_its_runner_destroyed_and_a_dead_
     let letters = lian(&["--nats-url", &fleet.server.url, "dead-letters"]);
     assert!(text(&letters).contains(&build), "{}", text(&letters));
 }
+
+#[test]
+fn the_reaper_destroys_a_runner_whose_build_already_ended_and_records_it() {
+    let fleet = Fleet::new();
+    let env = [("LIAN_REAP_EVERY_SECS", "1")];
+    let _worker = fleet.worker("worker-a", &env);
+    let mut wire = RawNats::subscribe(fleet.server.port, "lian.>");
+    let (build, _ctx) = fleet.submit("lian-test/reaper:latest", "", &env);
+    let done = fleet.event(&build, "completed");
+    wire.wait_for(Duration::from_secs(60), "completion", |m| m.subject == done);
+    // A runner of this build that the lifecycle never recorded (as if a worker died right
+    // after spawning it on a path that then ended the build).
+    let stray = fleet.state.path().join("runners").join(format!("{build}-r7"));
+    std::fs::create_dir_all(stray.join("context")).unwrap();
+    std::fs::write(
+        stray.join("lease.json"),
+        format!("{{\"lease_key\":\"{build}-r7\",\"runner_type\":\"cax11\"}}"),
+    )
+    .unwrap();
+    let reaped = format!("lian.dur.reaped.{build}-r7");
+    let record = wire.wait_for(Duration::from_secs(30), "the reaper's record", |m| m.subject == reaped);
+    assert!(record.json()["reason"].as_str().unwrap().contains("already ended"));
+    assert!(!stray.exists(), "the stray runner is gone");
+}

@@ -8,21 +8,8 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Running, lian, staged_examples, text};
+use common::{Running, STEPS, lian, runners_left, staged_examples, text};
 use lian_test_support::{RawMessage, RawNats, docker_available, docker_cli, free_port};
-
-const STEPS: [&str; 10] = [
-    "accepted",
-    "sized",
-    "started",
-    "runner_requested",
-    "runner_leased",
-    "context_synced",
-    "image_built",
-    "metrics_recorded",
-    "runner_destroyed",
-    "completed",
-];
 
 fn kind(m: &RawMessage) -> &str {
     m.subject.rsplit('.').next().unwrap()

@@ -42,13 +42,7 @@ impl Settings {
     pub fn load(file: &Path) -> anyhow::Result<Self> {
         let settings: Settings = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("LIAN_").only(&[
-                "docker_cli",
-                "docker_host",
-                "build_network",
-                "ack_wait_secs",
-                "max_deliver",
-            ]))
+            .merge(Env::prefixed("LIAN_"))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
         if !matches!(settings.build_network.as_str(), "host" | "none") {
