@@ -1,5 +1,5 @@
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ impl NatsServer {
     pub fn start() -> Self {
         let store = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let child = spawn(port, &store.path().to_path_buf());
+        let child = spawn(port, store.path());
         let server = Self {
             url: format!("nats://127.0.0.1:{port}"),
             port,
@@ -32,7 +32,7 @@ impl NatsServer {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(self.port, &self.store.path().to_path_buf());
+        self.child = spawn(self.port, self.store.path());
         self.wait_ready();
     }
 
@@ -49,7 +49,7 @@ impl NatsServer {
     }
 }
 
-fn spawn(port: u16, store: &PathBuf) -> Child {
+fn spawn(port: u16, store: &Path) -> Child {
     let bin = std::env::var("LIAN_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
     // As `lian up` runs it: every acknowledged write is on disk before the ack.
     let conf = store.join("server.conf");
