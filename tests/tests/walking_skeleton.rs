@@ -159,10 +159,7 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     );
 
     // No runner is left behind.
-    let runners: Vec<_> = std::fs::read_dir(state.path().join("runners"))
-        .map(|d| d.flatten().collect())
-        .unwrap_or_default();
-    assert!(runners.is_empty(), "runners left: {runners:?}");
+    assert!(runners_left(state.path()).is_empty(), "runners left: {:?}", runners_left(state.path()));
 
     // `lian status` tells the same story.
     let status = lian(&["--nats-url", &nats_url, "status", &build_id]);
