@@ -159,7 +159,11 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     );
 
     // No runner is left behind.
-    assert!(runners_left(state.path()).is_empty(), "runners left: {:?}", runners_left(state.path()));
+    assert!(
+        runners_left(state.path()).is_empty(),
+        "runners left: {:?}",
+        runners_left(state.path())
+    );
 
     // `lian status` tells the same story.
     let status = lian(&["--nats-url", &nats_url, "status", &build_id]);

@@ -35,7 +35,7 @@ pub fn text(out: &Output) -> String {
 
 /// A `lian` process stopped with SIGTERM on drop, the way Ctrl-C stops it.
 pub struct Running {
-    pub child: Child,
+    child: Option<Child>,
     pub stdout_lines: Vec<String>,
 }
 
@@ -79,7 +79,7 @@ impl Running {
             }
         }
         Self {
-            child,
+            child: Some(child),
             stdout_lines: lines,
         }
     }
@@ -88,26 +88,34 @@ impl Running {
 impl Running {
     /// SIGKILL: the process gets no chance to clean up, as in a crash.
     pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let pid = child.id() as i32;
         // SAFETY: signalling our own child.
         unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
+            libc::kill(pid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        // Wait for the exit itself, bounded; a process that ignores SIGTERM is killed.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = child.wait();
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            // SAFETY: as above; the waiter thread reaps it.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = waiter.join();
     }
 }
 
