@@ -4,6 +4,8 @@
 
 mod docker_build;
 mod docker_local;
+pub mod ssh;
+pub mod sync;
 
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
 pub use docker_local::DockerLocal;

@@ -4,9 +4,11 @@
 
 mod nats;
 mod raw;
+mod sshd;
 
 pub use nats::NatsServer;
 pub use raw::{RawMessage, RawNats};
+pub use sshd::Sshd;
 
 use std::path::PathBuf;
 use std::process::Command;

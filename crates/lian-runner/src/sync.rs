@@ -1,0 +1,257 @@
+//! Incremental context sync to a runner over SSH: a manifest of file hashes is kept on the
+//! runner next to the synced tree; only files that are new or changed travel (as one tar
+//! stream), files gone from the context are removed, and `.dockerignore` is respected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::ssh::{SshError, SshSession, shell_quote};
+
+/// Where the runner keeps the manifest of the last sync, inside the synced directory.
+const MANIFEST: &str = ".lian-sync.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    /// path -> (sha256, executable)
+    files: BTreeMap<String, (String, bool)>,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub files: u64,
+    pub sent_files: u64,
+    /// File content bytes that travelled (not counting tar headers).
+    pub sent_bytes: u64,
+    pub deleted: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("reading the context {path}: {source}")]
+    Local { path: PathBuf, source: std::io::Error },
+    #[error("the runner refused the sync ({what}, exit {status}): {stderr}")]
+    Remote {
+        what: &'static str,
+        status: u32,
+        stderr: String,
+    },
+}
+
+/// Makes `remote_dir` on the runner hold exactly the files of `local` not excluded by its
+/// `.dockerignore`.
+pub async fn sync_dir(session: &SshSession, local: &Path, remote_dir: &str) -> Result<SyncStats, SyncError> {
+    let root = local.to_path_buf();
+    let wanted = tokio::task::spawn_blocking(move || scan(&root))
+        .await
+        .expect("scan does not panic")?;
+    let dir = shell_quote(remote_dir);
+    let previous = session
+        .exec_line(&format!("cat {dir}/{MANIFEST} 2>/dev/null || true"), &[])
+        .await?;
+    let previous: Manifest = serde_json::from_slice(&previous.stdout).unwrap_or_default();
+
+    let mut stats = SyncStats {
+        files: wanted.files.len() as u64,
+        ..Default::default()
+    };
+    let gone: Vec<&String> = previous
+        .files
+        .keys()
+        .filter(|p| !wanted.files.contains_key(*p))
+        .collect();
+    if !gone.is_empty() {
+        // Paths go through stdin, NUL-separated: never through the command line.
+        let list: Vec<u8> = gone.iter().flat_map(|p| p.bytes().chain([0u8])).collect();
+        let out = session
+            .exec_line(&format!("cd {dir} && xargs -0 rm -f --"), &list)
+            .await?;
+        if out.status != 0 {
+            return Err(remote("delete", &out));
+        }
+        stats.deleted = gone.len() as u64;
+    }
+    let changed: Vec<&String> = wanted
+        .files
+        .iter()
+        .filter(|(p, v)| previous.files.get(*p) != Some(v))
+        .map(|(p, _)| p)
+        .collect();
+    let root = local.to_path_buf();
+    let paths: Vec<String> = changed.iter().map(|p| p.to_string()).collect();
+    let manifest = serde_json::to_vec(&wanted).expect("json");
+    let (archive, sent_bytes) = tokio::task::spawn_blocking(move || pack(&root, &paths, &manifest))
+        .await
+        .expect("pack does not panic")?;
+    let out = session
+        .exec_line(&format!("mkdir -p {dir} && tar -x -f - -C {dir}"), &archive)
+        .await?;
+    if out.status != 0 {
+        return Err(remote("unpack", &out));
+    }
+    stats.sent_files = changed.len() as u64;
+    stats.sent_bytes = sent_bytes;
+    Ok(stats)
+}
+
+fn remote(what: &'static str, out: &crate::ssh::ExecOutput) -> SyncError {
+    SyncError::Remote {
+        what,
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().chars().take(300).collect(),
+    }
+}
+
+fn local_err(path: &Path) -> impl FnOnce(std::io::Error) -> SyncError + '_ {
+    move |source| SyncError::Local {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A tar of the changed files plus the new manifest; returns it and the content bytes.
+fn pack(root: &Path, paths: &[String], manifest: &[u8]) -> Result<(Vec<u8>, u64), SyncError> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.mode(tar::HeaderMode::Deterministic);
+    let mut bytes = 0;
+    for p in paths {
+        let full = root.join(p);
+        let mut file = std::fs::File::open(&full).map_err(local_err(&full))?;
+        let len = file.metadata().map_err(local_err(&full))?.len();
+        builder.append_file(p, &mut file).map_err(local_err(&full))?;
+        bytes += len;
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_size(manifest.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, MANIFEST, manifest)
+        .map_err(local_err(root))?;
+    Ok((builder.into_inner().map_err(local_err(root))?, bytes))
+}
+
+/// The regular files of a context (symlinks and specials are not synced), minus what
+/// `.dockerignore` excludes, with their hashes.
+fn scan(root: &Path) -> Result<Manifest, SyncError> {
+    let ignore = DockerIgnore::read(root);
+    let mut manifest = Manifest::default();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(dir) = dirs.pop() {
+        let full = root.join(&dir);
+        for entry in std::fs::read_dir(&full).map_err(local_err(&full))? {
+            let entry = entry.map_err(local_err(&full))?;
+            let rel = dir.join(entry.file_name());
+            let rel_str = rel.to_string_lossy().replace('\\', "/");
+            if rel_str == MANIFEST || ignore.excludes(&rel_str) {
+                continue;
+            }
+            let kind = entry.file_type().map_err(local_err(&full))?;
+            if kind.is_dir() {
+                dirs.push(rel);
+            } else if kind.is_file() {
+                use std::os::unix::fs::PermissionsExt;
+                let path = entry.path();
+                let content = std::fs::read(&path).map_err(local_err(&path))?;
+                let hash: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
+                let mode = entry.metadata().map_err(local_err(&path))?.permissions().mode();
+                manifest.files.insert(rel_str, (hash, mode & 0o111 != 0));
+            }
+        }
+    }
+    Ok(manifest)
+}
+
+/// `.dockerignore` rules: globs with `*`, `?` and `**`, `!` exceptions, the last matching
+/// rule wins, and a rule that matches a directory excludes what is under it.
+#[derive(Debug, Default)]
+pub struct DockerIgnore {
+    rules: Vec<(bool, String)>,
+}
+
+impl DockerIgnore {
+    pub fn read(root: &Path) -> Self {
+        std::fs::read_to_string(root.join(".dockerignore"))
+            .map(|t| Self::parse(&t))
+            .unwrap_or_default()
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let rules = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (keep, pattern) = match l.strip_prefix('!') {
+                    Some(p) => (true, p.trim()),
+                    None => (false, l),
+                };
+                let pattern = pattern
+                    .trim_start_matches("./")
+                    .trim_start_matches('/')
+                    .trim_end_matches('/');
+                (keep, pattern.to_string())
+            })
+            .collect();
+        Self { rules }
+    }
+
+    pub fn excludes(&self, path: &str) -> bool {
+        let mut excluded = false;
+        for (keep, pattern) in &self.rules {
+            // A rule about a directory applies to everything below it.
+            let hit = glob(pattern, path) || path.match_indices('/').any(|(i, _)| glob(pattern, &path[..i]));
+            if hit {
+                excluded = !keep;
+            }
+        }
+        excluded
+    }
+}
+
+/// Glob match where `*` and `?` stay within a path component and `**` spans components.
+fn glob(pattern: &str, text: &str) -> bool {
+    fn go(p: &[u8], t: &[u8]) -> bool {
+        match p {
+            [] => t.is_empty(),
+            [b'*', b'*', rest @ ..] => {
+                let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+                (0..=t.len()).any(|i| go(rest, &t[i..]))
+            }
+            [b'*', rest @ ..] => (0..=t.len())
+                .take_while(|&i| i == 0 || t[i - 1] != b'/')
+                .any(|i| go(rest, &t[i..])),
+            [b'?', rest @ ..] => !t.is_empty() && t[0] != b'/' && go(rest, &t[1..]),
+            [c, rest @ ..] => !t.is_empty() && t[0] == *c && go(rest, &t[1..]),
+        }
+    }
+    go(pattern.as_bytes(), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerignore_rules() {
+        let ignore = DockerIgnore::parse("# comment\ntarget\n*.log\n**/*.tmp\n!keep.log\n/docs/\n");
+        for excluded in [
+            "target",
+            "target/debug/x",
+            "a.log",
+            "deep/dir/x.tmp",
+            "x.tmp",
+            "docs/readme.md",
+        ] {
+            assert!(ignore.excludes(excluded), "{excluded}");
+        }
+        for kept in ["src/main.rs", "keep.log", "sub/a.log", "targets", "Dockerfile"] {
+            assert!(!ignore.excludes(kept), "{kept}");
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! SSH transport and incremental sync against a real sshd on 127.0.0.1.
+
+use std::path::Path;
+
+use lian_runner::ssh::{SshError, SshSession, SshTarget};
+use lian_runner::sync::sync_dir;
+use lian_test_support::Sshd;
+
+fn target(sshd: &Sshd) -> SshTarget {
+    SshTarget {
+        address: format!("127.0.0.1:{}", sshd.port),
+        user: sshd.user.clone(),
+        key: sshd.client_key.clone(),
+        host_key: sshd.host_key.clone(),
+    }
+}
+
+fn write(root: &Path, rel: &str, content: &[u8]) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                if rel != ".lian-sync.json" {
+                    out.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn exec_quotes_arguments_and_reports_exit_status() {
+    let sshd = Sshd::start();
+    let session = SshSession::connect(&target(&sshd)).await.unwrap();
+    let out = session
+        .exec(&["printf", "%s", "a b; echo injected"], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.status, out.stdout.as_slice()),
+        (0, b"a b; echo injected".as_slice())
+    );
+    let out = session.exec(&["sh", "-c", "kill -9 $$"], &[]).await.unwrap();
+    assert_eq!(out.status, 137, "a KILLed command reads as 137");
+    let out = session.exec(&["cat"], b"through stdin").await.unwrap();
+    assert_eq!(out.stdout, b"through stdin");
+    session.close().await;
+}
+
+#[tokio::test]
+async fn a_host_key_that_is_not_the_pinned_one_is_refused() {
+    let sshd = Sshd::start();
+    let other = Sshd::start();
+    let mut t = target(&sshd);
+    t.host_key = other.host_key.clone();
+    let err = SshSession::connect(&t).await.err().expect("refused");
+    assert!(matches!(err, SshError::HostKey { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn only_changed_files_travel_and_deleted_files_go() {
+    let sshd = Sshd::start();
+    let session = SshSession::connect(&target(&sshd)).await.unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let remote_dir = remote.path().join("ctx");
+    let remote_str = remote_dir.to_str().unwrap();
+    write(local.path(), "Dockerfile", b"FROM scratch\n");
+    write(local.path(), "src/main.rs", &vec![b'x'; 100_000]);
+    write(local.path(), "src/lib.rs", b"pub fn f() {}\n");
+    write(local.path(), "target/debug/big", &vec![0; 50_000]);
+    write(local.path(), "notes.log", b"log\n");
+    write(local.path(), "with space/it's.txt", b"odd names travel too\n");
+    write(local.path(), ".dockerignore", b"target\n*.log\n");
+
+    let cold = sync_dir(&session, local.path(), remote_str).await.unwrap();
+    assert_eq!((cold.files, cold.sent_files), (5, 5), "{cold:?}");
+    let mut expected = tree(local.path());
+    expected.retain(|(p, _)| !p.starts_with("target") && !p.ends_with(".log"));
+    assert_eq!(
+        tree(&remote_dir),
+        expected,
+        "the runner has the context minus .dockerignore"
+    );
+
+    let warm = sync_dir(&session, local.path(), remote_str).await.unwrap();
+    assert_eq!(
+        (warm.sent_files, warm.sent_bytes, warm.deleted),
+        (0, 0, 0),
+        "an unchanged re-sync sends no content"
+    );
+
+    write(local.path(), "src/lib.rs", b"pub fn g() {}\n");
+    std::fs::remove_file(local.path().join("src/main.rs")).unwrap();
+    let delta = sync_dir(&session, local.path(), remote_str).await.unwrap();
+    assert_eq!(
+        (delta.sent_files, delta.sent_bytes, delta.deleted),
+        (1, 14, 1),
+        "{delta:?}"
+    );
+    let mut expected = tree(local.path());
+    expected.retain(|(p, _)| !p.starts_with("target") && !p.ends_with(".log"));
+    assert_eq!(tree(&remote_dir), expected);
+}
