@@ -22,6 +22,9 @@ pub struct Settings {
     pub max_deliver: i64,
     /// Seconds between reaper passes over this host's runners.
     pub reap_every_secs: u64,
+    /// The ssh_pool provider's hosts.
+    #[serde(default)]
+    pub ssh_hosts: Vec<lian_runner::SshHost>,
 }
 
 impl Default for Settings {
@@ -34,6 +37,7 @@ impl Default for Settings {
             ack_wait_secs: 30,
             max_deliver: 5,
             reap_every_secs: 60,
+            ssh_hosts: Vec::new(),
         }
     }
 }

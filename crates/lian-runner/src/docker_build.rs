@@ -110,7 +110,7 @@ impl DockerBuilder {
 }
 
 /// The reason of a failed build: BuildKit's error lines, or the log's tail.
-fn failure(log: &str, code: Option<i32>) -> BuildFailure {
+pub(crate) fn failure(log: &str, code: Option<i32>) -> BuildFailure {
     let oom = log.contains("exit code: 137") || log.lines().any(|l| l.trim_end().ends_with("Killed"));
     let errors: Vec<&str> = log
         .lines()

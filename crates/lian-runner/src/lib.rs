@@ -5,10 +5,12 @@
 mod docker_build;
 mod docker_local;
 pub mod ssh;
+mod ssh_pool;
 pub mod sync;
 
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
 pub use docker_local::DockerLocal;
+pub use ssh_pool::{SshHost, SshPool};
 
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;
@@ -34,27 +36,49 @@ pub enum RunnerError {
         lease_key: LeaseKey,
         source: std::io::Error,
     },
-    #[error("runner {lease_key} has no lease record: it was destroyed or never spawned")]
-    Unknown { lease_key: LeaseKey },
+    #[error("no ssh pool host serves tier {tier} (hosts: {hosts}): add one to ssh_hosts or ask for a smaller runner")]
+    NoHost { tier: &'static str, hosts: String },
+    #[error("runner {lease_key}: {message}")]
+    Remote { lease_key: LeaseKey, message: String },
 }
 
 /// The providers this worker can lease from.
 #[derive(Debug, Clone)]
 pub struct Providers {
     pub docker_local: Option<DockerLocal>,
+    pub ssh_pool: Option<SshPool>,
+}
+
+/// One provider, seen through what the lifecycle asks of every provider.
+pub enum Backend<'a> {
+    Local(&'a DockerLocal),
+    Ssh(&'a SshPool),
 }
 
 impl Providers {
-    pub fn docker_local(&self, provider: ComputeProvider) -> Result<&DockerLocal, RunnerError> {
-        let hint = "this walking skeleton leases from docker_local only; set compute_provider = 'docker_local";
+    pub fn backend(&self, provider: ComputeProvider) -> Result<Backend<'_>, RunnerError> {
         match provider {
-            ComputeProvider::DockerLocal => self.docker_local.as_ref().ok_or(RunnerError::NotConfigured {
-                provider: "docker_local",
-                hint: "start the worker with a runner directory (`lian worker --state-dir DIR`)",
-            }),
+            ComputeProvider::DockerLocal => {
+                self.docker_local
+                    .as_ref()
+                    .map(Backend::Local)
+                    .ok_or(RunnerError::NotConfigured {
+                        provider: "docker_local",
+                        hint: "start the worker with a runner directory (`lian worker --state-dir DIR`)",
+                    })
+            }
+            ComputeProvider::SshPool => self
+                .ssh_pool
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map(Backend::Ssh)
+                .ok_or(RunnerError::NotConfigured {
+                    provider: "ssh_pool",
+                    hint: "list the pool's hosts as [[ssh_hosts]] in lian.toml",
+                }),
             other => Err(RunnerError::NotConfigured {
                 provider: other.as_str(),
-                hint,
+                hint: "hcloud and proxmox are not available yet; use 'docker_local or 'ssh_pool",
             }),
         }
     }

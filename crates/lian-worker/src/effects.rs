@@ -8,7 +8,7 @@ use lian_core::event::Step;
 use lian_core::lifecycle::{Effect, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, SizingInputs};
 use lian_nickel::Contract;
-use lian_runner::BuildInvocation;
+use lian_runner::{Backend, BuildInvocation};
 
 use crate::driver::Worker;
 
@@ -29,11 +29,15 @@ impl Worker {
         match effect {
             Effect::ResolveSize => self.resolve_size(request).await,
             Effect::SpawnRunner { lease_key, runner_type } => {
-                let provider = match self.providers.docker_local(request.directives.compute_provider) {
-                    Ok(p) => p,
+                let backend = match self.providers.backend(request.directives.compute_provider) {
+                    Ok(b) => b,
                     Err(e) => return Ok(failed(Step::SpawnRunner, e.to_string())),
                 };
-                Ok(match provider.spawn(&lease_key, runner_type).await {
+                let spawned = match backend {
+                    Backend::Local(p) => p.spawn(&lease_key, runner_type).await,
+                    Backend::Ssh(p) => p.spawn(&lease_key, runner_type).await,
+                };
+                Ok(match spawned {
                     Ok(r) => Outcome::RunnerLeased {
                         lease_id: r.lease_id,
                         host: r.host,
@@ -42,26 +46,32 @@ impl Worker {
                 })
             }
             Effect::SyncContext { lease } => {
-                let provider = self
-                    .providers
-                    .docker_local(request.directives.compute_provider)
-                    .map_err(|e| e.to_string())?;
-                let dest = provider.workspace(&lease.key);
+                let backend = self.backend(request)?;
+                let dest = match backend {
+                    Backend::Local(p) => p.workspace(&lease.key),
+                    Backend::Ssh(p) => p.staging(&lease.key),
+                };
                 // A resumed sync starts from an empty directory: no half-written file survives.
                 let _ = tokio::fs::remove_dir_all(&dest).await;
                 tokio::fs::create_dir_all(&dest).await.map_err(|e| e.to_string())?;
-                match self.bus.download_context(&request.context, &dest).await {
-                    Ok((files, bytes)) => Ok(Outcome::ContextSynced { files, bytes }),
-                    Err(lian_bus::BusError::Nats { op, message }) => Err(format!("{op}: {message}")),
-                    Err(e) => Ok(failed(Step::SyncContext, e.to_string())),
+                let (files, bytes) = match self.bus.download_context(&request.context, &dest).await {
+                    Ok(counts) => counts,
+                    Err(lian_bus::BusError::Nats { op, message }) => return Err(format!("{op}: {message}")),
+                    Err(e) => return Ok(failed(Step::SyncContext, e.to_string())),
+                };
+                if let Backend::Ssh(p) = backend {
+                    let host = lease.host.as_deref().unwrap_or_default();
+                    let stats = p.sync(&lease.key, host).await.map_err(|e| e.to_string())?;
+                    tracing::info!(lease = %lease.key, host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
                 }
+                Ok(Outcome::ContextSynced { files, bytes })
             }
             Effect::RunBuild { lease } => {
-                let provider = self
-                    .providers
-                    .docker_local(request.directives.compute_provider)
-                    .map_err(|e| e.to_string())?;
-                let context = provider.workspace(&lease.key);
+                let backend = self.backend(request)?;
+                let context = match backend {
+                    Backend::Local(p) => p.workspace(&lease.key),
+                    Backend::Ssh(p) => p.staging(&lease.key),
+                };
                 let artifact = &request.directives.artifact;
                 let invocation = BuildInvocation {
                     context: &context,
@@ -74,7 +84,14 @@ impl Worker {
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect(),
                 };
-                Ok(match self.options.builder.build(&invocation).await {
+                let built = match backend {
+                    Backend::Local(_) => self.options.builder.build(&invocation).await,
+                    Backend::Ssh(p) => {
+                        p.build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
+                            .await
+                    }
+                };
+                Ok(match built {
                     Ok(out) => Outcome::ImageBuilt {
                         image_id: out.image_id,
                         duration_ms: out.duration_ms,
@@ -108,14 +125,36 @@ impl Worker {
                 })
             }
             Effect::DestroyRunner { lease_key } => {
-                let provider = self
-                    .providers
-                    .docker_local(request.directives.compute_provider)
-                    .map_err(|e| e.to_string())?;
-                provider.destroy(&lease_key).await.map_err(|e| e.to_string())?;
+                match self.backend(request)? {
+                    Backend::Local(p) => p.destroy(&lease_key).await.map_err(|e| e.to_string())?,
+                    Backend::Ssh(p) => {
+                        // The host is the one recorded at lease time, or the one the key maps to
+                        // when the spawn was never recorded.
+                        let lease = state
+                            .lease
+                            .as_ref()
+                            .filter(|l| l.key == lease_key)
+                            .ok_or("destroying a runner the build does not hold")?;
+                        let host = match &lease.host {
+                            Some(h) => h.clone(),
+                            None => p
+                                .host_for(&lease_key, lease.runner_type)
+                                .map_err(|e| e.to_string())?
+                                .name
+                                .clone(),
+                        };
+                        p.destroy(&lease_key, &host).await.map_err(|e| e.to_string())?;
+                    }
+                }
                 Ok(Outcome::RunnerDestroyed)
             }
         }
+    }
+
+    fn backend(&self, request: &BuildRequest) -> Result<Backend<'_>, String> {
+        self.providers
+            .backend(request.directives.compute_provider)
+            .map_err(|e| e.to_string())
     }
 
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use lian_bus::Bus;
 use lian_nickel::Schemas;
-use lian_runner::{DockerBuilder, DockerLocal, Providers};
+use lian_runner::{DockerBuilder, DockerLocal, Providers, SshHost, SshPool};
 
 pub use intake::MAX_REQUEST_BYTES;
 
@@ -40,6 +40,8 @@ pub struct WorkerOptions {
     pub pause_before: Option<String>,
     /// How often the reaper looks for runners nobody will destroy.
     pub reap_every: Duration,
+    /// The hosts of the ssh_pool provider (`[[ssh_hosts]]` in lian.toml).
+    pub ssh_hosts: Vec<SshHost>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,11 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
         bus: bus.clone(),
         providers: Providers {
             docker_local: Some(DockerLocal::new(&options.runners_dir)),
+            ssh_pool: Some(SshPool::new(
+                options.ssh_hosts.clone(),
+                options.runners_dir.join("ssh-staging"),
+                &options.builder.network,
+            )),
         },
         options,
         stopping: stopping.clone(),

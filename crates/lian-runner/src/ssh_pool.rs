@@ -1,0 +1,226 @@
+//! The ssh pool provider: static hosts listed in config, reached with russh. A lease is a
+//! directory `<work_dir>/<lease-key>` on one host, chosen deterministically from the lease
+//! key among the hosts big enough for the tier, so a worker that takes over a build finds
+//! the same host. The context is synced incrementally; the build runs on the host's Docker
+//! engine BuildKit; destroy removes the directory.
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use lian_core::LeaseKey;
+use lian_core::sizing::RunnerType;
+use serde::{Deserialize, Serialize};
+
+use crate::docker_build::failure;
+use crate::ssh::{SshSession, SshTarget};
+use crate::sync::{SyncStats, sync_dir};
+use crate::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, Runner, RunnerError};
+
+/// One host of the pool, as configured (`[[ssh_hosts]]` in lian.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshHost {
+    pub name: String,
+    #[serde(flatten)]
+    pub target: SshTarget,
+    /// The largest tier this host serves.
+    pub tier: RunnerType,
+    /// Where leases live on the host.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: String,
+    #[serde(default = "default_docker")]
+    pub docker_cli: String,
+}
+
+fn default_work_dir() -> String {
+    "/tmp/lian-runners".into()
+}
+
+fn default_docker() -> String {
+    "/usr/bin/docker".into()
+}
+
+#[derive(Debug, Clone)]
+pub struct SshPool {
+    hosts: Vec<SshHost>,
+    /// Local directory where a context is put together before it is synced.
+    staging: PathBuf,
+    network: String,
+}
+
+impl SshPool {
+    pub fn new(hosts: Vec<SshHost>, staging: impl Into<PathBuf>, network: &str) -> Self {
+        Self {
+            hosts,
+            staging: staging.into(),
+            network: network.to_string(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+
+    /// The host of a lease: stable for the key among the hosts that fit the tier.
+    pub fn host_for(&self, key: &LeaseKey, tier: RunnerType) -> Result<&SshHost, RunnerError> {
+        let mut fitting: Vec<&SshHost> = self.hosts.iter().filter(|h| h.tier >= tier).collect();
+        fitting.sort_by(|a, b| a.name.cmp(&b.name));
+        if fitting.is_empty() {
+            return Err(RunnerError::NoHost {
+                tier: tier.as_str(),
+                hosts: self
+                    .hosts
+                    .iter()
+                    .map(|h| format!("{} ({})", h.name, h.tier.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.as_str().hash(&mut hasher);
+        Ok(fitting[(hasher.finish() % fitting.len() as u64) as usize])
+    }
+
+    fn by_name(&self, name: &str) -> Option<&SshHost> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    fn dir(host: &SshHost, key: &LeaseKey) -> String {
+        format!("{}/{key}", host.work_dir.trim_end_matches('/'))
+    }
+
+    async fn session(host: &SshHost, key: &LeaseKey) -> Result<SshSession, RunnerError> {
+        SshSession::connect(&host.target)
+            .await
+            .map_err(|e| RunnerError::Remote {
+                lease_key: key.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The local directory the worker materialises the context in, before `sync`.
+    pub fn staging(&self, key: &LeaseKey) -> PathBuf {
+        self.staging.join(key.as_str())
+    }
+
+    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Runner, RunnerError> {
+        let host = self.host_for(key, tier)?;
+        let session = Self::session(host, key).await?;
+        let dir = Self::dir(host, key);
+        let out = session
+            .exec(&["mkdir", "-p", &format!("{dir}/context")], &[])
+            .await
+            .map_err(remote(key))?;
+        session.close().await;
+        if out.status != 0 {
+            return Err(RunnerError::Remote {
+                lease_key: key.clone(),
+                message: format!("mkdir failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+        Ok(Runner {
+            lease_key: key.clone(),
+            lease_id: format!("ssh_pool:{}:{key}", host.name),
+            host: host.name.clone(),
+            runner_type: tier,
+        })
+    }
+
+    /// Syncs the staged context to the lease's host.
+    pub async fn sync(&self, key: &LeaseKey, host_name: &str) -> Result<SyncStats, RunnerError> {
+        let host = self.by_name(host_name).ok_or_else(|| unknown_host(key, host_name))?;
+        let session = Self::session(host, key).await?;
+        let stats = sync_dir(
+            &session,
+            &self.staging(key),
+            &format!("{}/context", Self::dir(host, key)),
+        )
+        .await
+        .map_err(|e| RunnerError::Remote {
+            lease_key: key.clone(),
+            message: e.to_string(),
+        });
+        session.close().await;
+        stats
+    }
+
+    /// Builds on the host with its Docker engine's BuildKit.
+    pub async fn build(
+        &self,
+        key: &LeaseKey,
+        host_name: &str,
+        spec: &BuildInvocation<'_>,
+    ) -> Result<BuildOutput, BuildFailure> {
+        let fail = |reason: String| BuildFailure { reason, oom: false };
+        let host = self
+            .by_name(host_name)
+            .ok_or_else(|| fail(unknown_host(key, host_name).to_string()))?;
+        let session = Self::session(host, key).await.map_err(|e| fail(e.to_string()))?;
+        let dir = Self::dir(host, key);
+        let builder = DockerBuilder {
+            cli: host.docker_cli.clone().into(),
+            host: None,
+            network: self.network.clone(),
+        };
+        let iid = format!("{dir}/image.iid");
+        let context = PathBuf::from(&dir).join("context");
+        let remote_spec = BuildInvocation {
+            context: &context,
+            ..spec.clone()
+        };
+        let mut argv: Vec<String> = vec!["env".into(), "DOCKER_BUILDKIT=1".into(), host.docker_cli.clone()];
+        argv.extend(builder.args(&remote_spec, std::path::Path::new(&iid)));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let out = session.exec(&argv, &[]).await.map_err(|e| fail(e.to_string()))?;
+        if out.status != 0 {
+            session.close().await;
+            let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            let mut f = failure(&log, Some(out.status as i32));
+            f.oom |= out.status == 137;
+            return Err(f);
+        }
+        let id = session
+            .exec(&["cat", &iid], &[])
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        session.close().await;
+        Ok(BuildOutput {
+            image_id: String::from_utf8_lossy(&id.stdout).trim().to_string(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Removes the lease from its host; a lease that is gone is destroyed already.
+    pub async fn destroy(&self, key: &LeaseKey, host_name: &str) -> Result<(), RunnerError> {
+        let host = self.by_name(host_name).ok_or_else(|| unknown_host(key, host_name))?;
+        let session = Self::session(host, key).await?;
+        let out = session
+            .exec(&["rm", "-rf", "--", &Self::dir(host, key)], &[])
+            .await
+            .map_err(remote(key))?;
+        session.close().await;
+        let _ = tokio::fs::remove_dir_all(self.staging(key)).await;
+        if out.status != 0 {
+            return Err(RunnerError::Remote {
+                lease_key: key.clone(),
+                message: format!("rm failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn remote(key: &LeaseKey) -> impl FnOnce(crate::ssh::SshError) -> RunnerError + '_ {
+    move |e| RunnerError::Remote {
+        lease_key: key.clone(),
+        message: e.to_string(),
+    }
+}
+
+fn unknown_host(key: &LeaseKey, name: &str) -> RunnerError {
+    RunnerError::Remote {
+        lease_key: key.clone(),
+        message: format!("host {name} is not in this worker's ssh pool (ssh_hosts in lian.toml)"),
+    }
+}
