@@ -22,6 +22,11 @@ pub struct Settings {
     pub max_deliver: i64,
     /// Seconds between reaper passes over this host's runners.
     pub reap_every_secs: u64,
+    /// docker_local runners: "shared" (the host's engine, no limits) or "engine" (an engine
+    /// per lease under a cgroup with the tier's limits).
+    pub runner_isolation: String,
+    /// With "engine": the fraction of a tier's memory a lease gets (1.0 on a real host).
+    pub memory_scale: f64,
     /// The ssh_pool provider's hosts.
     #[serde(default)]
     pub ssh_hosts: Vec<lian_runner::SshHost>,
@@ -38,6 +43,8 @@ impl Default for Settings {
             max_deliver: 5,
             reap_every_secs: 60,
             ssh_hosts: Vec::new(),
+            runner_isolation: "shared".into(),
+            memory_scale: 1.0,
         }
     }
 }
@@ -49,6 +56,15 @@ impl Settings {
             .merge(Env::prefixed("LIAN_"))
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
+        if !matches!(settings.runner_isolation.as_str(), "shared" | "engine") {
+            anyhow::bail!(
+                "runner_isolation must be \"shared\" or \"engine\", not {:?}",
+                settings.runner_isolation
+            );
+        }
+        if !(settings.memory_scale > 0.0 && settings.memory_scale <= 1.0) {
+            anyhow::bail!("memory_scale must be in (0, 1], not {}", settings.memory_scale);
+        }
         if !matches!(settings.build_network.as_str(), "host" | "none") {
             anyhow::bail!(
                 "build_network must be \"host\" or \"none\", not {:?}",
@@ -56,6 +72,15 @@ impl Settings {
             );
         }
         Ok(settings)
+    }
+
+    pub fn isolation(&self) -> lian_runner::Isolation {
+        match self.runner_isolation.as_str() {
+            "engine" => lian_runner::Isolation::Engine {
+                memory_scale: self.memory_scale,
+            },
+            _ => lian_runner::Isolation::Shared,
+        }
     }
 
     pub fn topology(&self) -> lian_bus::Topology {

@@ -55,6 +55,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
             .and_then(|f| f.strip_prefix("pause_before:").map(String::from)),
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
         ssh_hosts: settings.ssh_hosts.clone(),
+        isolation: settings.isolation(),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

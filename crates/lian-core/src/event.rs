@@ -94,6 +94,12 @@ pub enum BuildEvent {
         image: ImageRef,
         image_id: String,
         duration_ms: u64,
+        /// Usage sampled from the lease's cgroup during the build (cores, GB), where the
+        /// runner has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu_p95: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mem_p95_gb: Option<f64>,
     },
     /// A step failed; the runner (if any) is destroyed next.
     StepFailed {

@@ -48,6 +48,8 @@ pub struct Built {
     pub image: ImageRef,
     pub image_id: String,
     pub duration_ms: u64,
+    pub cpu_p95: Option<f64>,
+    pub mem_p95_gb: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,6 +153,8 @@ pub enum Outcome {
     ImageBuilt {
         image_id: String,
         duration_ms: u64,
+        cpu_p95: Option<f64>,
+        mem_p95_gb: Option<f64>,
     },
     MetricsRecorded {
         cpu_p95: Option<f64>,
@@ -279,12 +283,16 @@ impl State {
                 image,
                 image_id,
                 duration_ms,
+                cpu_p95,
+                mem_p95_gb,
             } => match &self.lease {
                 Some(l) if l.key == *lease_key && l.synced && self.built.is_none() => {
                     self.built = Some(Built {
                         image: image.clone(),
                         image_id: image_id.clone(),
                         duration_ms: *duration_ms,
+                        cpu_p95: *cpu_p95,
+                        mem_p95_gb: *mem_p95_gb,
                     });
                 }
                 _ => return bad("no synced runner, or built twice"),
@@ -535,12 +543,19 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
             },
             None => return unexpected("context_synced"),
         },
-        Outcome::ImageBuilt { image_id, duration_ms } => match (lease, &state.request) {
+        Outcome::ImageBuilt {
+            image_id,
+            duration_ms,
+            cpu_p95,
+            mem_p95_gb,
+        } => match (lease, &state.request) {
             (Some(l), Some(r)) => BuildEvent::ImageBuilt {
                 lease_key: l.key.clone(),
                 image: r.directives.artifact.image.clone(),
                 image_id,
                 duration_ms,
+                cpu_p95,
+                mem_p95_gb,
             },
             _ => return unexpected("image_built"),
         },

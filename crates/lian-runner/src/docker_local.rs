@@ -1,6 +1,7 @@
 //! The docker_local provider: a runner is a lease record and a private workspace directory
-//! on this host, built with the host's Docker engine. (Per-lease engines with cgroup limits
-//! per tier come with the real-runner work; the lease shape stays the same.)
+//! on this host. With `Isolation::Engine` it is also a Docker engine of its own whose builds
+//! run under a cgroup with the tier's memory and cpu limits (scaled for small hosts); with
+//! `Isolation::Shared` builds use the host's engine, unlimited.
 
 use std::path::{Path, PathBuf};
 
@@ -8,11 +9,24 @@ use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::LeaseCgroup;
+use crate::engine::{LeaseEngine, parent_images};
 use crate::{Runner, RunnerError};
 
 #[derive(Debug, Clone)]
 pub struct DockerLocal {
     root: PathBuf,
+    isolation: Isolation,
+    docker_cli: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Isolation {
+    /// Builds run on the host's engine, without limits.
+    Shared,
+    /// An engine per lease under a cgroup with the tier's limits times `memory_scale`
+    /// (1.0 on a real host; 1/32 lets a small machine exercise the tiers).
+    Engine { memory_scale: f64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -24,7 +38,59 @@ struct LeaseRecord {
 impl DockerLocal {
     /// Runners live under `root/<lease-key>/`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self::with_isolation(root, Isolation::Shared, "docker")
+    }
+
+    pub fn with_isolation(root: impl Into<PathBuf>, isolation: Isolation, docker_cli: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            isolation,
+            docker_cli: docker_cli.into(),
+        }
+    }
+
+    fn engine(&self, key: &LeaseKey) -> Option<LeaseEngine> {
+        match self.isolation {
+            Isolation::Shared => None,
+            Isolation::Engine { .. } => Some(LeaseEngine::at(&self.dir(key), key)),
+        }
+    }
+
+    /// `DOCKER_HOST` for builds on this lease, when it has an engine of its own.
+    pub fn docker_host(&self, key: &LeaseKey) -> Option<String> {
+        self.engine(key).map(|e| e.host())
+    }
+
+    /// The lease's cgroup, when it has one: its counters measure the build.
+    pub fn cgroup(&self, key: &LeaseKey) -> Option<LeaseCgroup> {
+        self.engine(key).map(|e| e.cgroup)
+    }
+
+    /// Puts the images a Dockerfile builds on into the lease's engine, from the host's.
+    pub async fn load_parents(&self, key: &LeaseKey, dockerfile: &Path) -> Result<(), String> {
+        let Some(engine) = self.engine(key) else { return Ok(()) };
+        let text = tokio::fs::read_to_string(dockerfile)
+            .await
+            .map_err(|e| format!("{}: {e}", dockerfile.display()))?;
+        for image in parent_images(&text) {
+            let on_host = tokio::process::Command::new(&self.docker_cli)
+                .args(["image", "inspect", &image])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if on_host {
+                LeaseEngine::copy_image(&self.docker_cli, &image, None, Some(&engine.host())).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the built image from the lease's engine to the host's, before the lease goes.
+    pub async fn publish(&self, key: &LeaseKey, image: &str) -> Result<(), String> {
+        let Some(engine) = self.engine(key) else { return Ok(()) };
+        LeaseEngine::copy_image(&self.docker_cli, image, Some(&engine.host()), None).await
     }
 
     fn dir(&self, key: &LeaseKey) -> PathBuf {
@@ -50,6 +116,7 @@ impl DockerLocal {
         if let Ok(existing) = tokio::fs::read(&record).await
             && let Ok(found) = serde_json::from_slice::<LeaseRecord>(&existing)
         {
+            self.start_engine(key, found.runner_type).await?;
             return Ok(self.runner(key, found.runner_type));
         }
         tokio::fs::create_dir_all(self.workspace(key))
@@ -64,7 +131,23 @@ impl DockerLocal {
         let tmp = dir.join("lease.json.tmp");
         tokio::fs::write(&tmp, body).await.map_err(io("record"))?;
         tokio::fs::rename(&tmp, &record).await.map_err(io("record"))?;
+        self.start_engine(key, runner_type).await?;
         Ok(self.runner(key, runner_type))
+    }
+
+    async fn start_engine(&self, key: &LeaseKey, runner_type: RunnerType) -> Result<(), RunnerError> {
+        let (Some(engine), Isolation::Engine { memory_scale }) = (self.engine(key), &self.isolation) else {
+            return Ok(());
+        };
+        let full = f64::from(runner_type.memory_gb()) * 1024.0 * 1024.0 * 1024.0;
+        let memory = ((full * memory_scale) as u64).max(16 * 1024 * 1024);
+        engine
+            .start(&self.docker_cli, memory, runner_type.cpu())
+            .await
+            .map_err(|message| RunnerError::Remote {
+                lease_key: key.clone(),
+                message,
+            })
     }
 
     fn runner(&self, key: &LeaseKey, runner_type: RunnerType) -> Runner {
@@ -78,6 +161,12 @@ impl DockerLocal {
 
     /// Destroys the runner and everything in it; destroying a runner that is gone succeeds.
     pub async fn destroy(&self, key: &LeaseKey) -> Result<(), RunnerError> {
+        if let Some(engine) = self.engine(key) {
+            engine.stop().await.map_err(|message| RunnerError::Remote {
+                lease_key: key.clone(),
+                message,
+            })?;
+        }
         match tokio::fs::remove_dir_all(self.dir(key)).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -2,15 +2,20 @@
 //! a runner). Spawning is idempotent by lease key: a worker that takes over a build asks for
 //! the runner recorded in the history and gets the same one back.
 
+mod cgroup;
 mod docker_build;
 mod docker_local;
+mod engine;
 pub mod ssh;
 mod ssh_pool;
 pub mod sync;
+mod usage;
 
+pub use cgroup::LeaseCgroup;
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
-pub use docker_local::DockerLocal;
+pub use docker_local::{DockerLocal, Isolation};
 pub use ssh_pool::{SshHost, SshPool};
+pub use usage::Sampler;
 
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;

@@ -8,7 +8,10 @@ use lian_core::event::Step;
 use lian_core::lifecycle::{Effect, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, SizingInputs};
 use lian_nickel::Contract;
-use lian_runner::{Backend, BuildInvocation};
+use std::time::Duration;
+
+use lian_core::LeaseKey;
+use lian_runner::{Backend, BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, DockerLocal, Sampler};
 
 use crate::driver::Worker;
 
@@ -85,16 +88,18 @@ impl Worker {
                         .collect(),
                 };
                 let built = match backend {
-                    Backend::Local(_) => self.options.builder.build(&invocation).await,
-                    Backend::Ssh(p) => {
-                        p.build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
-                            .await
-                    }
+                    Backend::Local(p) => self.build_local(p, &lease.key, &invocation).await,
+                    Backend::Ssh(p) => p
+                        .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
+                        .await
+                        .map(|out| (out, (None, None))),
                 };
                 Ok(match built {
-                    Ok(out) => Outcome::ImageBuilt {
+                    Ok((out, (cpu_p95, mem_p95_gb))) => Outcome::ImageBuilt {
                         image_id: out.image_id,
                         duration_ms: out.duration_ms,
+                        cpu_p95,
+                        mem_p95_gb,
                     },
                     Err(f) => Outcome::StepFailed {
                         step: Step::Build,
@@ -112,16 +117,16 @@ impl Worker {
                     "build_id": id,
                     "runner_type": state.runner_type,
                     "duration_ms": built.duration_ms,
-                    "cpu_p95": null,
-                    "mem_p95_gb": null,
+                    "cpu_p95": built.cpu_p95,
+                    "mem_p95_gb": built.mem_p95_gb,
                 });
                 // Metrics are advice for sizing: losing one must not fail a build.
                 if let Err(err) = self.bus.record_metrics(&format!("{ws}.{id}"), &record).await {
                     tracing::warn!(%err, "metrics not recorded");
                 }
                 Ok(Outcome::MetricsRecorded {
-                    cpu_p95: None,
-                    mem_p95_gb: None,
+                    cpu_p95: built.cpu_p95,
+                    mem_p95_gb: built.mem_p95_gb,
                 })
             }
             Effect::DestroyRunner { lease_key } => {
@@ -147,6 +152,45 @@ impl Worker {
                     }
                 }
                 Ok(Outcome::RunnerDestroyed)
+            }
+        }
+    }
+
+    /// A build on a docker_local runner: parents into the lease's engine, usage sampled from
+    /// its cgroup, the image back to the host's engine. Out of memory is what the cgroup
+    /// says; the exit code 137 / "Killed" is the signal only where there is no cgroup.
+    async fn build_local(
+        &self,
+        provider: &DockerLocal,
+        key: &LeaseKey,
+        invocation: &BuildInvocation<'_>,
+    ) -> Result<(BuildOutput, (Option<f64>, Option<f64>)), BuildFailure> {
+        let fail = |reason: String| BuildFailure { reason, oom: false };
+        let builder = DockerBuilder {
+            host: provider.docker_host(key).or_else(|| self.options.builder.host.clone()),
+            ..self.options.builder.clone()
+        };
+        provider
+            .load_parents(key, &invocation.context.join(invocation.dockerfile))
+            .await
+            .map_err(fail)?;
+        let cgroup = provider.cgroup(key);
+        let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
+        let result = builder.build(invocation).await;
+        let usage = match sampler {
+            Some(s) => s.finish().await,
+            None => (None, None),
+        };
+        match result {
+            Ok(out) => {
+                provider.publish(key, invocation.image).await.map_err(fail)?;
+                Ok((out, usage))
+            }
+            Err(mut f) => {
+                if let Some(cg) = &cgroup {
+                    f.oom = cg.hit_memory_limit();
+                }
+                Err(f)
             }
         }
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use lian_bus::Bus;
 use lian_nickel::Schemas;
-use lian_runner::{DockerBuilder, DockerLocal, Providers, SshHost, SshPool};
+use lian_runner::{DockerBuilder, DockerLocal, Isolation, Providers, SshHost, SshPool};
 
 pub use intake::MAX_REQUEST_BYTES;
 
@@ -42,6 +42,8 @@ pub struct WorkerOptions {
     pub reap_every: Duration,
     /// The hosts of the ssh_pool provider (`[[ssh_hosts]]` in lian.toml).
     pub ssh_hosts: Vec<SshHost>,
+    /// How docker_local runners are isolated from each other and the host.
+    pub isolation: Isolation,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +59,11 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
     let worker = Arc::new(driver::Worker {
         bus: bus.clone(),
         providers: Providers {
-            docker_local: Some(DockerLocal::new(&options.runners_dir)),
+            docker_local: Some(DockerLocal::with_isolation(
+                &options.runners_dir,
+                options.isolation.clone(),
+                &options.builder.cli,
+            )),
             ssh_pool: Some(SshPool::new(
                 options.ssh_hosts.clone(),
                 options.runners_dir.join("ssh-staging"),

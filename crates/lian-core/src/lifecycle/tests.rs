@@ -97,6 +97,8 @@ fn built(n: u8) -> BuildEvent {
         image: request().directives.artifact.image,
         image_id: "sha256:abc".into(),
         duration_ms: 5,
+        cpu_p95: None,
+        mem_p95_gb: None,
     }
 }
 fn metrics() -> BuildEvent {
@@ -462,6 +464,8 @@ impl World {
                     Outcome::ImageBuilt {
                         image_id: "sha256:abc".into(),
                         duration_ms: 7,
+                        cpu_p95: Some(1.5),
+                        mem_p95_gb: Some(0.5),
                     }
                 }
             }

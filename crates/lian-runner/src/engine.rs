@@ -1,0 +1,231 @@
+//! A Docker engine per lease: its own data root, exec root, socket and pid file, its build
+//! containers under the lease's cgroup (`--cgroup-parent`), so the tier's memory and cpu
+//! limits apply to the build and its counters measure it. Images move between the host
+//! engine and the lease engine with `docker save | docker load`: parents in before the
+//! build, the result out after it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lian_core::LeaseKey;
+
+use crate::cgroup::LeaseCgroup;
+
+/// Sockets live here, not under the state directory: a unix socket path has 108 bytes.
+const SOCKETS: &str = "/run/lian";
+
+#[derive(Debug, Clone)]
+pub struct LeaseEngine {
+    root: PathBuf,
+    key: LeaseKey,
+    pub cgroup: LeaseCgroup,
+}
+
+impl LeaseEngine {
+    /// The engine of the lease whose directory is `root`.
+    pub fn at(root: &Path, key: &LeaseKey) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            key: key.clone(),
+            cgroup: LeaseCgroup::named(&format!("lian-{key}")),
+        }
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        Path::new(SOCKETS).join(format!("{}.sock", self.key))
+    }
+
+    /// `DOCKER_HOST` for this engine.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket_path().display())
+    }
+
+    fn pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.root.join("docker.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn alive(pid: i32) -> bool {
+        Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    }
+
+    async fn answers(&self, cli: &Path) -> bool {
+        tokio::process::Command::new(cli)
+            .args(["-H", &self.host(), "version", "--format", "{{.Server.Version}}"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Starts the engine unless it runs already; returns once it answers.
+    pub async fn start(&self, cli: &Path, memory_bytes: u64, cpus: u32) -> Result<(), String> {
+        if self.pid().is_some_and(Self::alive) && self.answers(cli).await {
+            return Ok(());
+        }
+        self.cgroup
+            .create(memory_bytes, cpus)
+            .map_err(|e| format!("cannot create the lease cgroup: {e}"))?;
+        std::fs::create_dir_all(SOCKETS).map_err(|e| format!("{SOCKETS}: {e}"))?;
+        let log = std::fs::File::create(self.root.join("dockerd.log")).map_err(|e| e.to_string())?;
+        let mut cmd = std::process::Command::new("dockerd");
+        cmd.arg("--data-root")
+            .arg(self.root.join("data"))
+            .arg("--exec-root")
+            .arg(self.root.join("exec"))
+            .arg("--pidfile")
+            .arg(self.root.join("docker.pid"))
+            .arg("-H")
+            .arg(self.host())
+            .arg(format!("--cgroup-parent={}", self.cgroup.parent_arg()))
+            .args(["--iptables=false", "--bridge=none"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        // Its own process group: the engine outlives a worker that dies, so the worker
+        // taking over the build finds it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.spawn()
+            .map_err(|e| format!("cannot start dockerd (apt-get install docker.io): {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers(cli).await {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.root.join("dockerd.log")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(format!("the lease's dockerd did not answer within 30 s: {tail}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the engine and removes its cgroup; stopping a stopped engine succeeds.
+    pub async fn stop(&self) -> Result<(), String> {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling a process by pid.
+            unsafe {
+                libc_kill(pid, 15);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Self::alive(pid) {
+                if Instant::now() > deadline {
+                    // SAFETY: as above.
+                    unsafe {
+                        libc_kill(pid, 9);
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = std::fs::remove_file(self.socket_path());
+        let mut last = Ok(());
+        for _ in 0..50 {
+            last = self.cgroup.remove();
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last.map_err(|e| format!("cannot remove the lease cgroup: {e}"))
+    }
+
+    /// Copies `image` from the engine at `from` to the engine at `to` (`None`: the host's).
+    pub async fn copy_image(cli: &Path, image: &str, from: Option<&str>, to: Option<&str>) -> Result<(), String> {
+        let with_host = |host: Option<&str>| {
+            let mut c = tokio::process::Command::new(cli);
+            if let Some(h) = host {
+                c.args(["-H", h]);
+            }
+            c
+        };
+        let mut save = with_host(from)
+            .args(["save", image])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let out: Stdio = save
+            .stdout
+            .take()
+            .expect("piped")
+            .try_into()
+            .map_err(|e: std::io::Error| e.to_string())?;
+        let load = with_host(to).arg("load").stdin(out).stdout(Stdio::null()).output();
+        let (saved, loaded) = tokio::join!(save.wait(), load);
+        let loaded = loaded.map_err(|e| e.to_string())?;
+        if !saved.map_err(|e| e.to_string())?.success() || !loaded.status.success() {
+            return Err(format!(
+                "cannot copy image {image}: {}",
+                String::from_utf8_lossy(&loaded.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// The images a Dockerfile builds on: `FROM` references and `COPY --from=` references that
+/// are not stages of the same Dockerfile (and not `scratch`).
+pub fn parent_images(dockerfile: &str) -> Vec<String> {
+    let mut stages = Vec::new();
+    let mut refs = Vec::new();
+    for line in dockerfile.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
+            Some("FROM") => {
+                let args: Vec<&str> = words[1..].iter().copied().filter(|w| !w.starts_with("--")).collect();
+                if let Some(image) = args.first() {
+                    if !stages.iter().any(|s: &String| s.eq_ignore_ascii_case(image)) && *image != "scratch" {
+                        refs.push(image.to_string());
+                    }
+                    if args.len() >= 3 && args[1].eq_ignore_ascii_case("as") {
+                        stages.push(args[2].to_string());
+                    }
+                }
+            }
+            Some("COPY") => {
+                for w in &words[1..] {
+                    if let Some(from) = w.strip_prefix("--from=") {
+                        let is_stage =
+                            stages.iter().any(|s| s.eq_ignore_ascii_case(from)) || from.parse::<u32>().is_ok();
+                        if !is_stage {
+                            refs.push(from.to_string());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    refs.sort();
+    refs.dedup();
+    refs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_are_images_not_stages() {
+        let df = "FROM lian-example/base:latest AS planner\nRUN x\nFROM --platform=linux/amd64 planner AS cooker\nCOPY --from=planner /a /a\nCOPY --from=lian-example/deps:latest /d /d\nCOPY --from=0 /b /b\nFROM scratch\n";
+        assert_eq!(
+            parent_images(df),
+            vec![
+                "lian-example/base:latest".to_string(),
+                "lian-example/deps:latest".to_string()
+            ]
+        );
+    }
+}
