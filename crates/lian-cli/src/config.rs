@@ -43,7 +43,7 @@ impl Default for Settings {
             max_deliver: 5,
             reap_every_secs: 60,
             ssh_hosts: Vec::new(),
-            runner_isolation: "shared".into(),
+            runner_isolation: "engine".into(),
             memory_scale: 1.0,
         }
     }
