@@ -53,6 +53,7 @@ fn each_external_system_has_one_owner() {
         ("async-nats", "lian-bus"),
         ("nickel-lang-core", "lian-nickel"),
         ("petgraph", "lian-catalog"),
+        ("russh", "lian-runner"),
     ] {
         let users: Vec<&String> = deps
             .iter()
