@@ -128,6 +128,7 @@ impl Bus {
                 "per-build metrics, keyed <workspace>.<build-id>",
             ),
             (subjects::DEAD_LETTER_BUCKET, "requests given up on, keyed <build-id>"),
+            (subjects::SIZING_BUCKET, "tier-2 sizing approvals, keyed <workspace>"),
         ] {
             if self.js.get_key_value(bucket).await.is_err() {
                 self.js
@@ -158,27 +159,91 @@ impl Bus {
 
     /// Every dead-letter record, in key order.
     pub async fn dead_letters(&self) -> Result<Vec<serde_json::Value>, BusError> {
+        Ok(self
+            .kv_entries(subjects::DEAD_LETTER_BUCKET, "")
+            .await?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// The metrics records of a workspace's builds, newest build id first.
+    pub async fn workspace_metrics(&self, workspace: &str) -> Result<Vec<serde_json::Value>, BusError> {
+        let mut entries = self
+            .kv_entries(subjects::METRICS_BUCKET, &format!("{workspace}."))
+            .await?;
+        entries.reverse();
+        Ok(entries.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// What tier 2 sizing sees for a workspace: the P95 of its recent builds' usage (when it
+    /// has enough builds with usage) and whether an operator approved using it.
+    pub async fn sizing_history(&self, workspace: &str) -> Result<(Option<lian_core::sizing::P95>, bool), BusError> {
+        let usage: Vec<(f64, f64)> = self
+            .workspace_metrics(workspace)
+            .await?
+            .iter()
+            .filter_map(|m| Some((m["cpu_p95"].as_f64()?, m["mem_p95_gb"].as_f64()?)))
+            .collect();
+        let approved = self.sizing_approval(workspace).await?.is_some();
+        Ok((lian_core::sizing::workspace_p95(&usage), approved))
+    }
+
+    /// The tier-2 approval of a workspace, if an operator gave one.
+    pub async fn sizing_approval(&self, workspace: &str) -> Result<Option<serde_json::Value>, BusError> {
+        Ok(self
+            .kv_entries(subjects::SIZING_BUCKET, workspace)
+            .await?
+            .into_iter()
+            .find(|(k, _)| k == workspace)
+            .map(|(_, v)| v))
+    }
+
+    /// Records (or, with `None`, withdraws) a workspace's tier-2 approval.
+    pub async fn set_sizing_approval(
+        &self,
+        workspace: &str,
+        approval: Option<&serde_json::Value>,
+    ) -> Result<(), BusError> {
+        match approval {
+            Some(v) => self.kv_put(subjects::SIZING_BUCKET, workspace, v).await,
+            None => {
+                let kv = self
+                    .js
+                    .get_key_value(subjects::SIZING_BUCKET)
+                    .await
+                    .map_err(|e| BusError::nats("open sizing bucket", e))?;
+                kv.purge(workspace)
+                    .await
+                    .map_err(|e| BusError::nats("withdraw approval", e))
+            }
+        }
+    }
+
+    /// The entries of a bucket whose key starts with `prefix`, in key order.
+    async fn kv_entries(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, BusError> {
         use futures::StreamExt;
         let kv = self
             .js
-            .get_key_value(subjects::DEAD_LETTER_BUCKET)
+            .get_key_value(bucket)
             .await
-            .map_err(|e| BusError::nats("open dead letters", e))?;
+            .map_err(|e| BusError::nats("open key-value bucket", e))?;
         let mut keys: Vec<String> = kv
             .keys()
             .await
-            .map_err(|e| BusError::nats("list dead letters", e))?
+            .map_err(|e| BusError::nats("list keys", e))?
             .filter_map(|k| async move { k.ok() })
+            .filter(|k| futures::future::ready(k.starts_with(prefix)))
             .collect()
             .await;
         keys.sort();
-        let mut records = Vec::with_capacity(keys.len());
+        let mut entries = Vec::with_capacity(keys.len());
         for key in keys {
-            if let Some(bytes) = kv.get(&key).await.map_err(|e| BusError::nats("read dead letter", e))? {
-                records.push(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null));
+            if let Some(bytes) = kv.get(&key).await.map_err(|e| BusError::nats("read key", e))? {
+                entries.push((key, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)));
             }
         }
-        Ok(records)
+        Ok(entries)
     }
 
     async fn kv_put(&self, bucket: &str, key: &str, value: &serde_json::Value) -> Result<(), BusError> {

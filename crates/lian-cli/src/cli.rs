@@ -45,6 +45,28 @@ pub enum Command {
     Cancel(CancelArgs),
     /// List the requests the fleet gave up on (refused or out of deliveries).
     DeadLetters(DeadLettersArgs),
+    /// Runner sizing: approve tier 2 (history) for a workspace, or explain a build's size.
+    Sizing(SizingArgs),
+}
+
+#[derive(Args)]
+pub struct SizingArgs {
+    #[command(subcommand)]
+    pub command: SizingCommand,
+}
+
+#[derive(Subcommand)]
+pub enum SizingCommand {
+    /// Let tier 2 (the P95 of the workspace's recent builds) size its runners.
+    Approve { workspace: String },
+    /// Withdraw the approval: the workspace is sized by tier 1 or 3 again.
+    Revoke { workspace: String },
+    /// Say which tier sizes this build and why, without building.
+    Explain {
+        directives: PathBuf,
+        #[arg(long)]
+        context: PathBuf,
+    },
 }
 
 #[derive(Args)]

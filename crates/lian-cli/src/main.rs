@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod output;
 mod roles;
+mod sizing_cmd;
 mod submit;
 mod up;
 
@@ -39,6 +40,7 @@ fn main() -> std::process::ExitCode {
             Command::Catalog(args) => catalog_cmd::run(args),
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
+            Command::Sizing(args) => sizing_cmd::run(cli.global, args).await,
         }
     });
     match result {

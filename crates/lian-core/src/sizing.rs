@@ -9,6 +9,29 @@ use serde::{Deserialize, Serialize};
 /// needs a new ADR.
 pub const MAX_OOM_RETRIES: u8 = 1;
 
+/// Tier 2 sizes from the most recent builds of a workspace, and only once there are this
+/// many: one odd build should not size the next.
+pub const HISTORY_WINDOW: usize = 20;
+pub const MIN_HISTORY: usize = 3;
+
+/// The P95 over a workspace's recent builds of their per-build (cpu, memory GB) P95s,
+/// newest first; `None` below `MIN_HISTORY` builds with usage.
+pub fn workspace_p95(recent: &[(f64, f64)]) -> Option<P95> {
+    let window: Vec<(f64, f64)> = recent.iter().take(HISTORY_WINDOW).copied().collect();
+    if window.len() < MIN_HISTORY {
+        return None;
+    }
+    let nearest_rank = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let rank = ((v.len() as f64) * 0.95).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    };
+    Some(P95 {
+        cpu: nearest_rank(window.iter().map(|w| w.0).collect()),
+        memory_gb: nearest_rank(window.iter().map(|w| w.1).collect()),
+    })
+}
+
 /// The size tiers of the mission (cpu / GB): cax11 2/4, cax21 4/8, cax31 8/16, cax41 16/32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -242,6 +265,16 @@ pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspace_history_needs_enough_builds_and_takes_the_recent_ones() {
+        assert_eq!(workspace_p95(&[(1.0, 1.0), (2.0, 2.0)]), None);
+        let p = workspace_p95(&[(1.0, 0.5), (3.0, 6.0), (2.0, 1.0)]).unwrap();
+        assert_eq!((p.cpu, p.memory_gb), (3.0, 6.0));
+        let mut recent = vec![(1.0, 1.0); 20];
+        recent.push((16.0, 30.0)); // older than the window
+        assert_eq!(workspace_p95(&recent).unwrap().cpu, 1.0);
+    }
 
     #[test]
     fn tiers_escalate_in_order_and_stop_at_the_largest() {

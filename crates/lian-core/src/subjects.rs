@@ -13,6 +13,7 @@ pub const CONTEXT_BUCKET: &str = "lian-contexts";
 pub const METRICS_BUCKET: &str = "lian-metrics";
 pub const CONTROL_STREAM: &str = "LIAN_CONTROL";
 pub const DEAD_LETTER_BUCKET: &str = "lian-dead-letters";
+pub const SIZING_BUCKET: &str = "lian-sizing";
 
 pub const ALL_CANCELS: &str = "lian.*.cancel.*";
 pub const ALL_REAPED: &str = "lian.*.reaped.*";

@@ -230,13 +230,16 @@ impl Worker {
             Err(e) => return Ok(failed(Step::Size, e.to_string())),
         };
         let directives = &request.directives;
+        let (history, history_approved) = match self.bus.sizing_history(directives.workspace.as_str()).await {
+            Ok(h) => h,
+            Err(e) => return Err(e.to_string()),
+        };
         let inputs = SizingInputs {
             override_type: directives.runner_override.as_ref().and_then(|o| o.runner_type),
             override_budget: directives.runner_override.as_ref().and_then(|o| o.time_budget_min),
             spec: spec.as_ref(),
-            // Tier 2 reads recorded P95s once usage is sampled on runners.
-            history: None,
-            history_approved: false,
+            history,
+            history_approved,
             language: directives.artifact.language,
         };
         Ok(match sizing::resolve(&inputs) {
