@@ -27,6 +27,9 @@ pub struct Settings {
     pub runner_isolation: String,
     /// With "engine": the fraction of a tier's memory a lease gets (1.0 on a real host).
     pub memory_scale: f64,
+    /// Build secrets this worker can mount: id -> file (its content never leaves the file).
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, PathBuf>,
     /// The ssh_pool provider's hosts.
     #[serde(default)]
     pub ssh_hosts: Vec<lian_runner::SshHost>,
@@ -44,6 +47,7 @@ impl Default for Settings {
             reap_every_secs: 60,
             ssh_hosts: Vec::new(),
             runner_isolation: "engine".into(),
+            secrets: Default::default(),
             memory_scale: 1.0,
         }
     }

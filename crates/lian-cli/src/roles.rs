@@ -56,6 +56,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
         ssh_hosts: settings.ssh_hosts.clone(),
         isolation: settings.isolation(),
+        secrets: settings.secrets.clone(),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::names::{ImageRef, Workspace};
+use crate::names::{ImageRef, SecretId, Workspace};
 use crate::sizing::{Language, RunnerType};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +42,10 @@ pub struct Artifact {
     pub build_args: BTreeMap<String, String>,
     #[serde(default)]
     pub language: Language,
+    /// Secrets mounted into RUN steps (`--mount=type=secret,id=...`): ids only; the values
+    /// live on the workers and never enter a request, an event, a log or a layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretId>,
 }
 
 fn default_dockerfile() -> String {
@@ -137,6 +141,7 @@ pub(crate) mod fixtures {
                 target: None,
                 build_args: BTreeMap::new(),
                 language: Language::Rust,
+                secrets: vec![],
             },
             compute_provider: ComputeProvider::DockerLocal,
             registry_provider: RegistryProvider::Zot,

@@ -13,5 +13,5 @@ pub mod subjects;
 
 pub use directives::BuildDirectives;
 pub use event::{BuildEvent, Envelope};
-pub use names::{BuildId, ImageRef, LayerName, LeaseKey, NameError, Workspace};
+pub use names::{BuildId, ImageRef, LayerName, LeaseKey, NameError, SecretId, Workspace};
 pub use request::{BuildRequest, CascadeRef, ContextRef};

@@ -119,6 +119,12 @@ token_name!(
     CascadeId,
     "cascade id"
 );
+token_name!(
+    /// The id of a build secret (`RUN --mount=type=secret,id=<id>`). Requests name secrets;
+    /// only workers hold their values.
+    SecretId,
+    "secret id"
+);
 
 impl LeaseKey {
     /// The lease key of a build's n-th runner attempt (1-based): deterministic, so replaying

@@ -26,6 +26,8 @@ pub struct BuildInvocation<'a> {
     pub image: &'a str,
     pub target: Option<&'a str>,
     pub build_args: Vec<(&'a str, &'a str)>,
+    /// `(id, file)`: each file is handed to BuildKit as a secret mount, never copied.
+    pub secrets: Vec<(&'a str, &'a Path)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +64,10 @@ impl DockerBuilder {
         for (k, v) in &spec.build_args {
             args.push("--build-arg".into());
             args.push(format!("{k}={v}"));
+        }
+        for (id, file) in &spec.secrets {
+            args.push("--secret".into());
+            args.push(format!("id={id},src={}", file.display()));
         }
         args.push(spec.context.display().to_string());
         args
@@ -157,6 +163,7 @@ mod tests {
             image: "lian-example/base:latest",
             target: Some("final"),
             build_args: vec![("A", "x y; rm -rf /")],
+            secrets: vec![("sccache_creds", Path::new("/etc/lian/sccache"))],
         };
         let args = b.args(&spec, Path::new("/r/iid"));
         assert!(
@@ -165,6 +172,7 @@ mod tests {
         );
         assert_eq!(args.last().unwrap(), "/r/context");
         assert!(args.contains(&"--network=none".to_string()));
+        assert!(args.contains(&"id=sccache_creds,src=/etc/lian/sccache".to_string()));
     }
 
     #[test]

@@ -76,6 +76,24 @@ impl Worker {
                     Backend::Ssh(p) => p.staging(&lease.key),
                 };
                 let artifact = &request.directives.artifact;
+                let mut secrets = Vec::with_capacity(artifact.secrets.len());
+                for id in &artifact.secrets {
+                    match self.options.secrets.get(id.as_str()) {
+                        Some(file) => secrets.push((id.as_str(), file.as_path())),
+                        None => {
+                            let reason = format!(
+                                "secret {id} is not configured on this worker: add it under [secrets] in lian.toml"
+                            );
+                            return Ok(failed(Step::Build, reason));
+                        }
+                    }
+                }
+                if !secrets.is_empty() && matches!(backend, Backend::Ssh(_)) {
+                    return Ok(failed(
+                        Step::Build,
+                        "secrets are not supported on ssh_pool runners yet: build on docker_local",
+                    ));
+                }
                 let invocation = BuildInvocation {
                     context: &context,
                     dockerfile: &artifact.dockerfile,
@@ -86,6 +104,7 @@ impl Worker {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect(),
+                    secrets,
                 };
                 let built = match backend {
                     Backend::Local(p) => self.build_local(p, &lease.key, &invocation).await,

@@ -44,6 +44,8 @@ pub struct WorkerOptions {
     pub ssh_hosts: Vec<SshHost>,
     /// How docker_local runners are isolated from each other and the host.
     pub isolation: Isolation,
+    /// Secret id -> file on this worker, mounted into builds that name the id.
+    pub secrets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -47,11 +47,17 @@ impl Running {
     }
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
-        let mut child = command(args, env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("lian starts");
+        Self::spawn(command(args, env).stderr(Stdio::inherit()), args, ready)
+    }
+
+    /// Like `start_with`, with the process's log (stderr) written to `log`.
+    pub fn start_logged(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("a log file");
+        Self::spawn(command(args, env).stderr(file), args, "")
+    }
+
+    fn spawn(cmd: &mut Command, args: &[&str], ready: &str) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("lian starts");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
