@@ -86,6 +86,21 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
         .collect();
     assert_eq!(root_kinds, STEPS, "the root build's story");
 
+    // BuildKit's steps went out live, next to the lifecycle.
+    let progress = format!("lian.examples.progress.{build_id}");
+    let steps: Vec<serde_json::Value> = events
+        .seen
+        .iter()
+        .filter(|m| m.subject == progress)
+        .map(|m| m.json())
+        .collect();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["name"].as_str().is_some_and(|n| n.contains("RUN")) && s["state"] == "started"),
+        "step progress of the root build: {steps:?}"
+    );
+
     // The cascade: every descendant requested exactly once and built through every step.
     let requested: Vec<String> = events
         .seen

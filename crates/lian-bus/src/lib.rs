@@ -57,6 +57,15 @@ impl Bus {
     }
 
     /// Publishes on core NATS only (not persisted): for live notices nobody needs to replay.
+    pub async fn publish_core<T: serde::Serialize>(&self, subject: &str, value: &T) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(value).expect("lian values serialize");
+        self.client
+            .publish(subject.to_string(), payload.into())
+            .await
+            .map_err(|e| BusError::nats("publish", e))
+    }
+
+    /// Waits until everything published so far reached the server.
     pub async fn flush(&self) -> Result<(), BusError> {
         self.client.flush().await.map_err(|e| BusError::nats("flush", e))
     }

@@ -62,6 +62,24 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
             Ok(e) => build_line(&e),
             Err(_) => format!("{subject} {}", String::from_utf8_lossy(payload)),
         },
+        ["lian", ws, "progress", build] => match serde_json::from_slice::<lian_runner::progress::StepProgress>(payload)
+        {
+            Ok(p) => {
+                let state = match &p.state {
+                    lian_runner::progress::StepState::Started => "started".to_string(),
+                    lian_runner::progress::StepState::Done => "done".to_string(),
+                    lian_runner::progress::StepState::Cached => "cached".to_string(),
+                    lian_runner::progress::StepState::Failed(e) => format!("failed: {e}"),
+                };
+                let name = p.name.map(|n| format!(" {n}")).unwrap_or_default();
+                format!(
+                    "{} {ws} step {build} {}{name} {state}",
+                    clock(OffsetDateTime::now_utc()),
+                    p.id
+                )
+            }
+            Err(_) => format!("{subject} {}", String::from_utf8_lossy(payload)),
+        },
         ["lian", _, "cascade", _, _] => match serde_json::from_slice::<CascadeEnvelope>(payload) {
             Ok(e) => cascade_line(&e),
             Err(_) => format!("{subject} {}", String::from_utf8_lossy(payload)),

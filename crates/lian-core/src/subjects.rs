@@ -50,6 +50,11 @@ pub fn cancel(ws: &Workspace, build: &BuildId) -> String {
     format!("{PREFIX}.{ws}.cancel.{build}")
 }
 
+/// Live BuildKit step progress of a build: core NATS only, not stored.
+pub fn progress(ws: &Workspace, build: &BuildId) -> String {
+    format!("{PREFIX}.{ws}.progress.{build}")
+}
+
 /// Where the reaper records a runner it destroyed.
 pub fn reaped(ws: &Workspace, lease: &crate::LeaseKey) -> String {
     format!("{PREFIX}.{ws}.reaped.{lease}")

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+use crate::progress::{StepProgress, parse_plain};
 
 #[derive(Debug, Clone)]
 pub struct DockerBuilder {
@@ -73,7 +75,13 @@ impl DockerBuilder {
         args
     }
 
-    pub async fn build(&self, spec: &BuildInvocation<'_>) -> Result<BuildOutput, BuildFailure> {
+    /// Builds; each BuildKit step that starts, ends, is cached or fails is reported to
+    /// `on_step` as it happens.
+    pub async fn build(
+        &self,
+        spec: &BuildInvocation<'_>,
+        on_step: &mut (dyn FnMut(StepProgress) + Send),
+    ) -> Result<BuildOutput, BuildFailure> {
         let started = Instant::now();
         let scratch = spec.context.parent().unwrap_or(spec.context).to_path_buf();
         let iidfile = scratch.join("image.iid");
@@ -93,14 +101,26 @@ impl DockerBuilder {
             oom: false,
         })?;
         let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let (_, _, status) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err), child.wait());
+        let stderr = child.stderr.take().expect("piped");
+        let mut out = Vec::new();
+        let mut err = String::new();
+        let progress = async {
+            // BuildKit writes its progress to stderr, one line per event.
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(step) = parse_plain(&line) {
+                    on_step(step);
+                }
+                err.push_str(&line);
+                err.push('\n');
+            }
+        };
+        let (_, (), status) = tokio::join!(stdout.read_to_end(&mut out), progress, child.wait());
         let status = status.map_err(|e| BuildFailure {
             reason: format!("docker build did not finish: {e}"),
             oom: false,
         })?;
-        let log = String::from_utf8_lossy(&err).into_owned() + &String::from_utf8_lossy(&out);
+        let log = err + &String::from_utf8_lossy(&out);
         if !status.success() {
             return Err(failure(&log, status.code()));
         }

@@ -2,10 +2,12 @@
 //! a runner). Spawning is idempotent by lease key: a worker that takes over a build asks for
 //! the runner recorded in the history and gets the same one back.
 
+pub mod buildctl;
 mod cgroup;
 mod docker_build;
 mod docker_local;
 mod engine;
+pub mod progress;
 pub mod ssh;
 mod ssh_pool;
 pub mod sync;

@@ -10,7 +10,7 @@ use lian_core::sizing::{self, BuildSpec, SizingInputs};
 use lian_nickel::Contract;
 use std::time::Duration;
 
-use lian_core::LeaseKey;
+use lian_core::{LeaseKey, subjects};
 use lian_runner::{Backend, BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, DockerLocal, Sampler};
 
 use crate::driver::Worker;
@@ -107,7 +107,13 @@ impl Worker {
                     secrets,
                 };
                 let built = match backend {
-                    Backend::Local(p) => self.build_local(p, &lease.key, &invocation).await,
+                    Backend::Local(p) => {
+                        let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+                            return Err("a build without identity".into());
+                        };
+                        self.build_local(p, &lease.key, &invocation, subjects::progress(ws, id))
+                            .await
+                    }
                     Backend::Ssh(p) => p
                         .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
                         .await
@@ -183,6 +189,7 @@ impl Worker {
         provider: &DockerLocal,
         key: &LeaseKey,
         invocation: &BuildInvocation<'_>,
+        progress_subject: String,
     ) -> Result<(BuildOutput, (Option<f64>, Option<f64>)), BuildFailure> {
         let fail = |reason: String| BuildFailure { reason, oom: false };
         let builder = DockerBuilder {
@@ -195,7 +202,24 @@ impl Worker {
             .map_err(fail)?;
         let cgroup = provider.cgroup(key);
         let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
-        let result = builder.build(invocation).await;
+        // Step progress goes out live on core NATS (not stored: the history keeps the steps
+        // of the lifecycle, not BuildKit's).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let bus = self.bus.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                if let Err(err) = bus.publish_core(&progress_subject, &step).await {
+                    tracing::debug!(%err, "step progress not published");
+                }
+            }
+        });
+        let result = builder
+            .build(invocation, &mut |step| {
+                let _ = tx.send(step);
+            })
+            .await;
+        drop(tx);
+        let _ = forward.await;
         let usage = match sampler {
             Some(s) => s.finish().await,
             None => (None, None),
