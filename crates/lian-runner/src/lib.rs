@@ -7,6 +7,7 @@ mod cgroup;
 mod docker_build;
 mod docker_local;
 mod engine;
+pub mod hcloud;
 pub mod progress;
 pub mod ssh;
 mod ssh_pool;

@@ -2,10 +2,12 @@
 //! nats-server with JetStream in a temp store, a raw NATS protocol client (so end-to-end
 //! tests read `lian.>` with a client that is not ours), and the `lian` binary.
 
+mod fake_hcloud;
 mod nats;
 mod raw;
 mod sshd;
 
+pub use fake_hcloud::{Behaviour as HcloudBehaviour, FakeHcloud, FakeServer};
 pub use nats::NatsServer;
 pub use raw::{RawMessage, RawNats};
 pub use sshd::Sshd;

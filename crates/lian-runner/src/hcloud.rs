@@ -1,0 +1,379 @@
+//! The hcloud provider, written from Hetzner Cloud's published API: a lease is a server of
+//! the tier's type (cax11..cax41), labelled with its lease key so a worker that takes over a
+//! build finds it instead of creating a second one. Creation is an async action polled to
+//! its end; the server is ready when it runs and its SSH port answers; a server that does
+//! not get there in time is deleted and the lease fails with the reason. cloud-init
+//! installs buildkitd and buildctl and puts in the SSH host key we generated, so the first
+//! connection can pin it.
+//!
+//! It cannot be reached from the project's machines: tests run it against a strict local
+//! fake of the API (lian-test-support's `FakeHcloud`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use lian_core::LeaseKey;
+use lian_core::sizing::RunnerType;
+use serde::{Deserialize, Serialize};
+
+/// The label every lian server carries: its lease key.
+pub const LEASE_LABEL: &str = "lian-lease";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HcloudConfig {
+    /// `https://api.hetzner.cloud/v1` in production.
+    pub endpoint: String,
+    /// The API token; read from config or `LIAN_HCLOUD_TOKEN`, never logged.
+    pub token: String,
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default)]
+    pub location: Option<String>,
+    /// The public key of the client key runners accept (`authorized_keys` via cloud-init).
+    pub authorized_key: String,
+    /// The host key pair the server gets, so its key is known before it boots.
+    pub host_private_key: String,
+    pub host_public_key: String,
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u16,
+    /// How long a server may take to run and answer on SSH.
+    #[serde(default = "default_ready_secs")]
+    pub ready_timeout_secs: u64,
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_image() -> String {
+    "debian-12".into()
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_ready_secs() -> u64 {
+    300
+}
+fn default_poll_ms() -> u64 {
+    2000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HcloudError {
+    #[error("hcloud refused {what}: {code}: {message}")]
+    Api {
+        what: String,
+        code: String,
+        message: String,
+    },
+    #[error("hcloud {what}: {message}")]
+    Transport { what: String, message: String },
+    #[error("hcloud action {id} ({command}) failed: {code}: {message}")]
+    Action {
+        id: u64,
+        command: String,
+        code: String,
+        message: String,
+    },
+    #[error("hcloud server {name} never became ready within {secs} s ({last}); it was deleted")]
+    NeverReady { name: String, secs: u64, last: String },
+}
+
+/// A server the provider created or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HcloudServer {
+    pub id: u64,
+    pub name: String,
+    pub ip: String,
+    pub status: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct ServerBody {
+    id: u64,
+    name: String,
+    status: String,
+    public_net: PublicNet,
+}
+
+#[derive(Deserialize)]
+struct PublicNet {
+    ipv4: Option<Ipv4>,
+}
+
+#[derive(Deserialize)]
+struct Ipv4 {
+    ip: String,
+}
+
+#[derive(Deserialize)]
+struct ActionBody {
+    id: u64,
+    command: String,
+    status: String,
+    error: Option<ErrorDetail>,
+}
+
+impl From<ServerBody> for HcloudServer {
+    fn from(s: ServerBody) -> Self {
+        Self {
+            id: s.id,
+            name: s.name,
+            ip: s.public_net.ipv4.map(|i| i.ip).unwrap_or_default(),
+            status: s.status,
+        }
+    }
+}
+
+/// Retries of a request answered 429 or 5xx.
+const RETRIES: u32 = 5;
+
+pub struct Hcloud {
+    config: HcloudConfig,
+    http: reqwest::Client,
+}
+
+impl Hcloud {
+    pub fn new(config: HcloudConfig) -> Self {
+        // One crypto backend for the whole binary (ring), as for russh and async-nats.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client");
+        Self { config, http }
+    }
+
+    fn poll(&self) -> Duration {
+        Duration::from_millis(self.config.poll_interval_ms)
+    }
+
+    /// One API call, retried on 429 (after the rate limit resets) and on 5xx.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, HcloudError> {
+        let what = format!("{method} {path}");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .http
+                .request(
+                    method.clone(),
+                    format!("{}{path}", self.config.endpoint.trim_end_matches('/')),
+                )
+                .bearer_auth(&self.config.token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.map_err(|e| HcloudError::Transport {
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
+            let status = resp.status();
+            let reset = resp
+                .headers()
+                .get("RateLimit-Reset")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let text = resp.text().await.unwrap_or_default();
+            if status.is_success() {
+                return Ok(if text.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::from_str(&text).unwrap_or_default()
+                });
+            }
+            let retryable = status.as_u16() == 429 || status.is_server_error();
+            if retryable && attempt < RETRIES {
+                let wait = match reset {
+                    // RateLimit-Reset is a UNIX timestamp.
+                    Some(at) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        Duration::from_secs(at.saturating_sub(now).min(60))
+                    }
+                    None => self.poll() * attempt,
+                };
+                tracing::warn!(%what, %status, ?wait, "hcloud asked us to wait; retrying");
+                tokio::time::sleep(wait.max(self.poll())).await;
+                continue;
+            }
+            let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(e) => (e.error.code, e.error.message),
+                Err(_) => (status.as_u16().to_string(), text.chars().take(200).collect()),
+            };
+            return Err(HcloudError::Api { what, code, message });
+        }
+    }
+
+    /// The server recorded under the lease key, if any.
+    pub async fn find(&self, key: &LeaseKey) -> Result<Option<HcloudServer>, HcloudError> {
+        let v = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/servers?label_selector={LEASE_LABEL}%3D%3D{key}"),
+                None,
+            )
+            .await?;
+        let servers: Vec<ServerBody> = serde_json::from_value(v["servers"].clone()).unwrap_or_default();
+        Ok(servers.into_iter().next().map(Into::into))
+    }
+
+    /// The cloud-init document: buildkitd, our client key, the host key we generated.
+    pub fn user_data(&self) -> String {
+        let indent = |s: &str| s.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n");
+        format!(
+            "#cloud-config\nssh_deletekeys: true\nssh_keys:\n  ed25519_private: |\n{}\n  ed25519_public: {}\nusers:\n  - name: lian\n    shell: /bin/sh\n    ssh_authorized_keys:\n      - {}\npackage_update: true\npackages:\n  - buildkit\nruncmd:\n  - [systemctl, enable, --now, buildkit]\n",
+            indent(&self.config.host_private_key),
+            self.config.host_public_key.trim(),
+            self.config.authorized_key.trim()
+        )
+    }
+
+    /// Finds the lease's server or creates it, then waits until it is ready; a server that
+    /// is not ready in time is deleted.
+    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<HcloudServer, HcloudError> {
+        let server = match self.find(key).await? {
+            Some(s) => s,
+            None => {
+                let mut labels = BTreeMap::new();
+                labels.insert(LEASE_LABEL.to_string(), key.to_string());
+                let mut body = serde_json::json!({
+                    "name": format!("lian-{key}"),
+                    "server_type": tier.as_str(),
+                    "image": self.config.image,
+                    "labels": labels,
+                    "user_data": self.user_data(),
+                    "start_after_create": true,
+                });
+                if let Some(loc) = &self.config.location {
+                    body["location"] = loc.clone().into();
+                }
+                let v = self.call(reqwest::Method::POST, "/servers", Some(&body)).await?;
+                let server: HcloudServer = serde_json::from_value::<ServerBody>(v["server"].clone())
+                    .map_err(|e| HcloudError::Transport {
+                        what: "POST /servers".into(),
+                        message: format!("unexpected answer: {e}"),
+                    })?
+                    .into();
+                if let Ok(action) = serde_json::from_value::<ActionBody>(v["action"].clone())
+                    && let Err(e) = self.wait_action(action.id).await
+                {
+                    let _ = self.delete(server.id).await;
+                    return Err(e);
+                }
+                server
+            }
+        };
+        match self.wait_ready(&server).await {
+            Ok(ready) => Ok(ready),
+            Err(e) => {
+                let _ = self.delete(server.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_action(&self, id: u64) -> Result<(), HcloudError> {
+        let deadline = Instant::now() + Duration::from_secs(self.config.ready_timeout_secs);
+        loop {
+            let v = self.call(reqwest::Method::GET, &format!("/actions/{id}"), None).await?;
+            let action: ActionBody =
+                serde_json::from_value(v["action"].clone()).map_err(|e| HcloudError::Transport {
+                    what: format!("GET /actions/{id}"),
+                    message: e.to_string(),
+                })?;
+            match action.status.as_str() {
+                "success" => return Ok(()),
+                "error" => {
+                    let e = action.error.unwrap_or(ErrorDetail {
+                        code: "unknown".into(),
+                        message: String::new(),
+                    });
+                    return Err(HcloudError::Action {
+                        id,
+                        command: action.command,
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(HcloudError::Transport {
+                        what: format!("action {id}"),
+                        message: "still running at the deadline".into(),
+                    });
+                }
+                _ => tokio::time::sleep(self.poll()).await,
+            }
+        }
+    }
+
+    async fn wait_ready(&self, server: &HcloudServer) -> Result<HcloudServer, HcloudError> {
+        let secs = self.config.ready_timeout_secs;
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last = server.status.clone();
+        loop {
+            let v = self
+                .call(reqwest::Method::GET, &format!("/servers/{}", server.id), None)
+                .await?;
+            if let Ok(s) = serde_json::from_value::<ServerBody>(v["server"].clone()) {
+                let s: HcloudServer = s.into();
+                last = format!("status {}", s.status);
+                if s.status == "running" && !s.ip.is_empty() {
+                    let addr = (s.ip.as_str(), self.config.ssh_port);
+                    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+                        Ok(Ok(_)) => return Ok(s),
+                        _ => last = format!("running, SSH on {}:{} does not answer", s.ip, self.config.ssh_port),
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HcloudError::NeverReady {
+                    name: server.name.clone(),
+                    secs,
+                    last,
+                });
+            }
+            tokio::time::sleep(self.poll()).await;
+        }
+    }
+
+    async fn delete(&self, id: u64) -> Result<(), HcloudError> {
+        match self
+            .call(reqwest::Method::DELETE, &format!("/servers/{id}"), None)
+            .await
+        {
+            Ok(v) => {
+                if let Ok(action) = serde_json::from_value::<ActionBody>(v["action"].clone()) {
+                    self.wait_action(action.id).await?;
+                }
+                Ok(())
+            }
+            Err(HcloudError::Api { code, .. }) if code == "not_found" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the lease's server; a lease without a server is destroyed already.
+    pub async fn destroy(&self, key: &LeaseKey) -> Result<(), HcloudError> {
+        match self.find(key).await? {
+            Some(server) => self.delete(server.id).await,
+            None => Ok(()),
+        }
+    }
+}
