@@ -54,6 +54,7 @@ fn each_external_system_has_one_owner() {
         ("nickel-lang-core", "lian-nickel"),
         ("petgraph", "lian-catalog"),
         ("russh", "lian-runner"),
+        ("reqwest", "lian-runner"),
     ] {
         let users: Vec<&String> = deps
             .iter()
