@@ -5,70 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Running, STEPS, context_with, directives_json, history_kinds, lian, lian_with, runners_left, text};
-use lian_test_support::{NatsServer, RawNats, docker_available};
-
-struct Fleet {
-    server: NatsServer,
-    state: tempfile::TempDir,
-}
-
-impl Fleet {
-    fn new() -> Self {
-        assert!(
-            docker_available(),
-            "these tests build images: start a Docker engine (see .ci/run)"
-        );
-        Self {
-            server: NatsServer::start(),
-            state: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn worker(&self, name: &str, env: &[(&str, &str)]) -> Running {
-        let state = self.state.path().to_str().unwrap();
-        Running::start_with(
-            &[
-                "--nats-url",
-                &self.server.url,
-                "worker",
-                "--state-dir",
-                state,
-                "--name",
-                name,
-            ],
-            env,
-            "",
-        )
-    }
-
-    /// Submits a build of `image` whose Dockerfile ends with `extra`; returns its id.
-    fn submit(&self, image: &str, extra: &str, env: &[(&str, &str)]) -> (String, tempfile::TempDir) {
-        let context = context_with(extra);
-        let directives = directives_json(context.path(), "dur", image);
-        let out = lian_with(
-            &[
-                "--nats-url",
-                &self.server.url,
-                "submit",
-                directives.to_str().unwrap(),
-                "--context",
-                context.path().to_str().unwrap(),
-            ],
-            env,
-        );
-        assert!(out.status.success(), "{}", text(&out));
-        (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
-    }
-
-    fn event(&self, build: &str, kind: &str) -> String {
-        format!("lian.dur.build.{build}.{kind}")
-    }
-}
+use common::{Fleet, STEPS, history_kinds, lian, runners_left, text};
+use lian_test_support::RawNats;
 
 #[test]
 fn heartbeats_keep_a_build_longer_than_the_ack_wait_with_its_worker() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("dur");
     let env = [("LIAN_ACK_WAIT_SECS", "2")];
     let _a = fleet.worker("worker-a", &env);
     let _b = fleet.worker("worker-b", &env);
@@ -88,7 +30,7 @@ fn heartbeats_keep_a_build_longer_than_the_ack_wait_with_its_worker() {
 
 #[test]
 fn a_nats_restart_mid_build_loses_no_event_and_the_build_completes() {
-    let mut fleet = Fleet::new();
+    let mut fleet = Fleet::new("dur");
     let env = [("LIAN_ACK_WAIT_SECS", "2")];
     let _worker = fleet.worker("worker-a", &env);
     let mut wire = RawNats::subscribe(fleet.server.port, "lian.>");
@@ -112,7 +54,7 @@ fn a_nats_restart_mid_build_loses_no_event_and_the_build_completes() {
 
 #[test]
 fn cancel_stops_a_build_at_its_next_step_and_destroys_its_runner() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("dur");
     let _worker = fleet.worker("worker-a", &[]);
     let mut wire = RawNats::subscribe(fleet.server.port, "lian.>");
     let (build, _ctx) = fleet.submit("lian-test/cancel:latest", "RUN sleep 3\n", &[]);
@@ -155,7 +97,7 @@ fn cancel_stops_a_build_at_its_next_step_and_destroys_its_runner() {
 
 #[test]
 fn a_request_out_of_deliveries_ends_failed_with_its_runner_destroyed_and_a_dead_letter() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("dur");
     // Two deliveries; every worker of this test dies before building.
     let env = [
         ("LIAN_ACK_WAIT_SECS", "2"),
@@ -188,7 +130,7 @@ fn a_request_out_of_deliveries_ends_failed_with_its_runner_destroyed_and_a_dead_
 
 #[test]
 fn the_reaper_destroys_a_runner_whose_build_already_ended_and_records_it() {
-    let fleet = Fleet::new();
+    let fleet = Fleet::new("dur");
     let env = [("LIAN_REAP_EVERY_SECS", "1")];
     let _worker = fleet.worker("worker-a", &env);
     let mut wire = RawNats::subscribe(fleet.server.port, "lian.>");

@@ -8,65 +8,14 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Running, context_with, directives_json, history_kinds, lian, runners_left, text};
-use lian_test_support::{NatsServer, RawNats, docker_available, docker_cli};
+use common::{Fleet, history_kinds, runners_left};
+use lian_test_support::docker_cli;
 
 const ENV: [(&str, &str); 2] = [("LIAN_RUNNER_ISOLATION", "engine"), ("LIAN_MEMORY_SCALE", "0.015625")];
 
 /// A RUN step that holds `mb` megabytes in a shell variable.
 fn hog(mb: u32) -> String {
     format!("RUN x=$(head -c {mb}000000 /dev/zero | tr \"\\\\0\" a); echo ${{#x}}\n")
-}
-
-struct Fleet {
-    server: NatsServer,
-    state: tempfile::TempDir,
-    _worker: Running,
-    wire: RawNats,
-}
-
-fn fleet() -> Fleet {
-    assert!(
-        docker_available(),
-        "these tests start Docker engines: install docker.io (see .ci/run)"
-    );
-    let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
-    let worker = Running::start_with(
-        &[
-            "--nats-url",
-            &server.url,
-            "worker",
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--name",
-            "w",
-        ],
-        &ENV,
-        "",
-    );
-    let wire = RawNats::subscribe(server.port, "lian.>");
-    Fleet {
-        server,
-        state,
-        _worker: worker,
-        wire,
-    }
-}
-
-fn submit(f: &Fleet, image: &str, mb: u32) -> (String, tempfile::TempDir) {
-    let context = context_with(&hog(mb));
-    let directives = directives_json(context.path(), "oom", image);
-    let out = lian(&[
-        "--nats-url",
-        &f.server.url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        context.path().to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
 }
 
 /// Nothing of the build's leases is left: runner directories, cgroups, engine sockets.
@@ -97,10 +46,12 @@ fn assert_no_leftovers(f: &Fleet, build: &str) {
 
 #[test]
 fn an_oom_killed_build_is_retried_once_on_the_next_tier_and_completes() {
-    let mut f = fleet();
-    let (build, _ctx) = submit(&f, "lian-test/oom-once:latest", 40);
+    let f = Fleet::new("oom");
+    let _worker = f.worker("w", &ENV);
+    let mut wire = f.wire();
+    let (build, _ctx) = f.submit("lian-test/oom-once:latest", &hog(40), &[]);
     let done = format!("lian.oom.build.{build}.completed");
-    let end = f.wire.wait_for(Duration::from_secs(180), "completion", |m| {
+    let end = wire.wait_for(Duration::from_secs(180), "completion", |m| {
         m.subject == done || m.subject.ends_with(&format!("{build}.failed"))
     });
     assert_eq!(end.subject, done, "{}", String::from_utf8_lossy(&end.payload));
@@ -131,8 +82,7 @@ fn an_oom_killed_build_is_retried_once_on_the_next_tier_and_completes() {
         ],
     );
     let event = |kind: &str| {
-        f.wire
-            .seen
+        wire.seen
             .iter()
             .find(|m| m.subject == format!("lian.oom.build.{build}.{kind}"))
             .unwrap()
@@ -162,10 +112,12 @@ fn an_oom_killed_build_is_retried_once_on_the_next_tier_and_completes() {
 
 #[test]
 fn a_second_oom_fails_with_the_runner_type_hint() {
-    let mut f = fleet();
-    let (build, _ctx) = submit(&f, "lian-test/oom-twice:latest", 200);
+    let f = Fleet::new("oom");
+    let _worker = f.worker("w", &ENV);
+    let mut wire = f.wire();
+    let (build, _ctx) = f.submit("lian-test/oom-twice:latest", &hog(200), &[]);
     let failed = format!("lian.oom.build.{build}.failed");
-    let end = f.wire.wait_for(Duration::from_secs(180), "the failure", |m| {
+    let end = wire.wait_for(Duration::from_secs(180), "the failure", |m| {
         m.subject == failed || m.subject.ends_with(&format!("{build}.completed"))
     });
     assert_eq!(end.subject, failed);

@@ -6,30 +6,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Running, context_with, directives_json, lian, text};
-use lian_test_support::{NatsServer, RawNats, docker_available};
+use common::{Fleet, context_with, directives_json, lian, text};
+use lian_test_support::RawNats;
 
 #[test]
 fn an_approved_workspace_is_sized_from_its_history_and_explain_says_why() {
-    assert!(
-        docker_available(),
-        "this test builds images: start a Docker engine (see .ci/run)"
-    );
-    let server = NatsServer::start();
-    let state = tempfile::tempdir().unwrap();
-    let _worker = Running::start(
-        &[
-            "--nats-url",
-            &server.url,
-            "worker",
-            "--state-dir",
-            state.path().to_str().unwrap(),
-            "--name",
-            "w",
-        ],
-        "",
-    );
-    let mut wire = RawNats::subscribe(server.port, "lian.>");
+    let fleet = Fleet::new("sizing");
+    let server = &fleet.server;
+    let _worker = fleet.worker("w", &[]);
+    let mut wire = fleet.wire();
     let context = context_with("RUN x=$(head -c 20000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}\n");
     let directives = directives_json(context.path(), "sizing", "lian-test/sizing:latest");
     let ctx = context.path().to_str().unwrap();

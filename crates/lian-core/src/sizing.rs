@@ -21,15 +21,21 @@ pub fn workspace_p95(recent: &[(f64, f64)]) -> Option<P95> {
     if window.len() < MIN_HISTORY {
         return None;
     }
-    let nearest_rank = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let rank = ((v.len() as f64) * 0.95).ceil() as usize;
-        v[rank.clamp(1, v.len()) - 1]
-    };
     Some(P95 {
-        cpu: nearest_rank(window.iter().map(|w| w.0).collect()),
-        memory_gb: nearest_rank(window.iter().map(|w| w.1).collect()),
+        cpu: p95(window.iter().map(|w| w.0))?,
+        memory_gb: p95(window.iter().map(|w| w.1))?,
     })
+}
+
+/// The nearest-rank 95th percentile; `None` without values.
+pub fn p95(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((v.len() as f64) * 0.95).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
 }
 
 /// The size tiers of the mission (cpu / GB): cax11 2/4, cax21 4/8, cax31 8/16, cax41 16/32.
@@ -265,6 +271,14 @@ pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_rank_p95() {
+        assert_eq!(p95(std::iter::empty()), None);
+        assert_eq!(p95([3.0].into_iter()), Some(3.0));
+        assert_eq!(p95((1..=100).map(f64::from)), Some(95.0));
+        assert_eq!(p95((1..=10).map(f64::from)), Some(10.0));
+    }
 
     #[test]
     fn workspace_history_needs_enough_builds_and_takes_the_recent_ones() {

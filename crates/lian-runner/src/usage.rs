@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lian_core::sizing::p95;
+
 use crate::cgroup::LeaseCgroup;
 
 /// cpu cores and GB at one instant.
@@ -49,29 +51,5 @@ impl Sampler {
         self.stop.store(true, Ordering::SeqCst);
         let samples = self.task.await.unwrap_or_default();
         (p95(samples.iter().map(|s| s.0)), p95(samples.iter().map(|s| s.1)))
-    }
-}
-
-/// The nearest-rank 95th percentile; `None` without samples.
-pub fn p95(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let rank = ((v.len() as f64) * 0.95).ceil() as usize;
-    Some(v[rank.clamp(1, v.len()) - 1])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_p95() {
-        assert_eq!(p95(std::iter::empty()), None);
-        assert_eq!(p95([3.0].into_iter()), Some(3.0));
-        assert_eq!(p95((1..=100).map(f64::from)), Some(95.0));
-        assert_eq!(p95((1..=10).map(f64::from)), Some(10.0));
     }
 }

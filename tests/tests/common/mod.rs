@@ -217,3 +217,72 @@ pub fn runners_left(state: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A nats-server, a state directory for workers, and the workspace builds are submitted to.
+pub struct Fleet {
+    pub server: lian_test_support::NatsServer,
+    pub state: tempfile::TempDir,
+    pub workspace: &'static str,
+}
+
+impl Fleet {
+    pub fn new(workspace: &'static str) -> Self {
+        assert!(
+            lian_test_support::docker_available(),
+            "these tests build images: start a Docker engine (see .ci/run)"
+        );
+        Self {
+            server: lian_test_support::NatsServer::start(),
+            state: tempfile::tempdir().unwrap(),
+            workspace,
+        }
+    }
+
+    /// A `lian worker` on this fleet's server and state directory.
+    pub fn worker(&self, name: &str, env: &[(&str, &str)]) -> Running {
+        let state = self.state.path().to_str().unwrap();
+        Running::start_with(
+            &[
+                "--nats-url",
+                &self.server.url,
+                "worker",
+                "--state-dir",
+                state,
+                "--name",
+                name,
+            ],
+            env,
+            "",
+        )
+    }
+
+    /// A raw-protocol subscriber to everything on `lian.>`.
+    pub fn wire(&self) -> lian_test_support::RawNats {
+        lian_test_support::RawNats::subscribe(self.server.port, "lian.>")
+    }
+
+    /// Submits a build of `image` whose Dockerfile ends with `extra`; returns its id and
+    /// its context (kept alive by the caller).
+    pub fn submit(&self, image: &str, extra: &str, env: &[(&str, &str)]) -> (String, tempfile::TempDir) {
+        let context = context_with(extra);
+        let directives = directives_json(context.path(), self.workspace, image);
+        let out = lian_with(
+            &[
+                "--nats-url",
+                &self.server.url,
+                "submit",
+                directives.to_str().unwrap(),
+                "--context",
+                context.path().to_str().unwrap(),
+            ],
+            env,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
+    }
+
+    /// The subject of one event of a build.
+    pub fn event(&self, build: &str, kind: &str) -> String {
+        format!("lian.{}.build.{build}.{kind}", self.workspace)
+    }
+}
