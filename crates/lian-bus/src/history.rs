@@ -97,6 +97,27 @@ impl Bus {
         })
     }
 
+    /// Uploads `context_dir` as the build's context and publishes the request built from
+    /// it: what `lian submit` and the cascade both do. Returns the append and the upload.
+    pub async fn submit_dir(
+        &self,
+        context_dir: &std::path::Path,
+        directives: lian_core::BuildDirectives,
+        layer: Option<lian_core::LayerName>,
+        cascade: Option<lian_core::CascadeRef>,
+        build_id: &lian_core::BuildId,
+    ) -> Result<(Appended, lian_core::ContextRef, crate::UploadStats), BusError> {
+        let (context, uploaded) = self.upload_context(context_dir).await?;
+        let request = lian_core::BuildRequest {
+            build_id: Some(build_id.clone()),
+            directives,
+            context: context.clone(),
+            layer,
+            cascade,
+        };
+        Ok((self.submit(&request, build_id).await?, context, uploaded))
+    }
+
     /// Publishes a build request on `lian.<ws>.build.request`, deduplicated by build id so
     /// a retried submit within the dedup window is one request.
     pub async fn submit(

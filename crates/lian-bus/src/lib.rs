@@ -9,7 +9,7 @@ mod history;
 mod topology;
 mod work;
 
-pub use context::{Manifest, ManifestEntry};
+pub use context::{Manifest, ManifestEntry, UploadStats};
 pub use error::BusError;
 pub use history::{After, Appended, Record};
 pub use topology::Topology;

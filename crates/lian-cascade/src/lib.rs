@@ -13,7 +13,7 @@ use lian_bus::{Bus, BusError, Job};
 use lian_catalog::Catalog;
 use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState};
 use lian_core::names::CascadeId;
-use lian_core::{BuildDirectives, BuildEvent, BuildRequest, CascadeRef, Envelope, LayerName, Workspace, subjects};
+use lian_core::{BuildDirectives, BuildEvent, CascadeRef, Envelope, LayerName, Workspace, subjects};
 use lian_nickel::{Contract, Schemas};
 use time::OffsetDateTime;
 
@@ -203,28 +203,25 @@ impl Service {
                 return self.append(state, seq, id, ws, event).await;
             }
         };
-        let context = match self.bus.upload_context(&dir).await {
-            Ok((context, _)) => context,
-            Err(BusError::Nats { op, message }) => return Err(BusError::Nats { op, message }),
+        let root = state.root.clone().expect("a started cascade");
+        let cascade = Some(CascadeRef { id: id.clone(), root });
+        match self
+            .bus
+            .submit_dir(&dir, directives, Some(layer.clone()), cascade, &build_id)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // NATS trouble is retried by redelivery; anything else is this layer's failure.
+            Err(e @ BusError::Nats { .. }) => Err(e),
             Err(e) => {
                 let event = CascadeEvent::LayerFailed {
                     layer: layer.clone(),
                     build_id,
                     reason: e.to_string(),
                 };
-                return self.append(state, seq, id, ws, event).await;
+                self.append(state, seq, id, ws, event).await
             }
-        };
-        let root = state.root.clone().expect("a started cascade");
-        let request = BuildRequest {
-            build_id: Some(build_id.clone()),
-            directives,
-            context,
-            layer: Some(layer.clone()),
-            cascade: Some(CascadeRef { id: id.clone(), root }),
-        };
-        self.bus.submit(&request, &build_id).await?;
-        Ok(())
+        }
     }
 
     async fn fold(&self, id: &CascadeId) -> Result<(CascadeState, u32), BusError> {

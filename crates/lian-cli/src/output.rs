@@ -116,14 +116,10 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     if args.follow {
         return follow(&bus, &build_id, args.json).await;
     }
-    let records = bus.read_all(&subjects::build_history(&build_id)).await?;
-    if records.is_empty() {
+    let history = history(&bus, &build_id).await?;
+    if history.is_empty() {
         eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
         return Ok(ExitCode::from(4));
-    }
-    let mut history = Vec::with_capacity(records.len());
-    for r in &records {
-        history.push(r.decode::<Envelope>()?);
     }
     let state = lifecycle::fold(&history);
     let (word, code) = match &state {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use lian_core::Workspace;
 use lian_core::sizing::{self, BuildSpec, SizingInputs};
-use lian_nickel::{Contract, Schemas};
+use lian_nickel::Contract;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -38,12 +38,7 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
             let d = crate::submit::evaluate(&directives).await?;
             let spec_path = context.join(".build-spec.ncl");
             let spec: Option<BuildSpec> = if spec_path.exists() {
-                let schemas = Schemas::embedded()?;
-                Some(
-                    tokio::task::spawn_blocking(move || schemas.eval_file(&spec_path, Contract::BuildSpec))
-                        .await
-                        .expect("nickel evaluation does not panic")?,
-                )
+                Some(crate::submit::eval_file(&spec_path, Contract::BuildSpec).await?)
             } else {
                 None
             };

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use lian_bus::Bus;
-use lian_core::{BuildDirectives, BuildId, BuildRequest, LayerName, cache, subjects};
+use lian_core::{BuildDirectives, BuildId, LayerName, cache, subjects};
 use lian_nickel::{Contract, Schemas};
 
 use crate::cli::{Global, SubmitArgs};
@@ -63,10 +63,10 @@ pub async fn send(
     layer: Option<LayerName>,
     build_id: &BuildId,
 ) -> anyhow::Result<lian_bus::Appended> {
-    let (context, uploaded) = bus
-        .upload_context(context_dir)
+    let (appended, context, uploaded) = bus
+        .submit_dir(context_dir, directives, layer, None, build_id)
         .await
-        .with_context(|| format!("cannot upload the build context {}", context_dir.display()))?;
+        .with_context(|| format!("cannot submit the build context {}", context_dir.display()))?;
     eprintln!(
         "context {}: {} files, {} bytes ({} files, {} bytes uploaded)",
         context_dir.display(),
@@ -75,14 +75,7 @@ pub async fn send(
         uploaded.uploaded_files,
         uploaded.uploaded_bytes
     );
-    let request = BuildRequest {
-        build_id: Some(build_id.clone()),
-        directives,
-        context,
-        layer,
-        cascade: None,
-    };
-    Ok(bus.submit(&request, build_id).await?)
+    Ok(appended)
 }
 
 /// The build a caller's request id names: the same (workspace, request id) always gives
@@ -105,11 +98,18 @@ pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
     if !matches!(ext, "ncl" | "json") {
         bail!("{}: directives are a .ncl or .json file", path.display());
     }
+    eval_file(path, Contract::BuildDirectives).await
+}
+
+/// Evaluates a file against a contract off the async runtime (Nickel values are not Send).
+pub async fn eval_file<T: serde::de::DeserializeOwned + Send + 'static>(
+    path: &Path,
+    contract: Contract,
+) -> anyhow::Result<T> {
     let schemas = Schemas::embedded()?;
     let path = path.to_path_buf();
-    let result =
-        tokio::task::spawn_blocking(move || schemas.eval_file::<BuildDirectives>(&path, Contract::BuildDirectives))
-            .await
-            .expect("nickel evaluation does not panic");
+    let result = tokio::task::spawn_blocking(move || schemas.eval_file::<T>(&path, contract))
+        .await
+        .expect("nickel evaluation does not panic");
     Ok(result?)
 }

@@ -139,7 +139,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         println!("Ctrl-C stops everything.");
 
         if args.demo {
-            let ok = demo(&bus, &catalog, &catalog_dir, &state_dir, &schemas).await?;
+            let ok = demo(&bus, &catalog, &catalog_dir, &state_dir).await?;
             if args.once {
                 return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
             }
@@ -267,13 +267,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(
-    bus: &lian_bus::Bus,
-    catalog: &Catalog,
-    catalog_dir: &Path,
-    state_dir: &Path,
-    schemas: &Schemas,
-) -> anyhow::Result<bool> {
+async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_dir: &Path) -> anyhow::Result<bool> {
     let root = demo_root(catalog)?;
     let plan = catalog.plan(&root)?;
     println!(
@@ -283,13 +277,7 @@ async fn demo(
     );
     let staged = state_dir.join("demo").join(&root);
     stage(&catalog_dir.join(&root), &staged)?;
-    let directives_path = catalog_dir.join(&root).join("build_directives.ncl");
-    let schemas = schemas.clone();
-    let directives = tokio::task::spawn_blocking(move || {
-        schemas.eval_file::<lian_core::BuildDirectives>(&directives_path, lian_nickel::Contract::BuildDirectives)
-    })
-    .await
-    .expect("nickel evaluation does not panic")?;
+    let directives = submit::evaluate(&catalog_dir.join(&root).join("build_directives.ncl")).await?;
     let mut sub = bus.subscribe("lian.>").await?;
     bus.flush().await?;
     let build_id = submit::new_build_id();

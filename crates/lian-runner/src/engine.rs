@@ -110,14 +110,14 @@ impl LeaseEngine {
         if let Some(pid) = self.pid() {
             // SAFETY: signalling a process by pid.
             unsafe {
-                libc_kill(pid, 15);
+                libc::kill(pid, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             while Self::alive(pid) {
                 if Instant::now() > deadline {
                     // SAFETY: as above.
                     unsafe {
-                        libc_kill(pid, 9);
+                        libc::kill(pid, libc::SIGKILL);
                     }
                     break;
                 }
@@ -168,11 +168,6 @@ impl LeaseEngine {
         }
         Ok(())
     }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 /// The images a Dockerfile builds on: `FROM` references and `COPY --from=` references that
