@@ -28,7 +28,7 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
 
 const PURE: [&str; 2] = ["lian-core", "lian-catalog"];
 const ADAPTERS: [&str; 3] = ["lian-nickel", "lian-bus", "lian-runner"];
-const SERVICES: [&str; 2] = ["lian-worker", "lian-cascade"];
+const SERVICES: [&str; 3] = ["lian-worker", "lian-cascade", "lian-control"];
 
 #[test]
 fn pure_crates_do_no_io_and_pull_no_runtime() {
@@ -55,6 +55,7 @@ fn each_external_system_has_one_owner() {
         ("petgraph", "lian-catalog"),
         ("russh", "lian-runner"),
         ("reqwest", "lian-runner"),
+        ("axum", "lian-control"),
     ] {
         let users: Vec<&String> = deps
             .iter()

@@ -129,6 +129,10 @@ impl Bus {
             ),
             (subjects::DEAD_LETTER_BUCKET, "requests given up on, keyed <build-id>"),
             (subjects::SIZING_BUCKET, "tier-2 sizing approvals, keyed <workspace>"),
+            (
+                subjects::LEASE_BUCKET,
+                "the control plane's runner leases, keyed <lease-key>",
+            ),
         ] {
             if self.js.get_key_value(bucket).await.is_err() {
                 self.js
@@ -208,11 +212,7 @@ impl Bus {
         match approval {
             Some(v) => self.kv_put(subjects::SIZING_BUCKET, workspace, v).await,
             None => {
-                let kv = self
-                    .js
-                    .get_key_value(subjects::SIZING_BUCKET)
-                    .await
-                    .map_err(|e| BusError::nats("open sizing bucket", e))?;
+                let kv = self.kv(subjects::SIZING_BUCKET).await?;
                 kv.purge(workspace)
                     .await
                     .map_err(|e| BusError::nats("withdraw approval", e))
@@ -220,14 +220,52 @@ impl Bus {
         }
     }
 
+    /// Records a control-plane lease (created or updated).
+    pub async fn record_lease(&self, lease: &lian_core::control::Lease) -> Result<(), BusError> {
+        let value = serde_json::to_value(lease).expect("json");
+        self.kv_put(subjects::LEASE_BUCKET, lease.lease_id.as_str(), &value)
+            .await
+    }
+
+    /// Every lease the control plane holds, in key order.
+    pub async fn leases(&self) -> Result<Vec<lian_core::control::Lease>, BusError> {
+        Ok(self
+            .kv_entries(subjects::LEASE_BUCKET, "")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_value(v).ok())
+            .collect())
+    }
+
+    /// The lease recorded under `key`, if any.
+    pub async fn lease(&self, key: &lian_core::LeaseKey) -> Result<Option<lian_core::control::Lease>, BusError> {
+        let kv = self.kv(subjects::LEASE_BUCKET).await?;
+        let bytes = kv
+            .get(key.as_str())
+            .await
+            .map_err(|e| BusError::nats("read lease", e))?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Forgets a lease whose runner is destroyed.
+    pub async fn forget_lease(&self, key: &lian_core::LeaseKey) -> Result<(), BusError> {
+        let kv = self.kv(subjects::LEASE_BUCKET).await?;
+        kv.purge(key.as_str())
+            .await
+            .map_err(|e| BusError::nats("forget lease", e))
+    }
+
+    async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store, BusError> {
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| BusError::nats("open key-value bucket", e))
+    }
+
     /// The entries of a bucket whose key starts with `prefix`, in key order.
     async fn kv_entries(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, BusError> {
         use futures::StreamExt;
-        let kv = self
-            .js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| BusError::nats("open key-value bucket", e))?;
+        let kv = self.kv(bucket).await?;
         let mut keys: Vec<String> = kv
             .keys()
             .await
@@ -247,11 +285,7 @@ impl Bus {
     }
 
     async fn kv_put(&self, bucket: &str, key: &str, value: &serde_json::Value) -> Result<(), BusError> {
-        let kv = self
-            .js
-            .get_key_value(bucket)
-            .await
-            .map_err(|e| BusError::nats("open key-value bucket", e))?;
+        let kv = self.kv(bucket).await?;
         kv.put(key, serde_json::to_vec(value).expect("json").into())
             .await
             .map_err(|e| BusError::nats("write key-value", e))?;

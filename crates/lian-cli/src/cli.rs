@@ -33,6 +33,10 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Rebuild the descendants of completed catalog layers.
     Cascade(CascadeArgs),
+    /// Serve the control plane's API: runner leases, metrics, P95, health, Prometheus.
+    Control(ControlArgs),
+    /// List the runners the control plane holds now (GET /api/v1/vm-pool).
+    Leases(LeasesArgs),
     /// Submit a build: evaluate directives, upload the context, publish the request.
     Submit(SubmitArgs),
     /// Print every event on lian.> as it happens.
@@ -107,6 +111,25 @@ pub struct UpArgs {
     /// With --demo: stop the fleet once the cascade ends; exit 0 if it completed.
     #[arg(long, requires = "demo")]
     pub once: bool,
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Where docker_local runners live (shared with this host's workers).
+    #[arg(long, default_value = ".lian")]
+    pub state_dir: PathBuf,
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub listen: std::net::SocketAddr,
+    /// Shown in reaped records and logs.
+    #[arg(long, default_value = "control")]
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct LeasesArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

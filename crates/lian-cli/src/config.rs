@@ -33,6 +33,11 @@ pub struct Settings {
     /// The ssh_pool provider's hosts.
     #[serde(default)]
     pub ssh_hosts: Vec<lian_runner::SshHost>,
+    /// The control plane workers lease through (`http://host:port`); empty: workers use
+    /// their own providers.
+    pub control_url: String,
+    /// The control plane's bearer token (`LIAN_CONTROL_TOKEN`); never logged.
+    pub control_token: String,
 }
 
 impl Default for Settings {
@@ -49,6 +54,8 @@ impl Default for Settings {
             runner_isolation: "engine".into(),
             secrets: Default::default(),
             memory_scale: 1.0,
+            control_url: String::new(),
+            control_token: String::new(),
         }
     }
 }
@@ -76,6 +83,31 @@ impl Settings {
             );
         }
         Ok(settings)
+    }
+
+    /// The control plane client, when one is configured.
+    pub fn control(&self) -> anyhow::Result<Option<lian_runner::ControlClient>> {
+        if self.control_url.is_empty() {
+            return Ok(None);
+        }
+        if self.control_token.is_empty() {
+            anyhow::bail!("control_url is set but control_token is not: set it in lian.toml or LIAN_CONTROL_TOKEN");
+        }
+        Ok(Some(lian_runner::ControlClient::new(
+            &self.control_url,
+            &self.control_token,
+        )))
+    }
+
+    /// The providers of this host, with runners under `state_dir/runners`.
+    pub fn providers(&self, state_dir: &Path) -> lian_runner::Providers {
+        lian_runner::Providers::on_host(
+            &state_dir.join("runners"),
+            self.isolation(),
+            &self.docker_cli,
+            self.ssh_hosts.clone(),
+            &self.build_network,
+        )
     }
 
     pub fn isolation(&self) -> lian_runner::Isolation {

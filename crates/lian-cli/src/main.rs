@@ -34,6 +34,8 @@ fn main() -> std::process::ExitCode {
             Command::Up(args) => up::run(cli.global, args).await,
             Command::Worker(args) => roles::worker(cli.global, args).await,
             Command::Cascade(args) => roles::cascade(cli.global, args).await,
+            Command::Control(args) => roles::control(cli.global, args).await,
+            Command::Leases(args) => output::leases(cli.global, args).await,
             Command::Submit(args) => submit::run(cli.global, args).await,
             Command::Watch(args) => output::watch(cli.global, args).await,
             Command::Status(args) => output::status(cli.global, args).await,

@@ -11,7 +11,7 @@ use lian_core::{BuildEvent, BuildId, BuildRequest, Envelope, subjects};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::cli::{CancelArgs, DeadLettersArgs, Global, StatusArgs, WatchArgs};
+use crate::cli::{CancelArgs, DeadLettersArgs, Global, LeasesArgs, StatusArgs, WatchArgs};
 use crate::config::Settings;
 
 fn clock(at: OffsetDateTime) -> String {
@@ -229,6 +229,38 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
             s("build_id"),
             r["deliveries"],
             s("reason")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    let Some(control) = settings.control()? else {
+        bail!(
+            "no control plane configured: set control_url and control_token (lian.toml or LIAN_CONTROL_URL / LIAN_CONTROL_TOKEN)"
+        );
+    };
+    let leases = control.leases().await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&leases)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if leases.is_empty() {
+        println!("no leases");
+    }
+    for v in leases {
+        let l = &v.lease;
+        println!(
+            "{} {} {} {:?} host={} owner={} build={} age={}s",
+            l.lease_id,
+            l.provider.as_str(),
+            l.runner_type.as_str(),
+            l.state,
+            l.host,
+            l.owner,
+            l.build_id,
+            v.age_secs
         );
     }
     Ok(ExitCode::SUCCESS)

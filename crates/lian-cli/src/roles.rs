@@ -8,7 +8,7 @@ use lian_bus::Bus;
 use lian_nickel::Schemas;
 use lian_runner::DockerBuilder;
 
-use crate::cli::{CascadeArgs, Global, WorkerArgs};
+use crate::cli::{CascadeArgs, ControlArgs, Global, WorkerArgs};
 use crate::config::Settings;
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -57,6 +57,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         ssh_hosts: settings.ssh_hosts.clone(),
         isolation: settings.isolation(),
         secrets: settings.secrets.clone(),
+        control: settings.control()?,
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -70,5 +71,26 @@ pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCo
         schemas: Schemas::embedded()?,
     };
     lian_cascade::run(bus, options, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(&global.config)?;
+    if settings.control_token.trim().is_empty() {
+        anyhow::bail!("the control plane needs a bearer token: set control_token in lian.toml or LIAN_CONTROL_TOKEN");
+    }
+    let bus = connect(&global, &args.name, &settings).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let options = lian_control::ControlOptions {
+        name: args.name,
+        token: settings.control_token.clone(),
+        providers: settings.providers(&args.state_dir),
+        reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
+    };
+    println!("lian control: serving http://{addr}");
+    lian_control::run(bus, options, listener, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

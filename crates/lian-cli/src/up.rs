@@ -109,10 +109,32 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             cmd
         };
         let state = state_dir.to_string_lossy().into_owned();
+        let (control_url, token, token_file) = {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let listen = format!("127.0.0.1:{port}");
+            let (token, token_file) = control_token(&settings, &state_dir)?;
+            let mut cmd = role(&["control", "--state-dir", &state, "--listen", &listen]);
+            cmd.env("LIAN_CONTROL_TOKEN", &token);
+            let log = state_dir.join("logs/control.log");
+            let mut control = Managed::spawn("control", cmd, &log)?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if Instant::now() > deadline || matches!(control.child.try_wait(), Ok(Some(_))) {
+                    control.stop();
+                    let tail = fs::read_to_string(&log).unwrap_or_default();
+                    bail!("the control plane did not start; its log ({}):\n{tail}", log.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            fleet.push(control);
+            (format!("http://{listen}"), token, token_file)
+        };
         for i in 1..=args.workers {
             let name = format!("worker-{i}");
             let catalog = catalog_dir.to_string_lossy();
-            let cmd = role(&["worker", "--state-dir", &state, "--name", &name, "--catalog", &catalog]);
+            let mut cmd = role(&["worker", "--state-dir", &state, "--name", &name, "--catalog", &catalog]);
+            cmd.env("LIAN_CONTROL_URL", &control_url)
+                .env("LIAN_CONTROL_TOKEN", &token);
             fleet.push(Managed::spawn(
                 &name,
                 cmd,
@@ -133,6 +155,10 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             "  cascade  catalog {} ({} layers)",
             catalog_dir.display(),
             catalog.layers().count()
+        );
+        println!(
+            "  control  {control_url}  (runners are leased through it; bearer token in {})",
+            token_file.display()
         );
         println!("  logs     {}/logs/", state_dir.display());
         println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
@@ -157,6 +183,31 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         managed.stop();
     }
     result
+}
+
+/// The control plane's token: the configured one, or one made for this fleet. Either way it
+/// is put in a file only the owner can read, so an operator can `curl` the API without the
+/// token appearing in a log or a process listing.
+fn control_token(settings: &Settings, state_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = if settings.control_token.is_empty() {
+        let mut bytes = [0u8; 24];
+        fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    } else {
+        settings.control_token.clone()
+    };
+    let path = state_dir.join("control.token");
+    let _ = fs::remove_file(&path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut file, token.as_bytes())?;
+    Ok((token, path))
 }
 
 fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Managed)> {

@@ -3,6 +3,7 @@
 //! argument. Everything here can be tested without a server and runs faster than real time.
 
 pub mod cache;
+pub mod control;
 pub mod directives;
 pub mod event;
 pub mod lifecycle;

@@ -196,6 +196,29 @@ pub enum LifecycleError {
     Empty,
 }
 
+/// A runner with no build history at all is left alone this long: its build may be between
+/// spawning it and recording the lease.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Why a runner should be reaped (destroyed by the safety net rather than its build), or
+/// `None` to leave it: its build has ended, or it has no history and is older than
+/// [`ORPHAN_GRACE`]. Returns the workspace to record the reaping in, when the history names one.
+pub fn reap_reason(
+    build: &BuildId,
+    history: &[Envelope],
+    age: Option<std::time::Duration>,
+) -> Option<(Option<Workspace>, String)> {
+    if history.is_empty() {
+        return age
+            .is_some_and(|a| a >= ORPHAN_GRACE)
+            .then(|| (None, "no build history".to_string()));
+    }
+    let state = fold(history).ok()?;
+    state
+        .is_terminal()
+        .then(|| (state.workspace.clone(), format!("build {build} already ended")))
+}
+
 impl State {
     pub fn is_terminal(&self) -> bool {
         self.terminal.is_some()

@@ -132,6 +132,13 @@ impl LeaseKey {
     pub fn for_attempt(build: &BuildId, attempt: u8) -> Self {
         Self(format!("{build}-r{attempt}"))
     }
+
+    /// The build this key belongs to (`<build>-r<attempt>`), if it is a lifecycle key.
+    pub fn build(&self) -> Option<BuildId> {
+        let (build, attempt) = self.0.rsplit_once("-r")?;
+        attempt.parse::<u8>().ok()?;
+        BuildId::new(build).ok()
+    }
 }
 
 impl CascadeId {
@@ -224,6 +231,13 @@ impl fmt::Display for ImageRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_keys_name_their_build() {
+        let b = BuildId::new("01abc-x").unwrap();
+        assert_eq!(LeaseKey::for_attempt(&b, 2).build(), Some(b));
+        assert_eq!(LeaseKey::new("no-attempt").unwrap().build(), None);
+    }
 
     #[test]
     fn workspace_is_one_subject_token() {

@@ -14,6 +14,8 @@ pub const METRICS_BUCKET: &str = "lian-metrics";
 pub const CONTROL_STREAM: &str = "LIAN_CONTROL";
 pub const DEAD_LETTER_BUCKET: &str = "lian-dead-letters";
 pub const SIZING_BUCKET: &str = "lian-sizing";
+/// The control plane's leases, keyed by lease key.
+pub const LEASE_BUCKET: &str = "lian-leases";
 
 pub const ALL_CANCELS: &str = "lian.*.cancel.*";
 pub const ALL_REAPED: &str = "lian.*.reaped.*";

@@ -4,17 +4,20 @@
 
 pub mod buildctl;
 mod cgroup;
+pub mod control;
 mod docker_build;
 mod docker_local;
 mod engine;
 pub mod hcloud;
 pub mod progress;
+pub mod proxmox;
 pub mod ssh;
 mod ssh_pool;
 pub mod sync;
 mod usage;
 
 pub use cgroup::LeaseCgroup;
+pub use control::{ControlClient, ControlError};
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
 pub use docker_local::{DockerLocal, Isolation};
 pub use ssh_pool::{SshHost, SshPool};
@@ -63,7 +66,48 @@ pub enum Backend<'a> {
     Ssh(&'a SshPool),
 }
 
+impl Backend<'_> {
+    /// Finds the runner leased under `key`, or creates it.
+    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Runner, RunnerError> {
+        match self {
+            Backend::Local(p) => p.spawn(key, tier).await,
+            Backend::Ssh(p) => p.spawn(key, tier).await,
+        }
+    }
+
+    /// Destroys the runner leased under `key`; `host` is where the lease said it was (an
+    /// ssh_pool lease whose spawn was never recorded is on the host its key maps to).
+    /// Destroying a runner that is gone succeeds.
+    pub async fn destroy(&self, key: &LeaseKey, tier: RunnerType, host: Option<&str>) -> Result<(), RunnerError> {
+        match self {
+            Backend::Local(p) => p.destroy(key).await,
+            Backend::Ssh(p) => {
+                let host = match host.filter(|h| !h.is_empty()) {
+                    Some(h) => h.to_string(),
+                    None => p.host_for(key, tier)?.name.clone(),
+                };
+                p.destroy(key, &host).await
+            }
+        }
+    }
+}
+
 impl Providers {
+    /// The providers of one host: docker_local runners under `runners_dir`, and the ssh
+    /// pool's hosts (staged through `runners_dir/ssh-staging`).
+    pub fn on_host(
+        runners_dir: &std::path::Path,
+        isolation: Isolation,
+        docker_cli: &std::path::Path,
+        ssh_hosts: Vec<SshHost>,
+        build_network: &str,
+    ) -> Self {
+        Self {
+            docker_local: Some(DockerLocal::with_isolation(runners_dir, isolation, docker_cli)),
+            ssh_pool: Some(SshPool::new(ssh_hosts, runners_dir.join("ssh-staging"), build_network)),
+        }
+    }
+
     pub fn backend(&self, provider: ComputeProvider) -> Result<Backend<'_>, RunnerError> {
         match provider {
             ComputeProvider::DockerLocal => {

@@ -3,11 +3,15 @@
 //! tests read `lian.>` with a client that is not ours), and the `lian` binary.
 
 mod fake_hcloud;
+mod fake_proxmox;
+mod http;
 mod nats;
 mod raw;
 mod sshd;
 
 pub use fake_hcloud::{Behaviour as HcloudBehaviour, FakeHcloud, FakeServer};
+pub use fake_proxmox::{Behaviour as ProxmoxBehaviour, FakeProxmox, FakeVm};
+pub use http::{HttpAnswer, http};
 pub use nats::NatsServer;
 pub use raw::{RawMessage, RawNats};
 pub use sshd::Sshd;

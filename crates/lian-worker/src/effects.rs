@@ -4,6 +4,7 @@
 //! the build is handed back to the queue to be resumed.
 
 use lian_core::BuildRequest;
+use lian_core::control::{LeaseRequest, MetricsRecord};
 use lian_core::event::Step;
 use lian_core::lifecycle::{Effect, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, SizingInputs};
@@ -11,7 +12,9 @@ use lian_nickel::Contract;
 use std::time::Duration;
 
 use lian_core::{LeaseKey, subjects};
-use lian_runner::{Backend, BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, DockerLocal, Sampler};
+use lian_runner::{
+    Backend, BuildFailure, BuildInvocation, BuildOutput, ControlError, DockerBuilder, DockerLocal, Sampler,
+};
 
 use crate::driver::Worker;
 
@@ -32,13 +35,28 @@ impl Worker {
         match effect {
             Effect::ResolveSize => self.resolve_size(request).await,
             Effect::SpawnRunner { lease_key, runner_type } => {
-                let backend = match self.providers.backend(request.directives.compute_provider) {
-                    Ok(b) => b,
-                    Err(e) => return Ok(failed(Step::SpawnRunner, e.to_string())),
-                };
-                let spawned = match backend {
-                    Backend::Local(p) => p.spawn(&lease_key, runner_type).await,
-                    Backend::Ssh(p) => p.spawn(&lease_key, runner_type).await,
+                let provider = request.directives.compute_provider;
+                if let Some(control) = &self.options.control {
+                    let lease = LeaseRequest {
+                        lease_key,
+                        provider,
+                        runner_type,
+                        workspace: request.directives.workspace.clone(),
+                        build_id: state.build_id.clone().ok_or("a build without identity")?,
+                        owner: self.options.name.clone(),
+                    };
+                    return match control.lease(&lease).await {
+                        Ok(l) => Ok(Outcome::RunnerLeased {
+                            lease_id: l.provider_id,
+                            host: l.host,
+                        }),
+                        Err(e @ ControlError::Refused { .. }) => Ok(failed(Step::SpawnRunner, e.to_string())),
+                        Err(e) => Err(e.to_string()),
+                    };
+                }
+                let spawned = match self.providers.backend(provider) {
+                    Ok(backend) => backend.spawn(&lease_key, runner_type).await,
+                    Err(e) => Err(e),
                 };
                 Ok(match spawned {
                     Ok(r) => Outcome::RunnerLeased {
@@ -137,16 +155,24 @@ impl Worker {
                 let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
                     return Err("a build without identity".into());
                 };
-                let record = serde_json::json!({
-                    "workspace": ws,
-                    "build_id": id,
-                    "runner_type": state.runner_type,
-                    "duration_ms": built.duration_ms,
-                    "cpu_p95": built.cpu_p95,
-                    "mem_p95_gb": built.mem_p95_gb,
-                });
+                let record = MetricsRecord {
+                    workspace: ws.clone(),
+                    build_id: id.clone(),
+                    runner_type: state.runner_type,
+                    duration_ms: built.duration_ms,
+                    cpu_p95: built.cpu_p95,
+                    mem_p95_gb: built.mem_p95_gb,
+                };
                 // Metrics are advice for sizing: losing one must not fail a build.
-                if let Err(err) = self.bus.record_metrics(&format!("{ws}.{id}"), &record).await {
+                let recorded = match &self.options.control {
+                    Some(control) => control.record_metrics(&record).await.map_err(|e| e.to_string()),
+                    None => {
+                        let value = serde_json::to_value(&record).expect("json");
+                        let key = format!("{ws}.{id}");
+                        self.bus.record_metrics(&key, &value).await.map_err(|e| e.to_string())
+                    }
+                };
+                if let Err(err) = recorded {
                     tracing::warn!(%err, "metrics not recorded");
                 }
                 Ok(Outcome::MetricsRecorded {
@@ -155,27 +181,19 @@ impl Worker {
                 })
             }
             Effect::DestroyRunner { lease_key } => {
-                match self.backend(request)? {
-                    Backend::Local(p) => p.destroy(&lease_key).await.map_err(|e| e.to_string())?,
-                    Backend::Ssh(p) => {
-                        // The host is the one recorded at lease time, or the one the key maps to
-                        // when the spawn was never recorded.
-                        let lease = state
-                            .lease
-                            .as_ref()
-                            .filter(|l| l.key == lease_key)
-                            .ok_or("destroying a runner the build does not hold")?;
-                        let host = match &lease.host {
-                            Some(h) => h.clone(),
-                            None => p
-                                .host_for(&lease_key, lease.runner_type)
-                                .map_err(|e| e.to_string())?
-                                .name
-                                .clone(),
-                        };
-                        p.destroy(&lease_key, &host).await.map_err(|e| e.to_string())?;
-                    }
+                if let Some(control) = &self.options.control {
+                    control.release(&lease_key).await.map_err(|e| e.to_string())?;
+                    return Ok(Outcome::RunnerDestroyed);
                 }
+                let lease = state
+                    .lease
+                    .as_ref()
+                    .filter(|l| l.key == lease_key)
+                    .ok_or("destroying a runner the build does not hold")?;
+                self.backend(request)?
+                    .destroy(&lease_key, lease.runner_type, lease.host.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(Outcome::RunnerDestroyed)
             }
         }

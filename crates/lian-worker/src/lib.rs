@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use lian_bus::Bus;
 use lian_nickel::Schemas;
-use lian_runner::{DockerBuilder, DockerLocal, Isolation, Providers, SshHost, SshPool};
+use lian_runner::{ControlClient, DockerBuilder, Isolation, Providers, SshHost};
 
 pub use intake::MAX_REQUEST_BYTES;
 
@@ -46,6 +46,10 @@ pub struct WorkerOptions {
     pub isolation: Isolation,
     /// Secret id -> file on this worker, mounted into builds that name the id.
     pub secrets: std::collections::BTreeMap<String, PathBuf>,
+    /// With a control plane, runners are leased and given back, and metrics recorded,
+    /// through it (it holds the provider credentials); this worker's providers are then
+    /// only used to reach the runners, and the control plane reaps them.
+    pub control: Option<ControlClient>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,24 +64,22 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
     let stopping = Arc::new(AtomicBool::new(false));
     let worker = Arc::new(driver::Worker {
         bus: bus.clone(),
-        providers: Providers {
-            docker_local: Some(DockerLocal::with_isolation(
-                &options.runners_dir,
-                options.isolation.clone(),
-                &options.builder.cli,
-            )),
-            ssh_pool: Some(SshPool::new(
-                options.ssh_hosts.clone(),
-                options.runners_dir.join("ssh-staging"),
-                &options.builder.network,
-            )),
-        },
+        providers: Providers::on_host(
+            &options.runners_dir,
+            options.isolation.clone(),
+            &options.builder.cli,
+            options.ssh_hosts.clone(),
+            &options.builder.network,
+        ),
         options,
         stopping: stopping.clone(),
     });
     let reaper = {
         let worker = worker.clone();
         tokio::spawn(async move {
+            if worker.options.control.is_some() {
+                return;
+            }
             loop {
                 if let Err(err) = worker.reap_once().await {
                     tracing::warn!(%err, "reaper pass failed");

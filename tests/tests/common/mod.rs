@@ -256,6 +256,32 @@ impl Fleet {
         )
     }
 
+    /// A `lian control` on this fleet's server and state directory, on a free port; returns
+    /// it and its base URL.
+    pub fn control(&self, token: &str, env: &[(&str, &str)]) -> (Running, String) {
+        let state = self.state.path().to_str().unwrap();
+        let env: Vec<(&str, &str)> = [("LIAN_CONTROL_TOKEN", token)]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        let control = Running::start_with(
+            &[
+                "--nats-url",
+                &self.server.url,
+                "control",
+                "--state-dir",
+                state,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &env,
+            "serving http://",
+        );
+        let line = control.stdout_lines.last().unwrap();
+        let url = line[line.find("http://").unwrap()..].trim().to_string();
+        (control, url)
+    }
+
     /// A raw-protocol subscriber to everything on `lian.>`.
     pub fn wire(&self) -> lian_test_support::RawNats {
         lian_test_support::RawNats::subscribe(self.server.port, "lian.>")

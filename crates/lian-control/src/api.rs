@@ -1,0 +1,263 @@
+//! The routes. Bodies are parsed here, not by extractors, so a bad one is refused with the
+//! same `{"error": {"code", "message"}}` body as every other refusal, naming what was wrong.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{delete, get, post};
+use lian_bus::{Bus, BusError};
+use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseState, LeaseView, MetricsRecord, P95Answer};
+use lian_core::{LeaseKey, Workspace};
+use serde::de::DeserializeOwned;
+
+use crate::ControlOptions;
+use crate::auth::require_token;
+use crate::prom::{self, Counters};
+
+pub struct App {
+    pub bus: Bus,
+    pub options: ControlOptions,
+    pub counters: Counters,
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/vm-pool", post(lease).get(list))
+        .route("/api/v1/vm-pool/{lease_id}", delete(release))
+        .route("/api/v1/metrics", post(record_metrics))
+        .route("/api/v1/p95", get(p95))
+        .route("/metrics", get(prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(health))
+        .merge(api)
+        .fallback(|| async {
+            refuse(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route: see /api/v1/vm-pool, /api/v1/metrics, /api/v1/p95, /metrics, /healthz",
+            )
+        })
+        .with_state(app)
+}
+
+pub fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(ApiError::new(code, message))).into_response()
+}
+
+/// NATS trouble is the control plane's, not the caller's: 503, try again.
+fn unavailable(err: BusError) -> Response {
+    refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err.to_string())
+}
+
+/// The body as a `T`, or why it is not one.
+fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("the body is not a valid {what}: {e}"))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.bus.flush().await {
+        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+/// `POST /api/v1/vm-pool`: the lease is recorded before the provider is asked, so a
+/// replica that dies mid-spawn leaves a record the reaper and the next ask both find.
+async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let request: LeaseRequest = match parse(&body, "lease request") {
+        Ok(r) => r,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", message),
+    };
+    if request.owner.trim().is_empty() || request.owner.len() > 128 {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "owner must name the worker holding the lease (1 to 128 characters)",
+        );
+    }
+    let backend = match app.options.providers.backend(request.provider) {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, "not_configured", e.to_string()),
+    };
+    let key = request.lease_key.clone();
+    let existing = match app.bus.lease(&key).await {
+        Ok(l) => l,
+        Err(e) => return unavailable(e),
+    };
+    if let Some(lease) = &existing
+        && lease.state == LeaseState::Ready
+    {
+        return Json(lease).into_response();
+    }
+    let mut lease = existing.unwrap_or(Lease {
+        lease_id: key.clone(),
+        provider: request.provider,
+        runner_type: request.runner_type,
+        workspace: request.workspace,
+        build_id: request.build_id,
+        owner: request.owner,
+        state: LeaseState::Provisioning,
+        host: String::new(),
+        provider_id: String::new(),
+        created_at: now(),
+    });
+    if let Err(e) = app.bus.record_lease(&lease).await {
+        return unavailable(e);
+    }
+    match backend.spawn(&key, lease.runner_type).await {
+        Ok(runner) => {
+            lease.state = LeaseState::Ready;
+            lease.host = runner.host;
+            lease.provider_id = runner.lease_id;
+            if let Err(e) = app.bus.record_lease(&lease).await {
+                return unavailable(e);
+            }
+            app.counters.leased.inc();
+            tracing::info!(lease = %key, provider = lease.provider.as_str(), tier = lease.runner_type.as_str(), owner = %lease.owner, "leased");
+            (StatusCode::CREATED, Json(lease)).into_response()
+        }
+        Err(err) => {
+            app.counters.lease_failures.inc();
+            // Whatever the provider got to is taken down: a failed lease leaves nothing.
+            if let Err(e) = backend.destroy(&key, lease.runner_type, None).await {
+                tracing::warn!(lease = %key, err = %e, "a failed lease could not be cleaned up; the reaper will retry");
+            } else if let Err(e) = app.bus.forget_lease(&key).await {
+                return unavailable(e);
+            }
+            tracing::warn!(lease = %key, %err, "lease failed");
+            refuse(StatusCode::BAD_GATEWAY, "provider_failed", err.to_string())
+        }
+    }
+}
+
+/// Destroys a lease's runner and forgets the lease.
+pub async fn destroy(app: &App, lease: &Lease) -> Result<(), String> {
+    let backend = app
+        .options
+        .providers
+        .backend(lease.provider)
+        .map_err(|e| e.to_string())?;
+    backend
+        .destroy(&lease.lease_id, lease.runner_type, Some(&lease.host))
+        .await
+        .map_err(|e| e.to_string())?;
+    app.bus.forget_lease(&lease.lease_id).await.map_err(|e| e.to_string())
+}
+
+async fn release(State(app): State<Arc<App>>, Path(lease_id): Path<String>) -> Response {
+    let key = match LeaseKey::new(&lease_id) {
+        Ok(k) => k,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+    };
+    let lease = match app.bus.lease(&key).await {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no lease {key}: it was never leased here or is destroyed already"),
+            );
+        }
+        Err(e) => return unavailable(e),
+    };
+    match destroy(&app, &lease).await {
+        Ok(()) => {
+            app.counters.released.inc();
+            tracing::info!(lease = %key, "released");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(message) => refuse(StatusCode::BAD_GATEWAY, "provider_failed", message),
+    }
+}
+
+async fn list(State(app): State<Arc<App>>) -> Response {
+    let now = now();
+    match app.bus.leases().await {
+        Ok(leases) => Json(
+            leases
+                .into_iter()
+                .map(|lease| LeaseView {
+                    age_secs: now.saturating_sub(lease.created_at),
+                    lease,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn record_metrics(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let record: MetricsRecord = match parse(&body, "metrics record") {
+        Ok(r) => r,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", message),
+    };
+    let usage_ok = [record.cpu_p95, record.mem_p95_gb]
+        .into_iter()
+        .flatten()
+        .all(|v| v.is_finite() && v >= 0.0);
+    if !usage_ok {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "cpu_p95 and mem_p95_gb must be finite and not negative",
+        );
+    }
+    let key = format!("{}.{}", record.workspace, record.build_id);
+    let value = serde_json::to_value(&record).expect("json");
+    match app.bus.record_metrics(&key, &value).await {
+        Ok(()) => {
+            app.counters.metrics_recorded.inc();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn p95(State(app): State<Arc<App>>, Query(query): Query<BTreeMap<String, String>>) -> Response {
+    let Some(ws) = query.get("workspace") else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name the workspace: /api/v1/p95?workspace=<name>",
+        );
+    };
+    let workspace = match Workspace::new(ws.as_str()) {
+        Ok(w) => w,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+    };
+    match app.bus.sizing_history(workspace.as_str()).await {
+        Ok((p95, approved)) => Json(P95Answer {
+            workspace,
+            cpu_p95: p95.map(|p| p.cpu),
+            mem_p95_gb: p95.map(|p| p.memory_gb),
+            approved,
+        })
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn prometheus(State(app): State<Arc<App>>) -> Response {
+    match app.bus.leases().await {
+        Ok(leases) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            prom::render(&app.counters, &leases, now()),
+        )
+            .into_response(),
+        Err(e) => unavailable(e),
+    }
+}

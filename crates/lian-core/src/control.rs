@@ -1,0 +1,137 @@
+//! The control plane's API, as the values that cross it: a worker asks for a runner
+//! (`POST /api/v1/vm-pool`), gives it back (`DELETE /api/v1/vm-pool/{lease_id}`), and
+//! records a build's usage (`POST /api/v1/metrics`). Only the control plane holds provider
+//! credentials; these types are all a worker sees of a lease.
+
+use serde::{Deserialize, Serialize};
+
+use crate::directives::ComputeProvider;
+use crate::sizing::RunnerType;
+use crate::{BuildId, LeaseKey, Workspace};
+
+/// `POST /api/v1/vm-pool`: a runner for one attempt of one build. Asking twice with the
+/// same lease key returns the same runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub lease_key: LeaseKey,
+    pub provider: ComputeProvider,
+    pub runner_type: RunnerType,
+    pub workspace: Workspace,
+    pub build_id: BuildId,
+    /// Who holds it (a worker's name), shown by `GET /api/v1/vm-pool`.
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Recorded before the provider is asked: a lease that never gets past this is still
+    /// found, and destroyed, by its key.
+    Provisioning,
+    Ready,
+}
+
+/// A lease as the control plane records it (key-value bucket `lian-leases`, keyed by the
+/// lease key, which is also the lease id of the API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub lease_id: LeaseKey,
+    pub provider: ComputeProvider,
+    pub runner_type: RunnerType,
+    pub workspace: Workspace,
+    pub build_id: BuildId,
+    pub owner: String,
+    pub state: LeaseState,
+    /// Where the runner is reached ("local" for docker_local, the pool host's name, an address).
+    #[serde(default)]
+    pub host: String,
+    /// The provider's own id for it (a server id, a VMID, a directory).
+    #[serde(default)]
+    pub provider_id: String,
+    /// Seconds since the UNIX epoch.
+    pub created_at: u64,
+}
+
+/// One lease in `GET /api/v1/vm-pool`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseView {
+    #[serde(flatten)]
+    pub lease: Lease,
+    pub age_secs: u64,
+}
+
+/// `POST /api/v1/metrics`: what one build used (step 6 of the lifecycle).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsRecord {
+    pub workspace: Workspace,
+    pub build_id: BuildId,
+    pub runner_type: Option<RunnerType>,
+    pub duration_ms: u64,
+    pub cpu_p95: Option<f64>,
+    pub mem_p95_gb: Option<f64>,
+}
+
+/// `GET /api/v1/p95?workspace=`: the usage tier-2 sizing reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct P95Answer {
+    pub workspace: Workspace,
+    /// `None` until the workspace has enough builds with usage.
+    pub cpu_p95: Option<f64>,
+    pub mem_p95_gb: Option<f64>,
+    /// Whether an operator approved using it (`lian sizing approve`).
+    pub approved: bool,
+}
+
+/// What `lian.<ws>.reaped.<lease-key>` records: a runner destroyed by the safety net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reaped {
+    pub lease_key: LeaseKey,
+    pub build_id: BuildId,
+    pub reason: String,
+    /// The worker or control replica that reaped it.
+    pub by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: time::OffsetDateTime,
+}
+
+/// The error body of every refusal: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: ApiErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            error: ApiErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_request_refuses_unknown_fields_and_bad_names() {
+        let ok = r#"{"lease_key":"b1-r1","provider":"docker_local","runner_type":"cax11","workspace":"ws","build_id":"b1","owner":"w1"}"#;
+        assert!(serde_json::from_str::<LeaseRequest>(ok).is_ok());
+        let unknown = ok.replace("\"owner\"", "\"token\":\"x\",\"owner\"");
+        assert!(serde_json::from_str::<LeaseRequest>(&unknown).is_err());
+        let bad_ws = ok.replace("\"ws\"", "\"a.b\"");
+        assert!(serde_json::from_str::<LeaseRequest>(&bad_ws).is_err());
+        let bad_provider = ok.replace("docker_local", "aws");
+        assert!(serde_json::from_str::<LeaseRequest>(&bad_provider).is_err());
+    }
+}

@@ -1,0 +1,1027 @@
+//! A strict local fake of the Proxmox VE API (the parts lian uses), written from its
+//! published reference (api-viewer; qemu-server, pve-manager and pve-http-server): API
+//! token auth (`Authorization: PVEAPIToken=USER@REALM!TOKENID=SECRET`, 401 otherwise),
+//! `{"data": ...}` answers, errors as an HTTP status whose reason line and body `message`
+//! carry the text, 400 `{"errors": {param: message}}` for parameter errors (unknown
+//! parameters included), form-encoded POST/PUT bodies, DELETE/GET parameters in the query,
+//! tasks (UPIDs) polled on `/nodes/{node}/tasks/{upid}/status`, `/cluster/nextid`,
+//! `/cluster/resources`, clone/config/start/stop/delete of QEMU VMs and the guest agent
+//! (`network-get-interfaces`, `file-write`, `exec`, `exec-status`). Behaviour knobs make it
+//! slow, out of storage, refuse the clone, never start its guest agent, or fail once.
+//!
+//! One node (`pve1`) with one template (VMID 9000, protected), one pool (`ci`) and two
+//! storages (`local-lvm`, `fast`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Polls of a task before it stops.
+    pub task_polls: u32,
+    /// Clone tasks end with LVM's "insufficient free space" error, as on a full storage.
+    pub storage_full: bool,
+    /// `POST .../clone` answers 403 "Permission check failed".
+    pub clone_forbidden: bool,
+    /// The guest agent never starts: agent calls answer 500 "QEMU guest agent is not running".
+    pub agent_never_ready: bool,
+    /// The first authenticated request is answered 503.
+    pub flaky_first: bool,
+    /// The IPv4 address the guest agent reports on eth0 (none when empty).
+    pub ip: String,
+}
+
+/// A VM of the fake, as a test would check it.
+#[derive(Debug, Clone, Default)]
+pub struct FakeVm {
+    pub vmid: u32,
+    pub name: String,
+    pub node: String,
+    pub status: String,
+    pub template: bool,
+    pub lock: Option<String>,
+    pub pool: Option<String>,
+    pub storage: Option<String>,
+    pub full: bool,
+    pub cores: u32,
+    /// MiB.
+    pub memory: u32,
+    pub tags: Vec<String>,
+    pub description: String,
+    pub ciuser: String,
+    /// As stored by Proxmox (URL-encoded).
+    pub sshkeys: String,
+    /// Decoded: the public keys cloud-init installs.
+    pub sshkeys_decoded: String,
+    pub ipconfig0: String,
+    pub agent: String,
+    /// Files written through the guest agent: path -> content.
+    pub files: BTreeMap<String, String>,
+    /// Commands run through the guest agent.
+    pub execs: Vec<Vec<String>>,
+}
+
+#[derive(Clone, Copy)]
+enum TaskKind {
+    Clone { vmid: u32 },
+    Config,
+    Start { vmid: u32 },
+    Stop { vmid: u32 },
+    Destroy { vmid: u32 },
+}
+
+struct Task {
+    kind: TaskKind,
+    polls_left: u32,
+    exitstatus: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    vms: BTreeMap<u32, FakeVm>,
+    tasks: BTreeMap<String, Task>,
+    requests: Vec<String>,
+    flaky_served: bool,
+    seq: u32,
+}
+
+pub struct FakeProxmox {
+    /// `http://127.0.0.1:<port>/api2/json`
+    pub url: String,
+    pub token_id: String,
+    pub token_secret: String,
+    pub node: String,
+    pub template_vmid: u32,
+    state: Arc<Mutex<State>>,
+}
+
+const NODE: &str = "pve1";
+const TEMPLATE: u32 = 9000;
+const POOLS: [&str; 1] = ["ci"];
+const STORAGES: [&str; 2] = ["local-lvm", "fast"];
+const BASE: &str = "/api2/json";
+
+type Reply = (u16, Value);
+
+impl FakeProxmox {
+    pub fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
+        let url = format!("http://{}{BASE}", listener.local_addr().unwrap());
+        let token_id = "lian@pve!workers".to_string();
+        let token_secret = "5f0c1d2e-7a3b-4c5d-9e8f-0123456789ab".to_string();
+        let mut state = State::default();
+        state.vms.insert(
+            TEMPLATE,
+            FakeVm {
+                vmid: TEMPLATE,
+                name: "lian-runner-template".into(),
+                node: NODE.into(),
+                status: "stopped".into(),
+                template: true,
+                cores: 2,
+                memory: 2048,
+                description: "buildkitd, buildctl, cloud-init, qemu-guest-agent".into(),
+                agent: "1".into(),
+                ..Default::default()
+            },
+        );
+        let state = Arc::new(Mutex::new(state));
+        let (s, id, secret) = (state.clone(), token_id.clone(), token_secret.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                serve(stream, &s, &id, &secret, &behaviour);
+            }
+        });
+        Self {
+            url,
+            token_id,
+            token_secret,
+            node: NODE.into(),
+            template_vmid: TEMPLATE,
+            state,
+        }
+    }
+
+    /// The VMs cloned so far (the template is not listed).
+    pub fn vms(&self) -> Vec<FakeVm> {
+        let st = self.state.lock().unwrap();
+        st.vms.values().filter(|v| !v.template).cloned().collect()
+    }
+
+    /// Whether the template is still there, untouched.
+    pub fn template_intact(&self) -> bool {
+        let st = self.state.lock().unwrap();
+        st.vms.get(&TEMPLATE).is_some_and(|t| t.template && t.lock.is_none())
+    }
+
+    /// Every request as `METHOD /path` (decoded, without the query), in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+/// A Proxmox error: the message goes in the reason line and the body.
+fn fail(status: u16, message: &str) -> Reply {
+    (status, json!({"data": null, "message": format!("{message}\n")}))
+}
+
+fn param_fail<K: AsRef<str>>(errors: &[(K, String)]) -> Reply {
+    let map: serde_json::Map<String, Value> = errors
+        .iter()
+        .map(|(k, v)| (k.as_ref().to_string(), Value::String(format!("{v}\n"))))
+        .collect();
+    (
+        400,
+        json!({"data": null, "errors": map, "message": "Parameter verification failed.\n"}),
+    )
+}
+
+fn ok(data: Value) -> Reply {
+    (200, json!({ "data": data }))
+}
+
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn parse_form(s: &str) -> Option<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for kv in s.split(['&', ';']).filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        out.push((percent_decode(k, true)?, percent_decode(v, true)?));
+    }
+    Some(out)
+}
+
+/// The parameters of a request, checked against the endpoint's schema: unknown and missing
+/// ones are refused like Proxmox does; only `arrays` may repeat.
+struct Params(BTreeMap<String, Vec<String>>);
+
+impl Params {
+    fn check(raw: Vec<(String, String)>, allowed: &[&str], required: &[&str], arrays: &[&str]) -> Result<Self, Reply> {
+        let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in raw {
+            map.entry(k).or_default().push(v);
+        }
+        let mut errors = Vec::new();
+        for (k, v) in &map {
+            if !allowed.contains(&k.as_str()) {
+                errors.push((
+                    k.clone(),
+                    "property is not defined in schema and the schema does not allow additional properties".to_string(),
+                ));
+            } else if v.len() > 1 && !arrays.contains(&k.as_str()) {
+                errors.push((k.clone(), "value given more than once".to_string()));
+            }
+        }
+        for r in required {
+            if !map.contains_key(*r) {
+                errors.push((r.to_string(), "property is missing and it is not optional".to_string()));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self(map))
+        } else {
+            Err(param_fail(&errors))
+        }
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).and_then(|v| v.first()).map(String::as_str)
+    }
+
+    fn all(&self, k: &str) -> Vec<String> {
+        self.0.get(k).cloned().unwrap_or_default()
+    }
+}
+
+fn boolean(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "on" | "yes" | "true" => Some(true),
+        "0" | "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Proxmox's `dns-name` format, with DNS's 63-character labels.
+fn dns_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn tag_ok(tag: &str) -> bool {
+    let mut chars = tag.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '+' | '.'))
+}
+
+fn urlencoded_ok(s: &str) -> bool {
+    s.chars().all(|c| c.is_ascii_alphanumeric() || "-%_.!~*'()".contains(c))
+}
+
+fn new_upid(st: &mut State, kind_name: &str, id: &str, user: &str) -> String {
+    st.seq += 1;
+    format!(
+        "UPID:{NODE}:{:08X}:{:08X}:{:08X}:{kind_name}:{id}:{user}:",
+        0x1000 + st.seq,
+        0x00A0_0000 + st.seq,
+        0x6700_0000 + st.seq
+    )
+}
+
+fn vm_json(vm: &FakeVm) -> Value {
+    let mut v = json!({
+        "id": format!("qemu/{}", vm.vmid), "type": "qemu", "vmid": vm.vmid, "name": vm.name,
+        "node": vm.node, "status": vm.status, "template": u8::from(vm.template),
+        "maxcpu": vm.cores, "maxmem": u64::from(vm.memory) * 1024 * 1024, "maxdisk": 10_737_418_240u64,
+        "cpu": 0, "mem": 0, "disk": 0, "uptime": 0, "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
+    });
+    if !vm.tags.is_empty() {
+        v["tags"] = vm.tags.join(";").into();
+    }
+    if let Some(pool) = &vm.pool {
+        v["pool"] = pool.clone().into();
+    }
+    if let Some(lock) = &vm.lock {
+        v["lock"] = lock.clone().into();
+    }
+    v
+}
+
+fn no_config(vmid: u32) -> Reply {
+    fail(
+        500,
+        &format!("Configuration file 'nodes/{NODE}/qemu-server/{vmid}.conf' does not exist"),
+    )
+}
+
+fn route(
+    method: &str,
+    segs: &[String],
+    params: Vec<(String, String)>,
+    st: &mut State,
+    b: &Behaviour,
+    user: &str,
+) -> Reply {
+    let s: Vec<&str> = segs.iter().map(String::as_str).collect();
+    if let ["nodes", node, ..] = s.as_slice()
+        && *node != NODE
+    {
+        return fail(
+            500,
+            &format!(
+                "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+            ),
+        );
+    }
+    match (method, s.as_slice()) {
+        ("GET", ["cluster", "nextid"]) => {
+            let p = match Params::check(params, &["vmid"], &[], &[]) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            if let Some(want) = p.get("vmid") {
+                return match want.parse::<u32>() {
+                    Ok(id) if st.vms.contains_key(&id) => param_fail(&[("vmid", format!("VM {id} already exists"))]),
+                    Ok(id) => ok(Value::String(id.to_string())),
+                    Err(_) => param_fail(&[("vmid", "type check ('integer') failed".into())]),
+                };
+            }
+            let free = (100..).find(|i| !st.vms.contains_key(i)).unwrap();
+            // Proxmox answers the integer as a JSON string.
+            ok(Value::String(free.to_string()))
+        }
+        ("GET", ["cluster", "resources"]) => {
+            let p = match Params::check(params, &["type"], &[], &[]) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            match p.get("type") {
+                None | Some("vm") => ok(Value::Array(st.vms.values().map(vm_json).collect())),
+                Some("node" | "storage" | "pool" | "sdn") => ok(json!([])),
+                Some(other) => param_fail(&[(
+                    "type",
+                    format!("value '{other}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'"),
+                )]),
+            }
+        }
+        ("GET", ["nodes", _, "tasks", upid, "status"]) => {
+            if let Err(e) = Params::check(params, &[], &[], &[]) {
+                return e;
+            }
+            let Some(task) = st.tasks.get_mut(*upid) else {
+                return fail(500, &format!("unable to parse worker upid '{upid}'"));
+            };
+            task.polls_left = task.polls_left.saturating_sub(1);
+            let running = task.polls_left > 0;
+            if let Some(kind) = (!running && task.exitstatus.is_none()).then_some(task.kind) {
+                let exit = finish(&kind, st, b);
+                st.tasks.get_mut(*upid).unwrap().exitstatus = Some(exit);
+            }
+            let task = &st.tasks[*upid];
+            let mut v = json!({"upid": upid, "node": NODE, "user": user, "pid": 4242, "pstart": 123,
+                               "starttime": 1_700_000_000, "type": upid.split(':').nth(5).unwrap_or(""),
+                               "id": upid.split(':').nth(6).unwrap_or(""),
+                               "status": if running { "running" } else { "stopped" }});
+            if let Some(exit) = &task.exitstatus {
+                v["exitstatus"] = exit.clone().into();
+            }
+            ok(v)
+        }
+        ("POST", ["nodes", _, "qemu", vmid, "clone"]) => {
+            let p = match Params::check(
+                params,
+                &[
+                    "newid",
+                    "name",
+                    "description",
+                    "pool",
+                    "snapname",
+                    "storage",
+                    "format",
+                    "full",
+                    "target",
+                    "bwlimit",
+                ],
+                &["newid"],
+                &[],
+            ) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            let Ok(newid) = p.get("newid").unwrap().parse::<u32>() else {
+                return param_fail(&[("newid", "type check ('integer') failed".into())]);
+            };
+            if !(100..=999_999_999).contains(&newid) {
+                return param_fail(&[("newid", format!("invalid format - value '{newid}' is not in range"))]);
+            }
+            if let Some(name) = p.get("name")
+                && !dns_name_ok(name)
+            {
+                return param_fail(&[("name", "value does not look like a valid DNS name".into())]);
+            }
+            let full = match p.get("full").map(boolean) {
+                None => false,
+                Some(Some(f)) => f,
+                Some(None) => return param_fail(&[("full", "type check ('boolean') failed".into())]),
+            };
+            if let Some(d) = p.get("description")
+                && d.len() > 8192
+            {
+                return param_fail(&[("description", "value may only be 8192 characters long".into())]);
+            }
+            if b.clone_forbidden {
+                return fail(403, &format!("Permission check failed (/vms/{newid}, VM.Allocate)"));
+            }
+            let Ok(source) = vmid.parse::<u32>() else {
+                return param_fail(&[("vmid", "type check ('integer') failed".into())]);
+            };
+            let Some(src) = st.vms.get(&source) else {
+                return no_config(source);
+            };
+            if !src.template {
+                return fail(
+                    500,
+                    &format!("VM {source} is not a template (this fake clones templates only)"),
+                );
+            }
+            if let Some(pool) = p.get("pool")
+                && !POOLS.contains(&pool)
+            {
+                return fail(500, &format!("pool '{pool}' does not exist"));
+            }
+            if let Some(storage) = p.get("storage") {
+                if !STORAGES.contains(&storage) {
+                    return fail(500, &format!("storage '{storage}' does not exist"));
+                }
+                if !full {
+                    return fail(500, "parameter 'storage' not allowed for linked clones");
+                }
+            }
+            if st.vms.contains_key(&newid) {
+                return fail(500, &format!("unable to create VM {newid}: config file already exists"));
+            }
+            let clone = FakeVm {
+                vmid: newid,
+                name: p
+                    .get("name")
+                    .map(String::from)
+                    .unwrap_or(format!("Copy-of-VM-{}", src.name)),
+                node: NODE.into(),
+                status: "stopped".into(),
+                lock: Some("clone".into()),
+                pool: p.get("pool").map(String::from),
+                storage: p.get("storage").map(String::from),
+                full,
+                description: p.get("description").unwrap_or("").to_string(),
+                ..src.clone()
+            };
+            st.vms.insert(
+                newid,
+                FakeVm {
+                    template: false,
+                    ..clone
+                },
+            );
+            let upid = new_upid(st, "qmclone", &source.to_string(), user);
+            st.tasks.insert(
+                upid.clone(),
+                Task {
+                    kind: TaskKind::Clone { vmid: newid },
+                    polls_left: b.task_polls,
+                    exitstatus: None,
+                },
+            );
+            ok(upid.into())
+        }
+        ("GET", ["nodes", _, "qemu", vmid, "config"]) => {
+            if let Err(e) = Params::check(params, &["current", "snapshot"], &[], &[]) {
+                return e;
+            }
+            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+                return no_config(vmid.parse().unwrap_or(0));
+            };
+            let mut v = json!({"name": vm.name, "cores": vm.cores, "memory": vm.memory.to_string(),
+                               "digest": format!("{:040x}", vm.vmid), "scsi0": format!("local-lvm:vm-{}-disk-0,size=10G", vm.vmid)});
+            for (k, val) in [
+                ("description", &vm.description),
+                ("ciuser", &vm.ciuser),
+                ("sshkeys", &vm.sshkeys),
+                ("ipconfig0", &vm.ipconfig0),
+                ("agent", &vm.agent),
+            ] {
+                if !val.is_empty() {
+                    v[k] = val.clone().into();
+                }
+            }
+            if !vm.tags.is_empty() {
+                v["tags"] = vm.tags.join(";").into();
+            }
+            if let Some(lock) = &vm.lock {
+                v["lock"] = lock.clone().into();
+            }
+            if vm.template {
+                v["template"] = 1.into();
+            }
+            ok(v)
+        }
+        (m @ ("POST" | "PUT"), ["nodes", _, "qemu", vmid, "config"]) => {
+            let p = match Params::check(
+                params,
+                &[
+                    "cores",
+                    "memory",
+                    "ciuser",
+                    "sshkeys",
+                    "ipconfig0",
+                    "tags",
+                    "description",
+                    "agent",
+                    "name",
+                    "sockets",
+                    "digest",
+                    "delete",
+                    "skiplock",
+                ],
+                &[],
+                &[],
+            ) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            let Some(id) = vmid.parse::<u32>().ok().filter(|id| st.vms.contains_key(id)) else {
+                return no_config(vmid.parse().unwrap_or(0));
+            };
+            let mut errors = Vec::new();
+            let cores = p.get("cores").map(|c| c.parse::<u32>());
+            if let Some(c) = &cores
+                && !matches!(c, Ok(1..=128))
+            {
+                errors.push((
+                    "cores",
+                    "value must have a minimum value of 1 and at most 128".to_string(),
+                ));
+            }
+            let memory = p
+                .get("memory")
+                .map(|m| m.strip_prefix("current=").unwrap_or(m).parse::<u32>());
+            if let Some(m) = &memory
+                && !matches!(m, Ok(16..=4_194_304))
+            {
+                errors.push(("memory", "value must be between 16 and 4194304 (MiB)".to_string()));
+            }
+            let mut sshkeys_decoded = None;
+            if let Some(k) = p.get("sshkeys") {
+                if !urlencoded_ok(k) {
+                    errors.push(("sshkeys", format!("invalid urlencoded string: {k}")));
+                } else {
+                    sshkeys_decoded = percent_decode(k, false);
+                }
+            }
+            if let Some(ip) = p.get("ipconfig0") {
+                let good = ip
+                    .split(',')
+                    .all(|kv| matches!(kv.split_once('='), Some(("ip" | "gw" | "ip6" | "gw6", v)) if !v.is_empty()));
+                if !good {
+                    errors.push(("ipconfig0", format!("invalid format - format error ({ip})")));
+                }
+            }
+            let tags: Option<Vec<String>> = p.get("tags").map(|t| {
+                t.split([';', ',', ' '])
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
+            });
+            if let Some(bad) = tags.iter().flatten().find(|t| !tag_ok(t)) {
+                errors.push(("tags", format!("invalid format - invalid tag '{bad}'")));
+            }
+            if let Some(a) = p.get("agent") {
+                let v = a.strip_prefix("enabled=").unwrap_or(a);
+                if boolean(v.split(',').next().unwrap_or("")).is_none() {
+                    errors.push(("agent", format!("invalid format - value '{a}' is not a boolean")));
+                }
+            }
+            if let Some(name) = p.get("name")
+                && !dns_name_ok(name)
+            {
+                errors.push(("name", "value does not look like a valid DNS name".to_string()));
+            }
+            if let Some(d) = p.get("description")
+                && d.len() > 8192
+            {
+                errors.push(("description", "value may only be 8192 characters long".to_string()));
+            }
+            if !errors.is_empty() {
+                return param_fail(&errors);
+            }
+            if let Some(keys) = &sshkeys_decoded
+                && keys
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .any(|l| !(l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")))
+            {
+                return fail(500, "SSH public key validation error");
+            }
+            let vm = st.vms.get_mut(&id).unwrap();
+            if vm.template {
+                return fail(500, &format!("VM {id} is a template (this fake changes clones only)"));
+            }
+            if let Some(lock) = &vm.lock {
+                return fail(500, &format!("VM is locked ({lock})"));
+            }
+            if let Some(Ok(c)) = cores {
+                vm.cores = c;
+            }
+            if let Some(Ok(m)) = memory {
+                vm.memory = m;
+            }
+            if let Some(u) = p.get("ciuser") {
+                vm.ciuser = u.into();
+            }
+            if let (Some(raw), Some(decoded)) = (p.get("sshkeys"), sshkeys_decoded) {
+                vm.sshkeys = raw.into();
+                vm.sshkeys_decoded = decoded;
+            }
+            if let Some(ip) = p.get("ipconfig0") {
+                vm.ipconfig0 = ip.into();
+            }
+            if let Some(t) = tags {
+                vm.tags = t;
+            }
+            if let Some(d) = p.get("description") {
+                vm.description = d.into();
+            }
+            if let Some(a) = p.get("agent") {
+                vm.agent = a.into();
+            }
+            if let Some(n) = p.get("name") {
+                vm.name = n.into();
+            }
+            if m == "PUT" {
+                return ok(Value::Null);
+            }
+            let upid = new_upid(st, "qmconfig", &id.to_string(), user);
+            st.tasks.insert(
+                upid.clone(),
+                Task {
+                    kind: TaskKind::Config,
+                    polls_left: b.task_polls,
+                    exitstatus: None,
+                },
+            );
+            ok(upid.into())
+        }
+        ("GET", ["nodes", _, "qemu", vmid, "status", "current"]) => {
+            if let Err(e) = Params::check(params, &[], &[], &[]) {
+                return e;
+            }
+            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+                return no_config(vmid.parse().unwrap_or(0));
+            };
+            let mut v = json!({"vmid": vm.vmid, "name": vm.name, "status": vm.status,
+                               "qmpstatus": vm.status, "cpus": vm.cores,
+                               "maxmem": u64::from(vm.memory) * 1024 * 1024, "ha": {"managed": 0}});
+            if boolean(vm.agent.strip_prefix("enabled=").unwrap_or(&vm.agent)) == Some(true) {
+                v["agent"] = 1.into();
+            }
+            if let Some(lock) = &vm.lock {
+                v["lock"] = lock.clone().into();
+            }
+            ok(v)
+        }
+        ("POST", ["nodes", _, "qemu", vmid, "status", action @ ("start" | "stop")]) => {
+            let allowed: &[&str] = if *action == "start" {
+                &["skiplock", "timeout", "machine"]
+            } else {
+                &["skiplock", "timeout", "keepActive", "overrule-shutdown"]
+            };
+            if let Err(e) = Params::check(params, allowed, &[], &[]) {
+                return e;
+            }
+            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+                return no_config(vmid.parse().unwrap_or(0));
+            };
+            let id = vm.vmid;
+            if vm.template {
+                return fail(500, "you can't start a vm if it's a template");
+            }
+            if let Some(lock) = &vm.lock {
+                return fail(500, &format!("VM is locked ({lock})"));
+            }
+            if *action == "start" && vm.status == "running" {
+                return fail(500, &format!("VM {id} already running"));
+            }
+            let (name, kind) = if *action == "start" {
+                ("qmstart", TaskKind::Start { vmid: id })
+            } else {
+                ("qmstop", TaskKind::Stop { vmid: id })
+            };
+            let upid = new_upid(st, name, &id.to_string(), user);
+            st.tasks.insert(
+                upid.clone(),
+                Task {
+                    kind,
+                    polls_left: b.task_polls,
+                    exitstatus: None,
+                },
+            );
+            ok(upid.into())
+        }
+        ("DELETE", ["nodes", _, "qemu", vmid]) => {
+            let p = match Params::check(params, &["purge", "destroy-unreferenced-disks", "skiplock"], &[], &[]) {
+                Ok(p) => p,
+                Err(e) => return e,
+            };
+            for k in ["purge", "destroy-unreferenced-disks"] {
+                if let Some(v) = p.get(k)
+                    && boolean(v).is_none()
+                {
+                    return param_fail(&[(k, "type check ('boolean') failed".into())]);
+                }
+            }
+            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+                return no_config(vmid.parse().unwrap_or(0));
+            };
+            let id = vm.vmid;
+            if vm.template {
+                return fail(500, &format!("can't remove VM {id} - protection mode enabled"));
+            }
+            if vm.status == "running" {
+                return fail(500, &format!("VM {id} is running - destroy failed"));
+            }
+            if let Some(lock) = &vm.lock {
+                return fail(500, &format!("VM is locked ({lock})"));
+            }
+            let upid = new_upid(st, "qmdestroy", &id.to_string(), user);
+            st.tasks.insert(
+                upid.clone(),
+                Task {
+                    kind: TaskKind::Destroy { vmid: id },
+                    polls_left: b.task_polls,
+                    exitstatus: None,
+                },
+            );
+            ok(upid.into())
+        }
+        (m, ["nodes", _, "qemu", vmid, "agent", command]) => agent(m, vmid, command, params, st, b),
+        _ => fail(501, &format!("Method '{method} /{}' not implemented", s.join("/"))),
+    }
+}
+
+/// What a task does when it stops; answers its exit status.
+fn finish(kind: &TaskKind, st: &mut State, b: &Behaviour) -> String {
+    match kind {
+        TaskKind::Clone { vmid } => {
+            if b.storage_full {
+                // Proxmox frees what it allocated and removes the config of a failed clone.
+                st.vms.remove(vmid);
+                return format!(
+                    "clone failed: lvcreate 'pve/vm-{vmid}-disk-0' error:   Volume group \"pve\" has insufficient free space (512 extents): 2560 required."
+                );
+            }
+            if let Some(vm) = st.vms.get_mut(vmid) {
+                vm.lock = None;
+            }
+            "OK".into()
+        }
+        TaskKind::Config => "OK".into(),
+        TaskKind::Start { vmid } => {
+            if let Some(vm) = st.vms.get_mut(vmid) {
+                vm.status = "running".into();
+            }
+            "OK".into()
+        }
+        TaskKind::Stop { vmid } => {
+            if let Some(vm) = st.vms.get_mut(vmid) {
+                vm.status = "stopped".into();
+            }
+            "OK".into()
+        }
+        TaskKind::Destroy { vmid } => {
+            st.vms.remove(vmid);
+            "OK".into()
+        }
+    }
+}
+
+fn agent(
+    method: &str,
+    vmid: &str,
+    command: &str,
+    params: Vec<(String, String)>,
+    st: &mut State,
+    b: &Behaviour,
+) -> Reply {
+    let checked = match (method, command) {
+        ("GET", "network-get-interfaces") => Params::check(params, &[], &[], &[]),
+        ("POST", "file-write") => Params::check(params, &["file", "content", "encode"], &["file", "content"], &[]),
+        ("POST", "exec") => Params::check(params, &["command", "input-data"], &["command"], &["command"]),
+        ("GET", "exec-status") => Params::check(params, &["pid"], &["pid"], &[]),
+        _ => return fail(501, &format!("Method '{method} agent/{command}' not implemented")),
+    };
+    let p = match checked {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get_mut(&id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    if boolean(vm.agent.strip_prefix("enabled=").unwrap_or(&vm.agent)) != Some(true) {
+        return fail(500, "No QEMU guest agent configured");
+    }
+    if vm.status != "running" {
+        return fail(500, &format!("VM {} is not running", vm.vmid));
+    }
+    if b.agent_never_ready {
+        return fail(500, "QEMU guest agent is not running");
+    }
+    match command {
+        "network-get-interfaces" => {
+            let mut ifaces = vec![json!({"name": "lo", "hardware-address": "00:00:00:00:00:00",
+                "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8},
+                                 {"ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128}]})];
+            let mut eth0 =
+                vec![json!({"ip-address": "fe80::be24:11ff:fe00:1", "ip-address-type": "ipv6", "prefix": 64})];
+            if !b.ip.is_empty() {
+                eth0.insert(0, json!({"ip-address": b.ip, "ip-address-type": "ipv4", "prefix": 24}));
+            }
+            ifaces.push(json!({"name": "eth0", "hardware-address": "bc:24:11:00:00:01", "ip-addresses": eth0}));
+            ok(json!({ "result": ifaces }))
+        }
+        "file-write" => {
+            let content = p.get("content").unwrap();
+            if content.len() > 60 * 1024 {
+                return param_fail(&[("content", "value may only be 61440 characters long".into())]);
+            }
+            if let Some(e) = p.get("encode")
+                && boolean(e).is_none()
+            {
+                return param_fail(&[("encode", "type check ('boolean') failed".into())]);
+            }
+            vm.files.insert(p.get("file").unwrap().into(), content.into());
+            ok(Value::Null)
+        }
+        "exec" => {
+            vm.execs.push(p.all("command"));
+            ok(json!({ "pid": 1000 + vm.execs.len() }))
+        }
+        _ => {
+            let Some(pid) = p.get("pid").and_then(|p| p.parse::<usize>().ok()) else {
+                return param_fail(&[("pid", "type check ('integer') failed".into())]);
+            };
+            if pid <= 1000 || pid > 1000 + vm.execs.len() {
+                return fail(500, &format!("Agent error: Invalid parameter 'pid' ({pid})"));
+            }
+            ok(json!({"exited": 1, "exitcode": 0}))
+        }
+    }
+}
+
+/// Checks the API token exactly; answers the token id (the task owner) or the refusal.
+fn authenticate(headers: &BTreeMap<String, String>, token_id: &str, secret: &str) -> Result<String, Reply> {
+    let Some(value) = headers.get("authorization") else {
+        return Err(fail(401, "No ticket"));
+    };
+    let Some(token) = value.strip_prefix("PVEAPIToken=") else {
+        return Err(fail(401, "No ticket"));
+    };
+    let Some((id, given)) = token.split_once('=') else {
+        return Err(fail(401, "authentication failure"));
+    };
+    if id != token_id {
+        let (user, name) = id.split_once('!').unwrap_or((id, ""));
+        return Err(fail(401, &format!("no such token '{name}' for user '{user}'")));
+    }
+    if given != secret {
+        return Err(fail(401, "invalid token value!"));
+    }
+    Ok(id.to_string())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    method: &str,
+    target: &str,
+    headers: &BTreeMap<String, String>,
+    body: &str,
+    st: &mut State,
+    b: &Behaviour,
+    token_id: &str,
+    secret: &str,
+) -> Reply {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let Some(rel) = path.strip_prefix(BASE) else {
+        return fail(501, "no such uri");
+    };
+    let user = match authenticate(headers, token_id, secret) {
+        Ok(u) => u,
+        Err(e) => return e,
+    };
+    if b.flaky_first && !st.flaky_served {
+        st.flaky_served = true;
+        return fail(503, "Service Unavailable");
+    }
+    let Some(segs) = rel
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_decode(s, false))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return fail(400, "malformed path");
+    };
+    let Some(mut params) = parse_form(query) else {
+        return fail(400, "malformed query string");
+    };
+    if method == "POST" || method == "PUT" {
+        let ct = headers.get("content-type").map(String::as_str).unwrap_or("");
+        let main = ct.split(';').next().unwrap_or("").trim();
+        if main != "application/x-www-form-urlencoded" {
+            return fail(
+                415,
+                &format!("this fake takes application/x-www-form-urlencoded bodies, not '{ct}'"),
+            );
+        }
+        let Some(form) = parse_form(body) else {
+            return fail(400, "malformed form body");
+        };
+        // Query parameters win over body ones, as in pve-http-server.
+        let from_query: Vec<String> = params.iter().map(|(k, _)| k.clone()).collect();
+        params.extend(form.into_iter().filter(|(k, _)| !from_query.contains(k)));
+    } else if !body.is_empty() {
+        return fail(400, &format!("{method} takes its parameters in the query string"));
+    }
+    route(method, &segs, params, st, b, &user)
+}
+
+fn serve(stream: TcpStream, state: &Mutex<State>, token_id: &str, secret: &str, b: &Behaviour) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut words = line.split_whitespace();
+    let (method, target) = (
+        words.next().unwrap_or("").to_string(),
+        words.next().unwrap_or("").to_string(),
+    );
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let (status, value) = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        fail(501, "chunked transfer encoding not supported")
+    } else {
+        let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; len];
+        let _ = reader.read_exact(&mut body);
+        let mut st = state.lock().unwrap();
+        let path = target.split('?').next().unwrap_or("");
+        let shown = percent_decode(path, false).unwrap_or_else(|| path.to_string());
+        st.requests.push(format!("{method} {shown}"));
+        handle(
+            &method,
+            &target,
+            &headers,
+            &String::from_utf8_lossy(&body),
+            &mut st,
+            b,
+            token_id,
+            secret,
+        )
+    };
+    let reason = if status < 400 {
+        "OK".to_string()
+    } else {
+        value["message"]
+            .as_str()
+            .and_then(|m| m.lines().next())
+            .unwrap_or("error")
+            .to_string()
+    };
+    let text = value.to_string();
+    let mut out = stream;
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        text.len()
+    );
+    let _ = out.write_all(format!("{head}{text}").as_bytes());
+}
