@@ -233,3 +233,88 @@ fn workers_lease_and_record_through_the_control_plane_and_it_reaps_what_is_left(
     assert_eq!(call("GET", "/api/v1/vm-pool", None).json(), serde_json::json!([]));
     assert!(runners_left(fleet.state.path()).is_empty());
 }
+
+/// Polls the control plane's Prometheus text until `pred` holds, for at most 60 s.
+fn wait_for_metrics(url: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = http("GET", &format!("{url}/metrics"), Some(TOKEN), None).body;
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within 60 s; last:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
+    let fleet = Fleet::new("ctl");
+    let warm = |tier: &str, n: u32| format!("lian_control_warm_engines{{runner_type=\"{tier}\"}} {n}\n");
+    let all_warm = |text: &str| {
+        ["cax11", "cax21", "cax31", "cax41"]
+            .iter()
+            .all(|t| text.contains(&warm(t, 1)))
+    };
+    let (control, url) = fleet.control(TOKEN, &[("LIAN_WARM_POOL", "1"), ("LIAN_MEMORY_SCALE", "0.03125")]);
+    wait_for_metrics(&url, "one warm engine per tier", all_warm);
+    let slots_before: Vec<String> = std::fs::read_dir(fleet.state.path().join("runners/.warm"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("w-"))
+        .collect();
+    assert_eq!(slots_before.len(), 4, "{slots_before:?}");
+
+    let leased = http(
+        "POST",
+        &format!("{url}/api/v1/vm-pool"),
+        Some(TOKEN),
+        Some(&lease_body("warm1-r1", "warm1", "docker_local")),
+    );
+    assert_eq!(leased.status, 201, "{leased:?}");
+    let provider_id = leased.json()["provider_id"].as_str().unwrap().to_string();
+    let slot = provider_id
+        .split_once('@')
+        .map(|(_, s)| s.to_string())
+        .unwrap_or_default();
+    assert!(
+        slot.starts_with("w-cax11-") && slots_before.contains(&slot),
+        "{provider_id} took a warm engine"
+    );
+    // The lease's engine is that started engine, and it answers.
+    let socket = format!("unix:///run/lian/{slot}.sock");
+    let version = std::process::Command::new(lian_test_support::docker_cli())
+        .args(["-H", &socket, "version", "--format", "{{.Server.Version}}"])
+        .output()
+        .unwrap();
+    assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
+
+    // The pool is topped up behind the lease.
+    wait_for_metrics(&url, "the cax11 pool refilled", all_warm);
+
+    let released = http("DELETE", &format!("{url}/api/v1/vm-pool/warm1-r1"), Some(TOKEN), None);
+    assert_eq!(released.status, 204, "{released:?}");
+    assert!(!std::path::Path::new(&format!("/run/lian/{slot}.sock")).exists());
+
+    // Stopping the control plane stops every engine left in the pool.
+    let pool_sockets: Vec<String> = std::fs::read_dir(fleet.state.path().join("runners/.warm"))
+        .unwrap()
+        .flatten()
+        .map(|e| format!("/run/lian/{}.sock", e.file_name().to_string_lossy()))
+        .filter(|s| s.contains("/w-"))
+        .collect();
+    assert_eq!(pool_sockets.len(), 4, "{pool_sockets:?}");
+    drop(control);
+    for s in &pool_sockets {
+        assert!(!std::path::Path::new(s).exists(), "{s} still there after shutdown");
+    }
+    assert!(
+        runners_left(fleet.state.path()).is_empty(),
+        "{:?}",
+        runners_left(fleet.state.path())
+    );
+}

@@ -58,6 +58,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         isolation: settings.isolation(),
         secrets: settings.secrets.clone(),
         control: settings.control()?,
+        runner_ssh_key: settings.runner_ssh_key.clone(),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -79,6 +80,11 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
     if settings.control_token.trim().is_empty() {
         anyhow::bail!("the control plane needs a bearer token: set control_token in lian.toml or LIAN_CONTROL_TOKEN");
     }
+    // The cloud providers live here only: workers lease cloud runners through us. A cloud
+    // configuration that cannot work stops us before anything starts.
+    let providers = settings
+        .providers(&args.state_dir)
+        .with_clouds(settings.hcloud.clone(), settings.proxmox.clone())?;
     let bus = connect(&global, &args.name, &settings).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -87,7 +93,7 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
     let options = lian_control::ControlOptions {
         name: args.name,
         token: settings.control_token.clone(),
-        providers: settings.providers(&args.state_dir),
+        providers,
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
     };
     println!("lian control: serving http://{addr}");

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use lian_bus::{Bus, BusError};
 use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseState, LeaseView, MetricsRecord, P95Answer};
 use lian_core::{LeaseKey, Workspace};
@@ -28,7 +28,7 @@ pub struct App {
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/api/v1/vm-pool", post(lease).get(list))
-        .route("/api/v1/vm-pool/{lease_id}", delete(release))
+        .route("/api/v1/vm-pool/{lease_id}", get(lease_info).delete(release))
         .route("/api/v1/metrics", post(record_metrics))
         .route("/api/v1/p95", get(p95))
         .route("/metrics", get(prometheus))
@@ -113,15 +113,19 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
         host: String::new(),
         provider_id: String::new(),
         created_at: now(),
+        host_key: None,
+        ssh_port: None,
     });
     if let Err(e) = app.bus.record_lease(&lease).await {
         return unavailable(e);
     }
     match backend.spawn(&key, lease.runner_type).await {
-        Ok(runner) => {
+        Ok(spawned) => {
             lease.state = LeaseState::Ready;
-            lease.host = runner.host;
-            lease.provider_id = runner.lease_id;
+            lease.host = spawned.runner.host;
+            lease.provider_id = spawned.runner.lease_id;
+            lease.host_key = spawned.host_key;
+            lease.ssh_port = spawned.ssh_port;
             if let Err(e) = app.bus.record_lease(&lease).await {
                 return unavailable(e);
             }
@@ -157,22 +161,39 @@ pub async fn destroy(app: &App, lease: &Lease) -> Result<(), String> {
     app.bus.forget_lease(&lease.lease_id).await.map_err(|e| e.to_string())
 }
 
+/// The lease recorded under `lease_id`, or the refusal to answer with.
+async fn find_lease(app: &App, lease_id: &str) -> Result<Lease, Response> {
+    let key = LeaseKey::new(lease_id).map_err(|e| refuse(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    match app.bus.lease(&key).await {
+        Ok(Some(l)) => Ok(l),
+        Ok(None) => Err(refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no lease {key}: it was never leased here or is destroyed already"),
+        )),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// `GET /api/v1/vm-pool/{lease_id}`: one lease, with the host key to pin (a worker that
+/// takes a build over reads it here).
+async fn lease_info(State(app): State<Arc<App>>, Path(lease_id): Path<String>) -> Response {
+    match find_lease(&app, &lease_id).await {
+        Ok(lease) => Json(LeaseView {
+            age_secs: now().saturating_sub(lease.created_at),
+            lease,
+        })
+        .into_response(),
+        Err(refusal) => refusal,
+    }
+}
+
 async fn release(State(app): State<Arc<App>>, Path(lease_id): Path<String>) -> Response {
-    let key = match LeaseKey::new(&lease_id) {
-        Ok(k) => k,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+    let lease = match find_lease(&app, &lease_id).await {
+        Ok(l) => l,
+        Err(refusal) => return refusal,
     };
-    let lease = match app.bus.lease(&key).await {
-        Ok(Some(l)) => l,
-        Ok(None) => {
-            return refuse(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no lease {key}: it was never leased here or is destroyed already"),
-            );
-        }
-        Err(e) => return unavailable(e),
-    };
+    let key = lease.lease_id.clone();
     match destroy(&app, &lease).await {
         Ok(()) => {
             app.counters.released.inc();
@@ -252,10 +273,14 @@ async fn p95(State(app): State<Arc<App>>, Query(query): Query<BTreeMap<String, S
 }
 
 async fn prometheus(State(app): State<Arc<App>>) -> Response {
+    let warm = match &app.options.providers.docker_local {
+        Some(local) if local.pool_size() > 0 => local.warm_engines(),
+        _ => Vec::new(),
+    };
     match app.bus.leases().await {
         Ok(leases) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            prom::render(&app.counters, &leases, now()),
+            prom::render(&app.counters, &leases, &warm, now()),
         )
             .into_response(),
         Err(e) => unavailable(e),

@@ -1,7 +1,9 @@
 //! The control plane (`lian control`): the only holder of provider credentials. Workers
-//! lease runners (`POST /api/v1/vm-pool`), give them back (`DELETE /api/v1/vm-pool/{id}`)
-//! and record usage (`POST /api/v1/metrics`) through it; operators list leases, read the
-//! P95 tier-2 sizing uses, check health and scrape Prometheus `/metrics`.
+//! lease runners (`POST /api/v1/vm-pool`), read one again (`GET /api/v1/vm-pool/{id}`: a
+//! cloud runner's host key to pin), give them back (`DELETE /api/v1/vm-pool/{id}`) and
+//! record usage (`POST /api/v1/metrics`) through it; operators list leases, read the P95
+//! tier-2 sizing uses, check health and scrape Prometheus `/metrics`. hcloud and proxmox
+//! runners are leased here only: a cloud lease gets an SSH host key pair of its own.
 //!
 //! Stateless: every lease lives in the JetStream key-value bucket `lian-leases` and every
 //! provider spawns idempotently by lease key, so any number of replicas can serve behind
@@ -64,11 +66,20 @@ pub async fn run(
             }
         })
     };
+    let local = app.options.providers.docker_local.clone();
+    let pool = local
+        .clone()
+        .map(|p| tokio::spawn(async move { p.keep_pool_warm().await }));
     tracing::info!(addr = ?listener.local_addr().ok(), "control plane serving");
     let served = axum::serve(listener, api::router(app))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(ControlError::Serve);
     reaper.abort();
+    if let (Some(pool), Some(local)) = (pool, local) {
+        pool.abort();
+        let _ = pool.await;
+        local.drain_pool().await;
+    }
     served
 }

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lian_core::control::Lease;
+use lian_core::sizing::RunnerType;
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -31,7 +32,7 @@ pub struct Counters {
 
 /// The exposition: every counter, then the leases held now by provider and tier, and the
 /// age of the oldest (a lease that keeps growing older is a runner nobody gives back).
-pub fn render(counters: &Counters, leases: &[Lease], now: u64) -> String {
+pub fn render(counters: &Counters, leases: &[Lease], warm: &[(RunnerType, usize)], now: u64) -> String {
     let mut out = String::new();
     for (name, help, counter) in [
         (
@@ -87,6 +88,19 @@ pub fn render(counters: &Counters, leases: &[Lease], now: u64) -> String {
             "lian_control_leases{{provider=\"{provider}\",runner_type=\"{tier}\"}} {n}"
         );
     }
+    if !warm.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP lian_control_warm_engines docker_local engines started and waiting for a lease.\n# TYPE lian_control_warm_engines gauge"
+        );
+        for (tier, n) in warm {
+            let _ = writeln!(
+                out,
+                "lian_control_warm_engines{{runner_type=\"{}\"}} {n}",
+                tier.as_str()
+            );
+        }
+    }
     let oldest = leases
         .iter()
         .map(|l| now.saturating_sub(l.created_at))
@@ -104,7 +118,6 @@ mod tests {
     use super::*;
     use lian_core::control::LeaseState;
     use lian_core::directives::ComputeProvider;
-    use lian_core::sizing::RunnerType;
 
     fn lease(key: &str, tier: RunnerType, created_at: u64) -> Lease {
         Lease {
@@ -118,6 +131,8 @@ mod tests {
             host: "local".into(),
             provider_id: String::new(),
             created_at,
+            host_key: None,
+            ssh_port: None,
         }
     }
 
@@ -133,7 +148,12 @@ mod tests {
                 lease("c-r1", RunnerType::Cax11, 40),
                 lease("d-r2", RunnerType::Cax21, 90),
             ],
+            &[(RunnerType::Cax11, 1)],
             160,
+        );
+        assert!(
+            text.contains("lian_control_warm_engines{runner_type=\"cax11\"} 1\n"),
+            "{text}"
         );
         assert!(text.contains("lian_control_leases_created_total 2\n"), "{text}");
         assert!(text.contains("lian_control_leases{provider=\"docker_local\",runner_type=\"cax11\"} 2\n"));

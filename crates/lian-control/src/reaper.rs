@@ -3,7 +3,7 @@
 //! `lian.<ws>.reaped.<lease-key>`. Every replica runs it; destroying is idempotent.
 
 use lian_bus::BusError;
-use lian_core::control::Reaped;
+use lian_core::control::{LeaseState, Reaped};
 use lian_core::{Envelope, lifecycle, subjects};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -17,6 +17,10 @@ impl App {
             let records = self.bus.read_all(&subjects::build_history(build)).await?;
             let envelopes: Vec<Envelope> = records.iter().filter_map(|r| r.decode().ok()).collect();
             let age = Duration::from_secs(now().saturating_sub(lease.created_at));
+            // A lease being provisioned is in the hands of the request that recorded it.
+            if lease.state == LeaseState::Provisioning && age < lifecycle::ORPHAN_GRACE {
+                continue;
+            }
             let Some((_, why)) = lifecycle::reap_reason(build, &envelopes, Some(age)) else {
                 continue;
             };

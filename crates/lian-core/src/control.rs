@@ -1,6 +1,7 @@
 //! The control plane's API, as the values that cross it: a worker asks for a runner
-//! (`POST /api/v1/vm-pool`), gives it back (`DELETE /api/v1/vm-pool/{lease_id}`), and
-//! records a build's usage (`POST /api/v1/metrics`). Only the control plane holds provider
+//! (`POST /api/v1/vm-pool`), reads a lease again (`GET /api/v1/vm-pool/{lease_id}`), gives
+//! it back (`DELETE /api/v1/vm-pool/{lease_id}`), and records a build's usage
+//! (`POST /api/v1/metrics`). Only the control plane holds provider
 //! credentials; these types are all a worker sees of a lease.
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,13 @@ pub struct Lease {
     pub provider_id: String,
     /// Seconds since the UNIX epoch.
     pub created_at: u64,
+    /// A cloud runner's SSH host key (`ssh-ed25519 AAAA...`), generated for this lease: the
+    /// only key a worker accepts from the runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// The port a cloud runner's sshd answers on at `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
 }
 
 /// One lease in `GET /api/v1/vm-pool`.

@@ -124,6 +124,19 @@ impl ControlClient {
         }
     }
 
+    /// The lease recorded under `key` (a cloud runner's address, SSH port and host key);
+    /// refused with 404 if the control plane does not know it.
+    pub async fn lease_info(&self, key: &LeaseKey) -> Result<Lease, ControlError> {
+        let path = format!("/api/v1/vm-pool/{key}");
+        self.call::<LeaseView>(Method::GET, &path, None::<&()>)
+            .await?
+            .map(|view| view.lease)
+            .ok_or_else(|| ControlError::Unreachable {
+                what: format!("GET {path}"),
+                message: "empty answer".into(),
+            })
+    }
+
     pub async fn leases(&self) -> Result<Vec<LeaseView>, ControlError> {
         Ok(self
             .call(Method::GET, "/api/v1/vm-pool", None::<&()>)

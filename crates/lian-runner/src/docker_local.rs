@@ -15,9 +15,9 @@ use crate::{Runner, RunnerError};
 
 #[derive(Debug, Clone)]
 pub struct DockerLocal {
-    root: PathBuf,
-    isolation: Isolation,
-    docker_cli: PathBuf,
+    pub(crate) root: PathBuf,
+    pub(crate) isolation: Isolation,
+    pub(crate) docker_cli: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -25,14 +25,19 @@ pub enum Isolation {
     /// Builds run on the host's engine, without limits.
     Shared,
     /// An engine per lease under a cgroup with the tier's limits times `memory_scale`
-    /// (1.0 on a real host; 1/32 lets a small machine exercise the tiers).
-    Engine { memory_scale: f64 },
+    /// (1.0 on a real host; 1/32 lets a small machine exercise the tiers), with
+    /// `warm_pool` engines per tier kept started so a lease does not wait for one to boot.
+    Engine { memory_scale: f64, warm_pool: u32 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct LeaseRecord {
-    lease_key: LeaseKey,
-    runner_type: RunnerType,
+pub(crate) struct LeaseRecord {
+    pub lease_key: LeaseKey,
+    pub runner_type: RunnerType,
+    /// The warm pool slot whose engine the lease took; `None`: an engine of its own,
+    /// kept in the lease's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
 }
 
 impl DockerLocal {
@@ -52,8 +57,26 @@ impl DockerLocal {
     fn engine(&self, key: &LeaseKey) -> Option<LeaseEngine> {
         match self.isolation {
             Isolation::Shared => None,
-            Isolation::Engine { .. } => Some(LeaseEngine::at(&self.dir(key), key)),
+            Isolation::Engine { .. } => Some(match self.record(key).and_then(|r| r.engine) {
+                Some(slot) => self.warm_engine(&slot),
+                None => LeaseEngine::at(&self.dir(key), key.as_str()),
+            }),
         }
+    }
+
+    pub(crate) fn record(&self, key: &LeaseKey) -> Option<LeaseRecord> {
+        let bytes = std::fs::read(self.dir(key).join("lease.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Memory and cpus of a tier's engine cgroup.
+    pub(crate) fn limits(&self, runner_type: RunnerType) -> (u64, u32) {
+        let scale = match self.isolation {
+            Isolation::Engine { memory_scale, .. } => memory_scale,
+            Isolation::Shared => 1.0,
+        };
+        let full = f64::from(runner_type.memory_gb()) * 1024.0 * 1024.0 * 1024.0;
+        (((full * scale) as u64).max(16 * 1024 * 1024), runner_type.cpu())
     }
 
     /// `DOCKER_HOST` for builds on this lease, when it has an engine of its own.
@@ -125,6 +148,7 @@ impl DockerLocal {
         let body = serde_json::to_vec(&LeaseRecord {
             lease_key: key.clone(),
             runner_type,
+            engine: self.claim_warm(runner_type),
         })
         .expect("json");
         // Written beside and renamed: a crash never leaves half a record.
@@ -136,13 +160,12 @@ impl DockerLocal {
     }
 
     async fn start_engine(&self, key: &LeaseKey, runner_type: RunnerType) -> Result<(), RunnerError> {
-        let (Some(engine), Isolation::Engine { memory_scale }) = (self.engine(key), &self.isolation) else {
+        let Some(engine) = self.engine(key) else {
             return Ok(());
         };
-        let full = f64::from(runner_type.memory_gb()) * 1024.0 * 1024.0 * 1024.0;
-        let memory = ((full * memory_scale) as u64).max(16 * 1024 * 1024);
+        let (memory, cpus) = self.limits(runner_type);
         engine
-            .start(&self.docker_cli, memory, runner_type.cpu())
+            .start(&self.docker_cli, memory, cpus)
             .await
             .map_err(|message| RunnerError::Remote {
                 lease_key: key.clone(),
@@ -151,9 +174,13 @@ impl DockerLocal {
     }
 
     fn runner(&self, key: &LeaseKey, runner_type: RunnerType) -> Runner {
+        let engine = self.record(key).and_then(|r| r.engine);
         Runner {
             lease_key: key.clone(),
-            lease_id: format!("docker_local:{key}"),
+            lease_id: match engine {
+                Some(slot) => format!("docker_local:{key}@{slot}"),
+                None => format!("docker_local:{key}"),
+            },
             host: "local".into(),
             runner_type,
         }
@@ -165,6 +192,13 @@ impl DockerLocal {
             engine.stop().await.map_err(|message| RunnerError::Remote {
                 lease_key: key.clone(),
                 message,
+            })?;
+        }
+        if let Some(slot) = self.record(key).and_then(|r| r.engine) {
+            self.remove_warm(&slot).map_err(|source| RunnerError::Io {
+                op: "destroy",
+                lease_key: key.clone(),
+                source,
             })?;
         }
         match tokio::fs::remove_dir_all(self.dir(key)).await {

@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lian_core::LeaseKey;
-
 use crate::cgroup::LeaseCgroup;
 
 /// Sockets live here, not under the state directory: a unix socket path has 108 bytes.
@@ -18,22 +16,28 @@ const SOCKETS: &str = "/run/lian";
 #[derive(Debug, Clone)]
 pub struct LeaseEngine {
     root: PathBuf,
-    key: LeaseKey,
+    /// Names its socket and cgroup: the lease key, or a warm pool slot.
+    name: String,
     pub cgroup: LeaseCgroup,
 }
 
 impl LeaseEngine {
-    /// The engine of the lease whose directory is `root`.
-    pub fn at(root: &Path, key: &LeaseKey) -> Self {
+    /// The engine kept in `root`, named `name`.
+    pub fn at(root: &Path, name: &str) -> Self {
         Self {
             root: root.to_path_buf(),
-            key: key.clone(),
-            cgroup: LeaseCgroup::named(&format!("lian-{key}")),
+            name: name.to_string(),
+            cgroup: LeaseCgroup::named(&format!("lian-{name}")),
         }
     }
 
     fn socket_path(&self) -> PathBuf {
-        Path::new(SOCKETS).join(format!("{}.sock", self.key))
+        Path::new(SOCKETS).join(format!("{}.sock", self.name))
+    }
+
+    /// Whether its dockerd process is alive.
+    pub fn running(&self) -> bool {
+        self.pid().is_some_and(Self::alive)
     }
 
     /// `DOCKER_HOST` for this engine.

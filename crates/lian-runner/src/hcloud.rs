@@ -3,27 +3,35 @@
 //! build finds it instead of creating a second one. Creation is an async action polled to
 //! its end; the server is ready when it runs and its SSH port answers; a server that does
 //! not get there in time is deleted and the lease fails with the reason. cloud-init
-//! installs buildkitd and buildctl and puts in the SSH host key we generated, so the first
-//! connection can pin it.
+//! installs buildkitd and buildctl and puts in the SSH host key pair generated for the
+//! lease, so the first connection can pin it; the public half is also a label of the server
+//! (`lian-host-key`, base32), so whoever finds the server again by its lease key knows the
+//! key to pin without having seen the private half.
 //!
 //! It cannot be reached from the project's machines: tests run it against a strict local
 //! fake of the API (lian-test-support's `FakeHcloud`).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
 use serde::{Deserialize, Serialize};
 
+use crate::ssh::HostKeyPair;
+
 /// The label every lian server carries: its lease key.
 pub const LEASE_LABEL: &str = "lian-lease";
+/// The label with the public half of the server's host key (the 32 key bytes in base32).
+pub const HOST_KEY_LABEL: &str = "lian-host-key";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct HcloudConfig {
     /// `https://api.hetzner.cloud/v1` in production.
     pub endpoint: String,
     /// The API token; read from config or `LIAN_HCLOUD_TOKEN`, never logged.
+    #[serde(default)]
     pub token: String,
     #[serde(default = "default_image")]
     pub image: String,
@@ -31,9 +39,6 @@ pub struct HcloudConfig {
     pub location: Option<String>,
     /// The public key of the client key runners accept (`authorized_keys` via cloud-init).
     pub authorized_key: String,
-    /// The host key pair the server gets, so its key is known before it boots.
-    pub host_private_key: String,
-    pub host_public_key: String,
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,
     /// How long a server may take to run and answer on SSH.
@@ -56,6 +61,22 @@ fn default_poll_ms() -> u64 {
     2000
 }
 
+/// Debug without the token, so a logged config shows none.
+impl fmt::Debug for HcloudConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HcloudConfig")
+            .field("endpoint", &self.endpoint)
+            .field("token", &"<redacted>")
+            .field("image", &self.image)
+            .field("location", &self.location)
+            .field("authorized_key", &self.authorized_key)
+            .field("ssh_port", &self.ssh_port)
+            .field("ready_timeout_secs", &self.ready_timeout_secs)
+            .field("poll_interval_ms", &self.poll_interval_ms)
+            .finish()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HcloudError {
     #[error("hcloud refused {what}: {code}: {message}")]
@@ -75,6 +96,10 @@ pub enum HcloudError {
     },
     #[error("hcloud server {name} never became ready within {secs} s ({last}); it was deleted")]
     NeverReady { name: String, secs: u64, last: String },
+    #[error(
+        "hcloud server {name} carries no valid {HOST_KEY_LABEL} label, so its SSH host key cannot be pinned; it was deleted"
+    )]
+    UnknownHostKey { name: String },
 }
 
 /// A server the provider created or found.
@@ -84,6 +109,8 @@ pub struct HcloudServer {
     pub name: String,
     pub ip: String,
     pub status: String,
+    /// The public host key line the server was given (from its `lian-host-key` label).
+    pub host_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +130,8 @@ struct ServerBody {
     name: String,
     status: String,
     public_net: PublicNet,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -130,16 +159,65 @@ impl From<ServerBody> for HcloudServer {
             name: s.name,
             ip: s.public_net.ipv4.map(|i| i.ip).unwrap_or_default(),
             status: s.status,
+            host_key: s.labels.get(HOST_KEY_LABEL).and_then(|l| host_key_from_label(l)),
         }
     }
+}
+
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
+/// The label value of a public host key: its 32 bytes in lowercase base32 (52 characters:
+/// a label value holds at most 63 of `[a-z0-9A-Z._-]`, too few for base64 or hex).
+pub fn host_key_label(public_key: &str) -> Option<String> {
+    let key = russh::keys::PublicKey::from_openssh(public_key.trim()).ok()?;
+    let bytes = key.key_data().ed25519()?.0;
+    let (mut acc, mut bits, mut out) = (0u32, 0u32, String::with_capacity(52));
+    for b in bytes {
+        acc = ((acc << 8) | u32::from(b)) & 0xffff;
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    Some(out)
+}
+
+/// The public host key line (`ssh-ed25519 AAAA...`) a `lian-host-key` label holds.
+pub fn host_key_from_label(label: &str) -> Option<String> {
+    let (mut acc, mut bits, mut bytes) = (0u32, 0u32, Vec::with_capacity(32));
+    for c in label.bytes() {
+        let v = BASE32.iter().position(|&x| x == c)? as u32;
+        acc = ((acc << 5) | v) & 0xffff;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            bytes.push((acc >> bits) as u8);
+        }
+    }
+    let bytes: [u8; 32] = bytes.try_into().ok()?;
+    let key = russh::keys::ssh_key::public::Ed25519PublicKey(bytes);
+    russh::keys::PublicKey::from(key).to_openssh().ok()
 }
 
 /// Retries of a request answered 429 or 5xx.
 const RETRIES: u32 = 5;
 
+#[derive(Clone)]
 pub struct Hcloud {
     config: HcloudConfig,
     http: reqwest::Client,
+}
+
+impl fmt::Debug for Hcloud {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hcloud")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hcloud {
@@ -155,6 +233,11 @@ impl Hcloud {
 
     fn poll(&self) -> Duration {
         Duration::from_millis(self.config.poll_interval_ms)
+    }
+
+    /// The port the servers' sshd answers on.
+    pub fn ssh_port(&self) -> u16 {
+        self.config.ssh_port
     }
 
     /// One API call, retried on 429 (after the rate limit resets) and on 5xx.
@@ -234,31 +317,46 @@ impl Hcloud {
         Ok(servers.into_iter().next().map(Into::into))
     }
 
-    /// The cloud-init document: buildkitd, our client key, the host key we generated.
-    pub fn user_data(&self) -> String {
+    /// The cloud-init document: buildkitd, our client key, the lease's host key pair.
+    pub fn user_data(&self, host_keys: &HostKeyPair) -> String {
         let indent = |s: &str| s.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n");
         format!(
             "#cloud-config\nssh_deletekeys: true\nssh_keys:\n  ed25519_private: |\n{}\n  ed25519_public: {}\nusers:\n  - name: lian\n    shell: /bin/sh\n    ssh_authorized_keys:\n      - {}\npackage_update: true\npackages:\n  - buildkit\nruncmd:\n  - [systemctl, enable, --now, buildkit]\n",
-            indent(&self.config.host_private_key),
-            self.config.host_public_key.trim(),
+            indent(host_keys.private_key.trim()),
+            host_keys.public_key.trim(),
             self.config.authorized_key.trim()
         )
     }
 
-    /// Finds the lease's server or creates it, then waits until it is ready; a server that
-    /// is not ready in time is deleted.
-    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<HcloudServer, HcloudError> {
+    /// Finds the lease's server or creates it with `host_keys`, then waits until it is
+    /// ready; a server that is not ready in time is deleted. The server's `host_key` is the
+    /// one to pin: `host_keys`' public half for a new server, its label's for one found.
+    pub async fn spawn(
+        &self,
+        key: &LeaseKey,
+        tier: RunnerType,
+        host_keys: &HostKeyPair,
+    ) -> Result<HcloudServer, HcloudError> {
         let server = match self.find(key).await? {
-            Some(s) => s,
+            Some(s) if s.host_key.is_some() => s,
+            Some(s) => {
+                let _ = self.delete(s.id).await;
+                return Err(HcloudError::UnknownHostKey { name: s.name });
+            }
             None => {
+                let label = host_key_label(&host_keys.public_key).ok_or_else(|| HcloudError::Transport {
+                    what: "host key".into(),
+                    message: "the lease's host key is not an ed25519 public key".into(),
+                })?;
                 let mut labels = BTreeMap::new();
                 labels.insert(LEASE_LABEL.to_string(), key.to_string());
+                labels.insert(HOST_KEY_LABEL.to_string(), label);
                 let mut body = serde_json::json!({
                     "name": format!("lian-{key}"),
                     "server_type": tier.as_str(),
                     "image": self.config.image,
                     "labels": labels,
-                    "user_data": self.user_data(),
+                    "user_data": self.user_data(host_keys),
                     "start_after_create": true,
                 });
                 if let Some(loc) = &self.config.location {
@@ -375,5 +473,27 @@ impl Hcloud {
             Some(server) => self.delete(server.id).await,
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_key_survives_its_label() {
+        let pair = crate::ssh::generate_host_key("lian-runner k").unwrap();
+        let label = host_key_label(&pair.public_key).unwrap();
+        assert_eq!(label.len(), 52);
+        assert!(
+            label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "{label}"
+        );
+        let back = host_key_from_label(&label).unwrap();
+        let without_comment: Vec<&str> = pair.public_key.split_whitespace().take(2).collect();
+        assert_eq!(back.split_whitespace().collect::<Vec<_>>(), without_comment);
+        assert_eq!(host_key_from_label("not-base32!"), None);
+        assert_eq!(host_key_from_label(&label[..50]), None);
+        assert_eq!(host_key_label("ssh-rsa AAAA nonsense"), None);
     }
 }

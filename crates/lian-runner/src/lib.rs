@@ -4,6 +4,7 @@
 
 pub mod buildctl;
 mod cgroup;
+pub mod cloud;
 pub mod control;
 mod docker_build;
 mod docker_local;
@@ -15,11 +16,15 @@ pub mod ssh;
 mod ssh_pool;
 pub mod sync;
 mod usage;
+mod warm_pool;
 
 pub use cgroup::LeaseCgroup;
+pub use cloud::CloudRunner;
 pub use control::{ControlClient, ControlError};
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
 pub use docker_local::{DockerLocal, Isolation};
+pub use hcloud::{Hcloud, HcloudConfig};
+pub use proxmox::{Proxmox, ProxmoxConfig};
 pub use ssh_pool::{SshHost, SshPool};
 pub use usage::Sampler;
 
@@ -37,6 +42,27 @@ pub struct Runner {
     pub runner_type: RunnerType,
 }
 
+/// A runner as spawned, with how to reach a cloud runner over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawned {
+    pub runner: Runner,
+    /// The public host key the runner was given for this lease (`ssh-ed25519 AAAA...`): the
+    /// only one a client may accept from it. `None` for docker_local and ssh_pool.
+    pub host_key: Option<String>,
+    /// The port its sshd answers on at `runner.host`. `None` for docker_local and ssh_pool.
+    pub ssh_port: Option<u16>,
+}
+
+impl From<Runner> for Spawned {
+    fn from(runner: Runner) -> Self {
+        Self {
+            runner,
+            host_key: None,
+            ssh_port: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     #[error("compute provider {provider} is not configured on this worker: {hint}")]
@@ -51,27 +77,85 @@ pub enum RunnerError {
     NoHost { tier: &'static str, hosts: String },
     #[error("runner {lease_key}: {message}")]
     Remote { lease_key: LeaseKey, message: String },
+    #[error("compute provider {provider} is misconfigured: {message}")]
+    Misconfigured { provider: &'static str, message: String },
+    /// The runner did not show the host key pinned for its lease: nothing was sent to it.
+    #[error("runner {lease_key}: {message}")]
+    HostKey { lease_key: LeaseKey, message: String },
 }
 
-/// The providers this worker can lease from.
+fn remote(key: &LeaseKey) -> impl FnOnce(String) -> RunnerError + '_ {
+    move |message| RunnerError::Remote {
+        lease_key: key.clone(),
+        message,
+    }
+}
+
+/// The providers this worker (or control plane) can lease from. Only the control plane
+/// has hcloud and proxmox: it alone holds their credentials.
 #[derive(Debug, Clone)]
 pub struct Providers {
     pub docker_local: Option<DockerLocal>,
     pub ssh_pool: Option<SshPool>,
+    pub hcloud: Option<Hcloud>,
+    pub proxmox: Option<Proxmox>,
 }
 
 /// One provider, seen through what the lifecycle asks of every provider.
 pub enum Backend<'a> {
     Local(&'a DockerLocal),
     Ssh(&'a SshPool),
+    Hcloud(&'a Hcloud),
+    Proxmox(&'a Proxmox),
 }
 
 impl Backend<'_> {
-    /// Finds the runner leased under `key`, or creates it.
-    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Runner, RunnerError> {
+    /// Finds the runner leased under `key`, or creates it. A cloud runner is given a host
+    /// key pair generated here for the lease; its public half comes back to be pinned.
+    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Spawned, RunnerError> {
+        let host_keys = || {
+            ssh::generate_host_key(&format!("lian-runner {key}")).map_err(|source| RunnerError::Io {
+                op: "generate a host key for",
+                lease_key: key.clone(),
+                source,
+            })
+        };
         match self {
-            Backend::Local(p) => p.spawn(key, tier).await,
-            Backend::Ssh(p) => p.spawn(key, tier).await,
+            Backend::Local(p) => p.spawn(key, tier).await.map(Spawned::from),
+            Backend::Ssh(p) => p.spawn(key, tier).await.map(Spawned::from),
+            Backend::Hcloud(p) => {
+                let server = p
+                    .spawn(key, tier, &host_keys()?)
+                    .await
+                    .map_err(|e| remote(key)(e.to_string()))?;
+                Ok(Spawned {
+                    runner: Runner {
+                        lease_key: key.clone(),
+                        lease_id: format!("hcloud:{}", server.id),
+                        host: server.ip,
+                        runner_type: tier,
+                    },
+                    host_key: server.host_key,
+                    ssh_port: Some(p.ssh_port()),
+                })
+            }
+            Backend::Proxmox(p) => {
+                let pair = host_keys()?;
+                let vm = p
+                    .spawn(key, tier, &pair)
+                    .await
+                    .map_err(|e| remote(key)(e.to_string()))?;
+                Ok(Spawned {
+                    runner: Runner {
+                        lease_key: key.clone(),
+                        lease_id: format!("proxmox:{}/{}", vm.node, vm.vmid),
+                        host: vm.ip,
+                        runner_type: tier,
+                    },
+                    host_key: Some(pair.public_key),
+                    ssh_port: Some(p.ssh_port()),
+                })
+            }
         }
     }
 
@@ -88,6 +172,8 @@ impl Backend<'_> {
                 };
                 p.destroy(key, &host).await
             }
+            Backend::Hcloud(p) => p.destroy(key).await.map_err(|e| remote(key)(e.to_string())),
+            Backend::Proxmox(p) => p.destroy(key).await.map_err(|e| remote(key)(e.to_string())),
         }
     }
 }
@@ -105,7 +191,47 @@ impl Providers {
         Self {
             docker_local: Some(DockerLocal::with_isolation(runners_dir, isolation, docker_cli)),
             ssh_pool: Some(SshPool::new(ssh_hosts, runners_dir.join("ssh-staging"), build_network)),
+            hcloud: None,
+            proxmox: None,
         }
+    }
+
+    /// These providers plus the cloud ones configured (the control plane's: it alone holds
+    /// their credentials). A configuration that cannot work is refused here, at start.
+    pub fn with_clouds(
+        mut self,
+        hcloud: Option<HcloudConfig>,
+        proxmox: Option<ProxmoxConfig>,
+    ) -> Result<Self, RunnerError> {
+        if let Some(config) = hcloud {
+            if config.token.trim().is_empty() {
+                return Err(RunnerError::Misconfigured {
+                    provider: "hcloud",
+                    message: "the API token is empty: set LIAN_HCLOUD_TOKEN (or token in [hcloud])".into(),
+                });
+            }
+            if config.authorized_key.trim().is_empty() {
+                return Err(RunnerError::Misconfigured {
+                    provider: "hcloud",
+                    message: "authorized_key is empty: set it to the public half of the workers' runner_ssh_key".into(),
+                });
+            }
+            self.hcloud = Some(Hcloud::new(config));
+        }
+        if let Some(config) = proxmox {
+            if config.authorized_key.trim().is_empty() {
+                return Err(RunnerError::Misconfigured {
+                    provider: "proxmox",
+                    message: "authorized_key is empty: set it to the public half of the workers' runner_ssh_key".into(),
+                });
+            }
+            let proxmox = Proxmox::new(config).map_err(|e| RunnerError::Misconfigured {
+                provider: "proxmox",
+                message: e.to_string(),
+            })?;
+            self.proxmox = Some(proxmox);
+        }
+        Ok(self)
     }
 
     pub fn backend(&self, provider: ComputeProvider) -> Result<Backend<'_>, RunnerError> {
@@ -128,10 +254,24 @@ impl Providers {
                     provider: "ssh_pool",
                     hint: "list the pool's hosts as [[ssh_hosts]] in lian.toml",
                 }),
-            other => Err(RunnerError::NotConfigured {
-                provider: other.as_str(),
-                hint: "hcloud and proxmox are not available yet; use 'docker_local or 'ssh_pool",
-            }),
+            ComputeProvider::Hcloud => self
+                .hcloud
+                .as_ref()
+                .map(Backend::Hcloud)
+                .ok_or(RunnerError::NotConfigured {
+                    provider: "hcloud",
+                    hint: "hcloud runners are leased through the control plane: configure [hcloud] in its lian.toml \
+                       (the token in LIAN_HCLOUD_TOKEN)",
+                }),
+            ComputeProvider::Proxmox => self
+                .proxmox
+                .as_ref()
+                .map(Backend::Proxmox)
+                .ok_or(RunnerError::NotConfigured {
+                    provider: "proxmox",
+                    hint: "proxmox runners are leased through the control plane: configure [proxmox] in its \
+                               lian.toml (the token secret in LIAN_PROXMOX_TOKEN_SECRET)",
+                }),
         }
     }
 }

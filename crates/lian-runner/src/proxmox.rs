@@ -35,8 +35,8 @@
 //! - then `POST .../config` with the tier's cores and memory (MiB), `ciuser=lian`, our
 //!   client key, `ipconfig0=ip=dhcp`, the tag `lian` and `agent=1`; then start;
 //! - ready = status `running`, the guest agent reports an IPv4 address (not loopback when
-//!   another one exists), our host key pair is written to `/etc/ssh/ssh_host_ed25519_key`
-//!   and `.pub` through the agent (after cloud-init finished, so its first boot cannot
+//!   another one exists), the host key pair generated for this spawn is written to
+//!   `/etc/ssh/ssh_host_ed25519_key` and `.pub` through the agent (after cloud-init finished, so its first boot cannot
 //!   regenerate the keys afterwards) and sshd restarted, and the SSH port answers.
 //!
 //! A VM not ready in time, or any failure after the clone, deletes the VM (stop, then
@@ -57,6 +57,8 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ssh::HostKeyPair;
+
 /// The tag every lian VM carries.
 pub const LEASE_TAG: &str = "lian";
 /// The description line that records the lease key: `lian-lease=<key>`.
@@ -73,6 +75,7 @@ pub struct ProxmoxConfig {
     /// The API token's id, `USER@REALM!TOKENID`.
     pub token_id: String,
     /// The token's secret; read from config or `LIAN_PROXMOX_TOKEN_SECRET`, never logged.
+    #[serde(default)]
     pub token_secret: String,
     /// The node the template lives on and the clones are made on.
     pub node: String,
@@ -90,9 +93,6 @@ pub struct ProxmoxConfig {
     pub ca_cert_pem: Option<String>,
     /// The public key of the client key runners accept (cloud-init `sshkeys`).
     pub authorized_key: String,
-    /// The host key pair the VM gets, so its key is known before we connect.
-    pub host_private_key: String,
-    pub host_public_key: String,
     #[serde(default = "default_ssh_port")]
     pub ssh_port: u16,
     /// How long a VM may take to be ready, and each Proxmox task to finish.
@@ -112,7 +112,7 @@ fn default_poll_ms() -> u64 {
     2000
 }
 
-/// Debug without the secrets, so a logged config shows no token or private key.
+/// Debug without the secret, so a logged config shows no token.
 impl fmt::Debug for ProxmoxConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProxmoxConfig")
@@ -125,8 +125,6 @@ impl fmt::Debug for ProxmoxConfig {
             .field("storage", &self.storage)
             .field("ca_cert_pem", &self.ca_cert_pem.as_ref().map(|_| "<set>"))
             .field("authorized_key", &self.authorized_key)
-            .field("host_private_key", &"<redacted>")
-            .field("host_public_key", &self.host_public_key)
             .field("ssh_port", &self.ssh_port)
             .field("ready_timeout_secs", &self.ready_timeout_secs)
             .field("poll_interval_ms", &self.poll_interval_ms)
@@ -275,10 +273,19 @@ fn error_message(status: reqwest::StatusCode, text: &str) -> String {
 /// Attempts of a request answered 5xx (4xx are not retried).
 const ATTEMPTS: u32 = 3;
 
+#[derive(Clone)]
 pub struct Proxmox {
     config: ProxmoxConfig,
     http: reqwest::Client,
     auth: HeaderValue,
+}
+
+impl fmt::Debug for Proxmox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxmox")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Proxmox {
@@ -318,6 +325,11 @@ impl Proxmox {
 
     fn poll(&self) -> Duration {
         Duration::from_millis(self.config.poll_interval_ms)
+    }
+
+    /// The port the VMs' sshd answers on.
+    pub fn ssh_port(&self) -> u16 {
+        self.config.ssh_port
     }
 
     fn deadline(&self) -> Instant {
@@ -470,8 +482,15 @@ impl Proxmox {
     }
 
     /// Finds the lease's VM or clones it, then configures, starts and waits until it is
-    /// ready; a VM that fails after the clone or is not ready in time is deleted.
-    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<ProxmoxVm, ProxmoxError> {
+    /// ready with `host_keys` as its SSH host key (a VM found again is given them too, so the
+    /// key to pin is always `host_keys`' public half); a VM that fails after the clone or is
+    /// not ready in time is deleted.
+    pub async fn spawn(
+        &self,
+        key: &LeaseKey,
+        tier: RunnerType,
+        host_keys: &HostKeyPair,
+    ) -> Result<ProxmoxVm, ProxmoxError> {
         let (vm, fresh) = match self.find(key).await? {
             Some(vm) => (vm, false),
             None => (self.create(key).await?, true),
@@ -491,7 +510,7 @@ impl Proxmox {
                 self.wait_task(&vm.node, &upid, &format!("start of VM {}", vm.vmid))
                     .await?;
             }
-            self.wait_ready(&vm).await
+            self.wait_ready(&vm, host_keys).await
         }
         .await;
         match outcome {
@@ -600,7 +619,7 @@ impl Proxmox {
         self.wait_task(&vm.node, &upid, &what).await
     }
 
-    async fn wait_ready(&self, vm: &ProxmoxVm) -> Result<ProxmoxVm, ProxmoxError> {
+    async fn wait_ready(&self, vm: &ProxmoxVm, host_keys: &HostKeyPair) -> Result<ProxmoxVm, ProxmoxError> {
         let secs = self.config.ready_timeout_secs;
         let deadline = self.deadline();
         let mut last = "not started".to_string();
@@ -623,7 +642,7 @@ impl Proxmox {
                         None => last = "running, the guest agent reports no IPv4 address yet".into(),
                         Some(ip) => {
                             if !pinned {
-                                match self.pin_host_key(vm, deadline).await? {
+                                match self.pin_host_key(vm, host_keys, deadline).await? {
                                     Ok(()) => pinned = true,
                                     Err(why) => last = format!("running at {ip}, pinning the SSH host key: {why}"),
                                 }
@@ -665,18 +684,23 @@ impl Proxmox {
         }
     }
 
-    /// Writes our host key pair through the guest agent and restarts sshd. The outer error
+    /// Writes the host key pair through the guest agent and restarts sshd. The outer error
     /// is fatal (a 4xx: missing privileges); the inner one means "not yet, try again".
-    async fn pin_host_key(&self, vm: &ProxmoxVm, deadline: Instant) -> Result<Result<(), String>, ProxmoxError> {
+    async fn pin_host_key(
+        &self,
+        vm: &ProxmoxVm,
+        host_keys: &HostKeyPair,
+        deadline: Instant,
+    ) -> Result<Result<(), String>, ProxmoxError> {
         // cloud-init's first boot deletes and regenerates host keys: let it finish first.
         let settle =
             "if command -v cloud-init >/dev/null 2>&1; then cloud-init status --wait >/dev/null 2>&1; fi; true";
         if let Err(why) = self.agent_exec(vm, settle, deadline).await? {
             return Ok(Err(why));
         }
-        let mut private = self.config.host_private_key.trim().to_string();
+        let mut private = host_keys.private_key.trim().to_string();
         private.push('\n');
-        let public = format!("{}\n", self.config.host_public_key.trim());
+        let public = format!("{}\n", host_keys.public_key.trim());
         for (file, content) in [
             (HOST_KEY_PATH.to_string(), private),
             (format!("{HOST_KEY_PATH}.pub"), public),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client;
-use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate, load_secret_key};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate, load_secret_key, ssh_key};
 use russh::{ChannelMsg, Sig};
 use tokio::io::AsyncWriteExt;
 
@@ -63,6 +63,47 @@ impl client::Handler for Pinned {
 pub struct SshSession {
     handle: client::Handle<Pinned>,
     address: String,
+}
+
+/// An SSH host key pair made for one lease, so the runner's key is known before it boots
+/// and the first connection can pin it. Debug shows the public half only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostKeyPair {
+    /// The private key, OpenSSH PEM (`-----BEGIN OPENSSH PRIVATE KEY-----`).
+    pub private_key: String,
+    /// The public key line, `ssh-ed25519 AAAA... <comment>`.
+    pub public_key: String,
+}
+
+impl std::fmt::Debug for HostKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKeyPair")
+            .field("private_key", &"<redacted>")
+            .field("public_key", &self.public_key)
+            .finish()
+    }
+}
+
+/// A fresh ed25519 host key pair from 32 bytes of `/dev/urandom`; `comment` ends the
+/// public key line.
+pub fn generate_host_key(comment: &str) -> std::io::Result<HostKeyPair> {
+    use std::io::Read;
+    let invalid = |e: ssh_key::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    let keypair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    seed.fill(0);
+    let private =
+        ssh_key::PrivateKey::new(ssh_key::private::KeypairData::Ed25519(keypair), comment).map_err(invalid)?;
+    let private_key = private
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(invalid)?
+        .to_string();
+    let public_key = private.public_key().to_openssh().map_err(invalid)?;
+    Ok(HostKeyPair {
+        private_key,
+        public_key,
+    })
 }
 
 /// Quotes one argument for a POSIX shell.
@@ -174,6 +215,46 @@ impl SshSession {
         })
     }
 
+    /// Runs `argv` remotely (each argument quoted) with no input, handing each line of its
+    /// stderr to `on_stderr_line` as it arrives (the lines are kept in the output too).
+    pub async fn exec_streaming(
+        &self,
+        argv: &[&str],
+        on_stderr_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<ExecOutput, SshError> {
+        let line = argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ");
+        let err = |e: russh::Error| SshError::Channel(format!("{}: {e}", self.address));
+        let mut channel = self.handle.channel_open_session().await.map_err(err)?;
+        channel.exec(true, line).await.map_err(err)?;
+        channel.eof().await.map_err(err)?;
+        let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), None);
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, .. } => {
+                    stderr.extend_from_slice(&data);
+                    pending.extend_from_slice(&data);
+                    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = pending.drain(..=end).collect();
+                        on_stderr_line(String::from_utf8_lossy(&line).trim_end());
+                    }
+                }
+                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                ChannelMsg::ExitSignal { signal_name, .. } => status = Some(128 + signal_number(&signal_name)),
+                _ => {}
+            }
+        }
+        if !pending.is_empty() {
+            on_stderr_line(String::from_utf8_lossy(&pending).trim_end());
+        }
+        Ok(ExecOutput {
+            status: status.unwrap_or(255),
+            stdout,
+            stderr,
+        })
+    }
+
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
     }
@@ -204,5 +285,23 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote("$(id)"), "'$(id)'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn host_key_pairs_are_fresh_ed25519_pairs_whose_halves_match() {
+        let a = generate_host_key("lian-runner b1-r1").unwrap();
+        let b = generate_host_key("lian-runner b1-r1").unwrap();
+        assert_ne!(a.public_key, b.public_key, "a fresh pair per lease");
+        assert!(a.public_key.starts_with("ssh-ed25519 AAAA"), "{}", a.public_key);
+        assert!(a.public_key.ends_with(" lian-runner b1-r1"), "{}", a.public_key);
+        assert!(a.private_key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+        let private = ssh_key::PrivateKey::from_openssh(&a.private_key).unwrap();
+        let public = PublicKey::from_openssh(&a.public_key).unwrap();
+        assert_eq!(private.public_key().key_data(), public.key_data());
+        let debug = format!("{a:?}");
+        assert!(
+            !debug.contains("PRIVATE KEY") && debug.contains("ssh-ed25519"),
+            "{debug}"
+        );
     }
 }

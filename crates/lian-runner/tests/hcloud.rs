@@ -1,12 +1,14 @@
 //! The hcloud provider against a strict local fake of the Hetzner Cloud API (Hetzner cannot
 //! be reached from here): success, slow provisioning, quota errors, rate limits, bad
-//! tokens, and servers that never become ready (deleted, with a clear error).
+//! tokens, and servers that never become ready (deleted, with a clear error). Each lease
+//! gets a host key pair of its own, and the server carries its public half.
 
 use std::net::TcpListener;
 
 use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
-use lian_runner::hcloud::{Hcloud, HcloudConfig, HcloudError, LEASE_LABEL};
+use lian_runner::hcloud::{HOST_KEY_LABEL, Hcloud, HcloudConfig, HcloudError, LEASE_LABEL};
+use lian_runner::ssh::{HostKeyPair, generate_host_key};
 use lian_test_support::{FakeHcloud, HcloudBehaviour};
 
 /// A listening port standing in for the new server's sshd.
@@ -23,9 +25,6 @@ fn provider(fake: &FakeHcloud, ssh_port: u16, ready_secs: u64) -> Hcloud {
         image: "debian-12".into(),
         location: Some("fsn1".into()),
         authorized_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient lian-worker".into(),
-        host_private_key:
-            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----".into(),
-        host_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost lian-runner".into(),
         ssh_port,
         ready_timeout_secs: ready_secs,
         poll_interval_ms: 20,
@@ -44,28 +43,64 @@ fn key(s: &str) -> LeaseKey {
     LeaseKey::new(s).unwrap()
 }
 
+fn pair() -> HostKeyPair {
+    generate_host_key("lian-runner test").unwrap()
+}
+
+/// `ssh-ed25519 AAAA...` without the comment.
+fn key_only(line: &str) -> String {
+    line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// The public key of the private key cloud-init got in `user_data`.
+fn public_of_user_data(user_data: &str) -> String {
+    let pem: Vec<&str> = user_data
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"))
+        .take_while(|l| !l.is_empty() && !l.starts_with("ed25519_public"))
+        .collect();
+    let private = russh::keys::PrivateKey::from_openssh(pem.join("\n")).expect("a private key in user_data");
+    key_only(&private.public_key().to_openssh().unwrap())
+}
+
 #[tokio::test]
 async fn a_lease_is_a_labelled_server_found_again_by_its_key_and_deleted() {
     let fake = FakeHcloud::start(behaviour());
     let (_sshd, port) = ssh_port();
     let hc = provider(&fake, port, 10);
-    let server = hc.spawn(&key("b1-r1"), RunnerType::Cax21).await.unwrap();
+    let host_keys = pair();
+    let server = hc.spawn(&key("b1-r1"), RunnerType::Cax21, &host_keys).await.unwrap();
     assert_eq!((server.status.as_str(), server.ip.as_str()), ("running", "127.0.0.1"));
+    assert_eq!(
+        server.host_key.as_deref().map(key_only),
+        Some(key_only(&host_keys.public_key))
+    );
     let servers = fake.servers();
     assert_eq!(servers.len(), 1);
     assert_eq!(servers[0].server_type, "cax21");
     assert_eq!(servers[0].labels.get(LEASE_LABEL).map(String::as_str), Some("b1-r1"));
     let ud = &servers[0].user_data;
     assert!(
-        ud.starts_with("#cloud-config")
-            && ud.contains("buildkit")
-            && ud.contains("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost"),
+        ud.starts_with("#cloud-config") && ud.contains("buildkit") && ud.contains(host_keys.public_key.trim()),
         "{ud}"
     );
+    // The server got the lease's private key, and carries the public half as a label.
+    assert_eq!(public_of_user_data(ud), key_only(&host_keys.public_key));
+    assert!(
+        servers[0].labels.contains_key(HOST_KEY_LABEL),
+        "{:?}",
+        servers[0].labels
+    );
 
-    // A worker that takes over finds the same server instead of creating another.
-    let again = hc.spawn(&key("b1-r1"), RunnerType::Cax21).await.unwrap();
+    // Whoever takes over finds the same server instead of creating another, and learns its
+    // host key from the label, not from the pair it brought.
+    let again = hc.spawn(&key("b1-r1"), RunnerType::Cax21, &pair()).await.unwrap();
     assert_eq!(again.id, server.id);
+    assert_eq!(
+        again.host_key.as_deref().map(key_only),
+        Some(key_only(&host_keys.public_key))
+    );
     assert_eq!(fake.requests().iter().filter(|r| *r == "POST /v1/servers").count(), 1);
 
     hc.destroy(&key("b1-r1")).await.unwrap();
@@ -81,7 +116,7 @@ async fn slow_provisioning_is_waited_for() {
     });
     let (_sshd, port) = ssh_port();
     let server = provider(&fake, port, 10)
-        .spawn(&key("slow-r1"), RunnerType::Cax11)
+        .spawn(&key("slow-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap();
     assert_eq!(server.status, "running");
@@ -102,7 +137,7 @@ async fn a_quota_error_is_reported_and_nothing_is_created() {
     });
     let (_sshd, port) = ssh_port();
     let err = provider(&fake, port, 10)
-        .spawn(&key("q-r1"), RunnerType::Cax41)
+        .spawn(&key("q-r1"), RunnerType::Cax41, &pair())
         .await
         .unwrap_err();
     assert!(
@@ -121,7 +156,7 @@ async fn a_server_that_never_runs_is_deleted_with_a_clear_error() {
     });
     let (_sshd, port) = ssh_port();
     let err = provider(&fake, port, 1)
-        .spawn(&key("stuck-r1"), RunnerType::Cax11)
+        .spawn(&key("stuck-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap_err();
     assert!(matches!(err, HcloudError::NeverReady { .. }), "{err}");
@@ -141,7 +176,7 @@ async fn a_running_server_whose_ssh_never_answers_is_deleted() {
         port
     };
     let err = provider(&fake, closed, 1)
-        .spawn(&key("nossh-r1"), RunnerType::Cax11)
+        .spawn(&key("nossh-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("does not answer"), "{err}");
@@ -156,7 +191,7 @@ async fn rate_limits_and_server_errors_are_retried() {
     });
     let (_sshd, port) = ssh_port();
     let server = provider(&fake, port, 10)
-        .spawn(&key("flaky-r1"), RunnerType::Cax11)
+        .spawn(&key("flaky-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap();
     assert_eq!(server.status, "running");
@@ -173,16 +208,19 @@ async fn a_wrong_token_is_refused_clearly() {
         image: "debian-12".into(),
         location: None,
         authorized_key: "ssh-ed25519 AAAA k".into(),
-        host_private_key: "k".into(),
-        host_public_key: "ssh-ed25519 AAAA h".into(),
         ssh_port: port,
         ready_timeout_secs: 5,
         poll_interval_ms: 20,
     });
-    let err = wrong.spawn(&key("tok-r1"), RunnerType::Cax11).await.unwrap_err();
+    let err = wrong
+        .spawn(&key("tok-r1"), RunnerType::Cax11, &pair())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, HcloudError::Api { code, .. } if code == "unauthorized"),
         "{err}"
     );
     assert!(!err.to_string().contains("wrong"), "the token is never shown: {err}");
+    let debug = format!("{wrong:?}");
+    assert!(debug.contains("<redacted>") && !debug.contains("\"wrong\""), "{debug}");
 }

@@ -8,12 +8,14 @@ use std::net::TcpListener;
 use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
 use lian_runner::proxmox::{HOST_KEY_PATH, LEASE_TAG, Proxmox, ProxmoxConfig, ProxmoxError};
+use lian_runner::ssh::{HostKeyPair, generate_host_key};
 use lian_test_support::{FakeProxmox, ProxmoxBehaviour};
 
 const CLIENT_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient+key/with=base64 lian-worker@host";
-const HOST_PUB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost lian-runner";
-const HOST_PRIV: &str =
-    "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----";
+
+fn pair() -> HostKeyPair {
+    generate_host_key("lian-runner test").unwrap()
+}
 
 /// A listening port standing in for the new VM's sshd.
 fn ssh_port() -> (TcpListener, u16) {
@@ -33,8 +35,6 @@ fn config(fake: &FakeProxmox, ssh_port: u16, ready_secs: u64) -> ProxmoxConfig {
         storage: Some("fast".into()),
         ca_cert_pem: None,
         authorized_key: CLIENT_KEY.into(),
-        host_private_key: HOST_PRIV.into(),
-        host_public_key: HOST_PUB.into(),
         ssh_port,
         ready_timeout_secs: ready_secs,
         poll_interval_ms: 20,
@@ -66,7 +66,8 @@ async fn a_lease_is_a_tier_sized_clone_found_again_by_its_key_and_deleted() {
     let fake = FakeProxmox::start(behaviour());
     let (_sshd, port) = ssh_port();
     let pve = provider(&fake, port, 10);
-    let vm = pve.spawn(&key("b1-r1"), RunnerType::Cax21).await.unwrap();
+    let host_keys = pair();
+    let vm = pve.spawn(&key("b1-r1"), RunnerType::Cax21, &host_keys).await.unwrap();
     assert_eq!((vm.status.as_str(), vm.ip.as_str()), ("running", "127.0.0.1"));
     assert_eq!((vm.name.as_str(), vm.node.as_str()), ("lian-b1-r1", "pve1"));
 
@@ -94,11 +95,14 @@ async fn a_lease_is_a_tier_sized_clone_found_again_by_its_key_and_deleted() {
         made.sshkeys
     );
 
-    // Our host key pair was put in place through the guest agent and sshd restarted.
-    assert_eq!(made.files.get(HOST_KEY_PATH).map(|s| s.trim()), Some(HOST_PRIV));
+    // The lease's host key pair was put in place through the guest agent and sshd restarted.
+    assert_eq!(
+        made.files.get(HOST_KEY_PATH).map(|s| s.trim()),
+        Some(host_keys.private_key.trim())
+    );
     assert_eq!(
         made.files.get(&format!("{HOST_KEY_PATH}.pub")).map(|s| s.trim()),
-        Some(HOST_PUB)
+        Some(host_keys.public_key.as_str())
     );
     let last = made.execs.last().expect("a command ran through the agent");
     assert_eq!(&last[..2], ["sh", "-c"]);
@@ -107,10 +111,19 @@ async fn a_lease_is_a_tier_sized_clone_found_again_by_its_key_and_deleted() {
         "{last:?}"
     );
 
-    // A worker that takes over finds the same VM instead of cloning another.
-    let again = pve.spawn(&key("b1-r1"), RunnerType::Cax21).await.unwrap();
+    // Whoever takes over finds the same VM instead of cloning another, and pins the pair
+    // it brought.
+    let other_keys = pair();
+    let again = pve.spawn(&key("b1-r1"), RunnerType::Cax21, &other_keys).await.unwrap();
     assert_eq!(again.vmid, vm.vmid);
     assert_eq!(clones(&fake), 1);
+    assert_eq!(
+        fake.vms()[0]
+            .files
+            .get(&format!("{HOST_KEY_PATH}.pub"))
+            .map(|s| s.trim()),
+        Some(other_keys.public_key.as_str())
+    );
     assert_eq!(pve.find(&key("b1-r1")).await.unwrap().map(|v| v.vmid), Some(vm.vmid));
     assert_eq!(pve.find(&key("b1-r2")).await.unwrap(), None);
 
@@ -125,8 +138,8 @@ async fn leases_of_different_keys_are_different_vms() {
     let fake = FakeProxmox::start(behaviour());
     let (_sshd, port) = ssh_port();
     let pve = provider(&fake, port, 10);
-    let a = pve.spawn(&key("b2-r1"), RunnerType::Cax11).await.unwrap();
-    let b = pve.spawn(&key("b2_r1"), RunnerType::Cax41).await.unwrap();
+    let a = pve.spawn(&key("b2-r1"), RunnerType::Cax11, &pair()).await.unwrap();
+    let b = pve.spawn(&key("b2_r1"), RunnerType::Cax41, &pair()).await.unwrap();
     assert_ne!(a.vmid, b.vmid);
     let sizes: Vec<(u32, u32)> = fake.vms().iter().map(|v| (v.cores, v.memory)).collect();
     assert_eq!(sizes, vec![(2, 4096), (16, 32768)]);
@@ -143,7 +156,7 @@ async fn slow_provisioning_is_waited_for() {
     });
     let (_sshd, port) = ssh_port();
     let vm = provider(&fake, port, 10)
-        .spawn(&key("slow-r1"), RunnerType::Cax11)
+        .spawn(&key("slow-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap();
     assert_eq!(vm.status, "running");
@@ -164,7 +177,7 @@ async fn a_full_storage_fails_the_clone_with_proxmox_message_and_leaves_nothing(
     });
     let (_sshd, port) = ssh_port();
     let err = provider(&fake, port, 10)
-        .spawn(&key("full-r1"), RunnerType::Cax41)
+        .spawn(&key("full-r1"), RunnerType::Cax41, &pair())
         .await
         .unwrap_err();
     assert!(matches!(err, ProxmoxError::Task { .. }), "{err}");
@@ -185,7 +198,7 @@ async fn a_refused_clone_is_reported_and_not_retried() {
     });
     let (_sshd, port) = ssh_port();
     let err = provider(&fake, port, 10)
-        .spawn(&key("deny-r1"), RunnerType::Cax11)
+        .spawn(&key("deny-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap_err();
     assert!(matches!(&err, ProxmoxError::Api { status: 403, .. }), "{err}");
@@ -207,7 +220,7 @@ async fn a_vm_whose_guest_agent_never_answers_is_deleted_with_a_clear_error() {
     });
     let (_sshd, port) = ssh_port();
     let err = provider(&fake, port, 1)
-        .spawn(&key("mute-r1"), RunnerType::Cax11)
+        .spawn(&key("mute-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap_err();
     assert!(matches!(err, ProxmoxError::NeverReady { secs: 1, .. }), "{err}");
@@ -236,7 +249,7 @@ async fn a_running_vm_whose_ssh_never_answers_is_deleted() {
         port
     };
     let err = provider(&fake, closed, 1)
-        .spawn(&key("nossh-r1"), RunnerType::Cax11)
+        .spawn(&key("nossh-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -257,7 +270,10 @@ async fn a_wrong_token_is_refused_and_never_shown() {
         ..config(&fake, port, 5)
     })
     .unwrap();
-    let err = wrong.spawn(&key("tok-r1"), RunnerType::Cax11).await.unwrap_err();
+    let err = wrong
+        .spawn(&key("tok-r1"), RunnerType::Cax11, &pair())
+        .await
+        .unwrap_err();
     assert!(matches!(&err, ProxmoxError::Api { status: 401, .. }), "{err}");
     let text = format!("{err} {err:?}");
     assert!(
@@ -271,10 +287,9 @@ async fn a_wrong_token_is_refused_and_never_shown() {
     assert!(fake.vms().is_empty());
 
     let debug = format!("{:?}", config(&fake, port, 5));
-    assert!(
-        !debug.contains(&fake.token_secret) && !debug.contains("PRIVATE KEY"),
-        "{debug}"
-    );
+    assert!(!debug.contains(&fake.token_secret), "{debug}");
+    let debug = format!("{wrong:?}");
+    assert!(!debug.contains(secret) && debug.contains("<redacted>"), "{debug}");
 
     let malformed = Proxmox::new(ProxmoxConfig {
         token_id: "lian-workers".into(),
@@ -294,7 +309,7 @@ async fn a_server_error_is_retried() {
     });
     let (_sshd, port) = ssh_port();
     let vm = provider(&fake, port, 10)
-        .spawn(&key("flaky-r1"), RunnerType::Cax11)
+        .spawn(&key("flaky-r1"), RunnerType::Cax11, &pair())
         .await
         .unwrap();
     assert_eq!(vm.status, "running");

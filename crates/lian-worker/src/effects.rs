@@ -5,15 +5,19 @@
 
 use lian_core::BuildRequest;
 use lian_core::control::{LeaseRequest, MetricsRecord};
+use lian_core::directives::{Artifact, ComputeProvider};
 use lian_core::event::Step;
 use lian_core::lifecycle::{Effect, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, SizingInputs};
 use lian_nickel::Contract;
+use std::path::Path;
 use std::time::Duration;
 
 use lian_core::{LeaseKey, subjects};
+use lian_runner::progress::StepProgress;
 use lian_runner::{
-    Backend, BuildFailure, BuildInvocation, BuildOutput, ControlError, DockerBuilder, DockerLocal, Sampler,
+    Backend, BuildFailure, BuildInvocation, BuildOutput, CloudRunner, ControlError, DockerBuilder, DockerLocal,
+    RunnerError, Sampler,
 };
 
 use crate::driver::Worker;
@@ -26,6 +30,33 @@ fn failed(step: Step, reason: impl Into<String>) -> Outcome {
         step,
         reason: reason.into(),
         oom: false,
+    }
+}
+
+/// Providers whose runners only the control plane leases (it alone holds their tokens).
+fn is_cloud(provider: ComputeProvider) -> bool {
+    matches!(provider, ComputeProvider::Hcloud | ComputeProvider::Proxmox)
+}
+
+fn through_control(provider: ComputeProvider) -> String {
+    format!(
+        "{} runners are leased through the control plane: set control_url and control_token",
+        provider.as_str()
+    )
+}
+
+fn invocation<'a>(artifact: &'a Artifact, context: &'a Path, secrets: Vec<(&'a str, &'a Path)>) -> BuildInvocation<'a> {
+    BuildInvocation {
+        context,
+        dockerfile: &artifact.dockerfile,
+        image: artifact.image.as_str(),
+        target: artifact.target.as_deref(),
+        build_args: artifact
+            .build_args
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        secrets,
     }
 }
 
@@ -54,31 +85,54 @@ impl Worker {
                         Err(e) => Err(e.to_string()),
                     };
                 }
+                if is_cloud(provider) {
+                    return Ok(failed(Step::SpawnRunner, through_control(provider)));
+                }
                 let spawned = match self.providers.backend(provider) {
                     Ok(backend) => backend.spawn(&lease_key, runner_type).await,
                     Err(e) => Err(e),
                 };
                 Ok(match spawned {
-                    Ok(r) => Outcome::RunnerLeased {
-                        lease_id: r.lease_id,
-                        host: r.host,
+                    Ok(s) => Outcome::RunnerLeased {
+                        lease_id: s.runner.lease_id,
+                        host: s.runner.host,
                     },
                     Err(e) => failed(Step::SpawnRunner, e.to_string()),
                 })
             }
             Effect::SyncContext { lease } => {
+                if is_cloud(request.directives.compute_provider) {
+                    let runner = match self.cloud_runner(request, &lease.key, Step::SyncContext).await? {
+                        Ok(r) => r,
+                        Err(outcome) => return Ok(outcome),
+                    };
+                    let (files, bytes) = match self.stage_context(request, runner.staging()).await? {
+                        Ok(counts) => counts,
+                        Err(outcome) => return Ok(outcome),
+                    };
+                    let stats = match runner.sync().await {
+                        Ok(stats) => stats,
+                        // Another try meets the same key: the build fails, loudly.
+                        Err(e @ RunnerError::HostKey { .. }) => return Ok(failed(Step::SyncContext, e.to_string())),
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    tracing::info!(lease = %lease.key, host = %runner.ssh_host().target.address, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced to a cloud runner");
+                    return Ok(Outcome::ContextSynced { files, bytes });
+                }
                 let backend = self.backend(request)?;
                 let dest = match backend {
                     Backend::Local(p) => p.workspace(&lease.key),
                     Backend::Ssh(p) => p.staging(&lease.key),
+                    Backend::Hcloud(_) | Backend::Proxmox(_) => {
+                        return Ok(failed(
+                            Step::SyncContext,
+                            through_control(request.directives.compute_provider),
+                        ));
+                    }
                 };
-                // A resumed sync starts from an empty directory: no half-written file survives.
-                let _ = tokio::fs::remove_dir_all(&dest).await;
-                tokio::fs::create_dir_all(&dest).await.map_err(|e| e.to_string())?;
-                let (files, bytes) = match self.bus.download_context(&request.context, &dest).await {
+                let (files, bytes) = match self.stage_context(request, &dest).await? {
                     Ok(counts) => counts,
-                    Err(lian_bus::BusError::Nats { op, message }) => return Err(format!("{op}: {message}")),
-                    Err(e) => return Ok(failed(Step::SyncContext, e.to_string())),
+                    Err(outcome) => return Ok(outcome),
                 };
                 if let Backend::Ssh(p) = backend {
                     let host = lease.host.as_deref().unwrap_or_default();
@@ -88,11 +142,7 @@ impl Worker {
                 Ok(Outcome::ContextSynced { files, bytes })
             }
             Effect::RunBuild { lease } => {
-                let backend = self.backend(request)?;
-                let context = match backend {
-                    Backend::Local(p) => p.workspace(&lease.key),
-                    Backend::Ssh(p) => p.staging(&lease.key),
-                };
+                let cloud = is_cloud(request.directives.compute_provider);
                 let artifact = &request.directives.artifact;
                 let mut secrets = Vec::with_capacity(artifact.secrets.len());
                 for id in &artifact.secrets {
@@ -106,24 +156,60 @@ impl Worker {
                         }
                     }
                 }
+                if cloud {
+                    if !secrets.is_empty() {
+                        return Ok(failed(
+                            Step::Build,
+                            "secrets are not supported on hcloud and proxmox runners yet: build on docker_local",
+                        ));
+                    }
+                    let runner = match self.cloud_runner(request, &lease.key, Step::Build).await? {
+                        Ok(r) => r,
+                        Err(outcome) => return Ok(outcome),
+                    };
+                    let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+                        return Err("a build without identity".into());
+                    };
+                    let (tx, forward) = self.forward_progress(subjects::progress(ws, id));
+                    let built = runner
+                        .build(&invocation(artifact, runner.staging(), Vec::new()), &mut |step| {
+                            let _ = tx.send(step);
+                        })
+                        .await;
+                    drop(tx);
+                    let _ = forward.await;
+                    return Ok(match built {
+                        Ok(out) => Outcome::ImageBuilt {
+                            image_id: out.image_id,
+                            duration_ms: out.duration_ms,
+                            cpu_p95: None,
+                            mem_p95_gb: None,
+                        },
+                        Err(f) => Outcome::StepFailed {
+                            step: Step::Build,
+                            reason: f.reason,
+                            oom: f.oom,
+                        },
+                    });
+                }
+                let backend = self.backend(request)?;
+                let context = match backend {
+                    Backend::Local(p) => p.workspace(&lease.key),
+                    Backend::Ssh(p) => p.staging(&lease.key),
+                    Backend::Hcloud(_) | Backend::Proxmox(_) => {
+                        return Ok(failed(
+                            Step::Build,
+                            through_control(request.directives.compute_provider),
+                        ));
+                    }
+                };
                 if !secrets.is_empty() && matches!(backend, Backend::Ssh(_)) {
                     return Ok(failed(
                         Step::Build,
                         "secrets are not supported on ssh_pool runners yet: build on docker_local",
                     ));
                 }
-                let invocation = BuildInvocation {
-                    context: &context,
-                    dockerfile: &artifact.dockerfile,
-                    image: artifact.image.as_str(),
-                    target: artifact.target.as_deref(),
-                    build_args: artifact
-                        .build_args
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect(),
-                    secrets,
-                };
+                let invocation = invocation(artifact, &context, secrets);
                 let built = match backend {
                     Backend::Local(p) => {
                         let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
@@ -136,6 +222,7 @@ impl Worker {
                         .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
                         .await
                         .map(|out| (out, (None, None))),
+                    Backend::Hcloud(_) | Backend::Proxmox(_) => unreachable!("refused above"),
                 };
                 Ok(match built {
                     Ok((out, (cpu_p95, mem_p95_gb))) => Outcome::ImageBuilt {
@@ -183,6 +270,10 @@ impl Worker {
             Effect::DestroyRunner { lease_key } => {
                 if let Some(control) = &self.options.control {
                     control.release(&lease_key).await.map_err(|e| e.to_string())?;
+                    if is_cloud(request.directives.compute_provider) {
+                        let staged = self.options.runners_dir.join("cloud-staging").join(lease_key.as_str());
+                        let _ = tokio::fs::remove_dir_all(staged).await;
+                    }
                     return Ok(Outcome::RunnerDestroyed);
                 }
                 let lease = state
@@ -220,17 +311,7 @@ impl Worker {
             .map_err(fail)?;
         let cgroup = provider.cgroup(key);
         let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
-        // Step progress goes out live on core NATS (not stored: the history keeps the steps
-        // of the lifecycle, not BuildKit's).
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let bus = self.bus.clone();
-        let forward = tokio::spawn(async move {
-            while let Some(step) = rx.recv().await {
-                if let Err(err) = bus.publish_core(&progress_subject, &step).await {
-                    tracing::debug!(%err, "step progress not published");
-                }
-            }
-        });
+        let (tx, forward) = self.forward_progress(progress_subject);
         let result = builder
             .build(invocation, &mut |step| {
                 let _ = tx.send(step);
@@ -254,6 +335,73 @@ impl Worker {
                 Err(f)
             }
         }
+    }
+
+    /// Step progress goes out live on core NATS (not stored: the history keeps the steps of
+    /// the lifecycle, not BuildKit's): send steps into the channel, drop it, await the task.
+    fn forward_progress(
+        &self,
+        subject: String,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<StepProgress>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StepProgress>();
+        let bus = self.bus.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(step) = rx.recv().await {
+                if let Err(err) = bus.publish_core(&subject, &step).await {
+                    tracing::debug!(%err, "step progress not published");
+                }
+            }
+        });
+        (tx, forward)
+    }
+
+    /// The request's context downloaded into `dest`, emptied first: a resumed sync starts
+    /// from an empty directory, so no half-written file survives. Files and bytes, or the
+    /// outcome of a context that cannot be had.
+    async fn stage_context(&self, request: &BuildRequest, dest: &Path) -> Result<Result<(u64, u64), Outcome>, String> {
+        let _ = tokio::fs::remove_dir_all(dest).await;
+        tokio::fs::create_dir_all(dest).await.map_err(|e| e.to_string())?;
+        match self.bus.download_context(&request.context, dest).await {
+            Ok(counts) => Ok(Ok(counts)),
+            Err(lian_bus::BusError::Nats { op, message }) => Err(format!("{op}: {message}")),
+            Err(e) => Ok(Err(failed(Step::SyncContext, e.to_string()))),
+        }
+    }
+
+    /// The cloud runner leased under `key`, as the control plane recorded it (address, SSH
+    /// port, the host key to pin), reached with this worker's `runner_ssh_key`; or the
+    /// outcome of `step` failing because it cannot be reached from here.
+    async fn cloud_runner(
+        &self,
+        request: &BuildRequest,
+        key: &LeaseKey,
+        step: Step,
+    ) -> Result<Result<CloudRunner, Outcome>, String> {
+        let provider = request.directives.compute_provider;
+        let Some(control) = &self.options.control else {
+            return Ok(Err(failed(step, through_control(provider))));
+        };
+        let Some(client_key) = &self.options.runner_ssh_key else {
+            return Ok(Err(failed(
+                step,
+                format!(
+                    "{} runners are reached over SSH with the worker's client key: set runner_ssh_key in lian.toml \
+                     (the private half of authorized_key in the control plane's [{}])",
+                    provider.as_str(),
+                    provider.as_str()
+                ),
+            )));
+        };
+        let lease = match control.lease_info(key).await {
+            Ok(lease) => lease,
+            Err(e @ ControlError::Refused { .. }) => return Ok(Err(failed(step, e.to_string()))),
+            Err(e) => return Err(e.to_string()),
+        };
+        let staging = self.options.runners_dir.join("cloud-staging");
+        Ok(CloudRunner::from_lease(&lease, client_key, &staging).map_err(|e| failed(step, e.to_string())))
     }
 
     fn backend(&self, request: &BuildRequest) -> Result<Backend<'_>, String> {

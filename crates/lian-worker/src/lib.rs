@@ -50,6 +50,9 @@ pub struct WorkerOptions {
     /// through it (it holds the provider credentials); this worker's providers are then
     /// only used to reach the runners, and the control plane reaps them.
     pub control: Option<ControlClient>,
+    /// The private key cloud runners (hcloud, proxmox, leased through `control`) accept
+    /// from workers, as user `lian`.
+    pub runner_ssh_key: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,14 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
             }
         })
     };
+    // A worker leasing through a control plane leaves the pool to it.
+    let pool = match (&worker.providers.docker_local, &worker.options.control) {
+        (Some(local), None) => {
+            let p = local.clone();
+            Some((tokio::spawn(async move { p.keep_pool_warm().await }), local.clone()))
+        }
+        _ => None,
+    };
     let mut jobs = bus.requests().await?;
     tracing::info!(worker = %worker.options.name, "serving build requests");
     tokio::pin!(shutdown);
@@ -117,6 +128,11 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
         }
     }
     reaper.abort();
+    if let Some((pool, local)) = pool {
+        pool.abort();
+        let _ = pool.await;
+        local.drain_pool().await;
+    }
     tracing::info!(worker = %worker.options.name, "stopped");
     Ok(())
 }
