@@ -109,7 +109,7 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
         workspace: request.workspace,
         build_id: request.build_id,
         owner: request.owner,
-        state: LeaseState::Provisioning,
+        state: LeaseState::Creating,
         host: String::new(),
         provider_id: String::new(),
         created_at: now(),

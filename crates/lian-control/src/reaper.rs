@@ -17,8 +17,8 @@ impl App {
             let records = self.bus.read_all(&subjects::build_history(build)).await?;
             let envelopes: Vec<Envelope> = records.iter().filter_map(|r| r.decode().ok()).collect();
             let age = Duration::from_secs(now().saturating_sub(lease.created_at));
-            // A lease being provisioned is in the hands of the request that recorded it.
-            if lease.state == LeaseState::Provisioning && age < lifecycle::ORPHAN_GRACE {
+            // A lease being created is in the hands of the request that recorded it.
+            if lease.state == LeaseState::Creating && age < lifecycle::ORPHAN_GRACE {
                 continue;
             }
             let Some((_, why)) = lifecycle::reap_reason(build, &envelopes, Some(age)) else {

@@ -29,7 +29,7 @@ pub struct LeaseRequest {
 pub enum LeaseState {
     /// Recorded before the provider is asked: a lease that never gets past this is still
     /// found, and destroyed, by its key.
-    Provisioning,
+    Creating,
     Ready,
 }
 
