@@ -44,6 +44,21 @@ impl Managed {
         })
     }
 
+    /// Waits (15 s at most) until the process accepts connections on `port`; one that exits
+    /// or stays silent is stopped and its log shown.
+    fn listening(mut self, port: u16, log: &Path) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                self.stop();
+                let tail = fs::read_to_string(log).unwrap_or_default();
+                bail!("{} did not start; its log ({}):\n{tail}", self.name, log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(self)
+    }
+
     fn stop(&mut self) {
         // SAFETY: signalling our own child by pid.
         unsafe {
@@ -116,16 +131,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             let mut cmd = role(&["control", "--state-dir", &state, "--listen", &listen]);
             cmd.env("LIAN_CONTROL_TOKEN", &token);
             let log = state_dir.join("logs/control.log");
-            let mut control = Managed::spawn("control", cmd, &log)?;
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                if Instant::now() > deadline || matches!(control.child.try_wait(), Ok(Some(_))) {
-                    control.stop();
-                    let tail = fs::read_to_string(&log).unwrap_or_default();
-                    bail!("the control plane did not start; its log ({}):\n{tail}", log.display());
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let control = Managed::spawn("control", cmd, &log)?.listening(port, &log)?;
             fleet.push(control);
             (format!("http://{listen}"), token, token_file)
         };
@@ -235,16 +241,7 @@ fn start_nats(args: &UpArgs, state_dir: &Path) -> anyhow::Result<(String, Manage
     let mut cmd = Command::new(&args.nats_server);
     cmd.arg("-c").arg(&conf_path);
     let log = state_dir.join("logs/nats.log");
-    let mut server = Managed::spawn("nats-server", cmd, &log)?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
-            server.stop();
-            let tail = fs::read_to_string(&log).unwrap_or_default();
-            bail!("nats-server did not start; its log ({}):\n{tail}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = Managed::spawn("nats-server", cmd, &log)?.listening(port, &log)?;
     Ok((format!("nats://127.0.0.1:{port}"), server))
 }
 

@@ -23,6 +23,18 @@ use crate::ssh::{SshError, SshSession, SshTarget};
 use crate::sync::{SyncStats, sync_dir};
 use crate::{BuildFailure, BuildInvocation, BuildOutput, RunnerError, SshHost};
 
+/// Defaults shared by the cloud providers' configs: SSH on 22, a server may take 5 minutes
+/// to run and answer, its state is polled every 2 s.
+pub(crate) fn default_ssh_port() -> u16 {
+    22
+}
+pub(crate) fn default_ready_secs() -> u64 {
+    300
+}
+pub(crate) fn default_poll_ms() -> u64 {
+    2000
+}
+
 /// The user cloud-init creates on a cloud runner, with the workers' client key.
 pub const RUNNER_USER: &str = "lian";
 /// Where leases live on a cloud runner.

@@ -39,26 +39,17 @@ pub struct HcloudConfig {
     pub location: Option<String>,
     /// The public key of the client key runners accept (`authorized_keys` via cloud-init).
     pub authorized_key: String,
-    #[serde(default = "default_ssh_port")]
+    #[serde(default = "crate::cloud::default_ssh_port")]
     pub ssh_port: u16,
     /// How long a server may take to run and answer on SSH.
-    #[serde(default = "default_ready_secs")]
+    #[serde(default = "crate::cloud::default_ready_secs")]
     pub ready_timeout_secs: u64,
-    #[serde(default = "default_poll_ms")]
+    #[serde(default = "crate::cloud::default_poll_ms")]
     pub poll_interval_ms: u64,
 }
 
 fn default_image() -> String {
     "debian-12".into()
-}
-fn default_ssh_port() -> u16 {
-    22
-}
-fn default_ready_secs() -> u64 {
-    300
-}
-fn default_poll_ms() -> u64 {
-    2000
 }
 
 /// Debug without the token, so a logged config shows none.

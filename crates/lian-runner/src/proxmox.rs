@@ -93,23 +93,13 @@ pub struct ProxmoxConfig {
     pub ca_cert_pem: Option<String>,
     /// The public key of the client key runners accept (cloud-init `sshkeys`).
     pub authorized_key: String,
-    #[serde(default = "default_ssh_port")]
+    #[serde(default = "crate::cloud::default_ssh_port")]
     pub ssh_port: u16,
     /// How long a VM may take to be ready, and each Proxmox task to finish.
-    #[serde(default = "default_ready_secs")]
+    #[serde(default = "crate::cloud::default_ready_secs")]
     pub ready_timeout_secs: u64,
-    #[serde(default = "default_poll_ms")]
+    #[serde(default = "crate::cloud::default_poll_ms")]
     pub poll_interval_ms: u64,
-}
-
-fn default_ssh_port() -> u16 {
-    22
-}
-fn default_ready_secs() -> u64 {
-    300
-}
-fn default_poll_ms() -> u64 {
-    2000
 }
 
 /// Debug without the secret, so a logged config shows no token.

@@ -7,8 +7,8 @@ use lian_core::BuildRequest;
 use lian_core::control::{LeaseRequest, MetricsRecord};
 use lian_core::directives::{Artifact, ComputeProvider};
 use lian_core::event::Step;
-use lian_core::lifecycle::{Effect, Outcome, State};
-use lian_core::sizing::{self, BuildSpec, SizingInputs};
+use lian_core::lifecycle::{Built, Effect, Lease, Outcome, State};
+use lian_core::sizing::{self, BuildSpec, RunnerType, SizingInputs};
 use lian_nickel::Contract;
 use std::path::Path;
 use std::time::Duration;
@@ -45,6 +45,26 @@ fn through_control(provider: ComputeProvider) -> String {
     )
 }
 
+/// A build's measured cpu and memory (GB) P95, where its runner's cgroup could be sampled.
+type Usage = (Option<f64>, Option<f64>);
+
+/// The outcome of a build: its image and measured usage, or why it failed.
+fn build_outcome(built: Result<(BuildOutput, Usage), BuildFailure>) -> Outcome {
+    match built {
+        Ok((out, (cpu_p95, mem_p95_gb))) => Outcome::ImageBuilt {
+            image_id: out.image_id,
+            duration_ms: out.duration_ms,
+            cpu_p95,
+            mem_p95_gb,
+        },
+        Err(f) => Outcome::StepFailed {
+            step: Step::Build,
+            reason: f.reason,
+            oom: f.oom,
+        },
+    }
+}
+
 fn invocation<'a>(artifact: &'a Artifact, context: &'a Path, secrets: Vec<(&'a str, &'a Path)>) -> BuildInvocation<'a> {
     BuildInvocation {
         context,
@@ -66,228 +86,227 @@ impl Worker {
         match effect {
             Effect::ResolveSize => self.resolve_size(request).await,
             Effect::SpawnRunner { lease_key, runner_type } => {
-                let provider = request.directives.compute_provider;
-                if let Some(control) = &self.options.control {
-                    let lease = LeaseRequest {
-                        lease_key,
-                        provider,
-                        runner_type,
-                        workspace: request.directives.workspace.clone(),
-                        build_id: state.build_id.clone().ok_or("a build without identity")?,
-                        owner: self.options.name.clone(),
-                    };
-                    return match control.lease(&lease).await {
-                        Ok(l) => Ok(Outcome::RunnerLeased {
-                            lease_id: l.provider_id,
-                            host: l.host,
-                        }),
-                        Err(e @ ControlError::Refused { .. }) => Ok(failed(Step::SpawnRunner, e.to_string())),
-                        Err(e) => Err(e.to_string()),
-                    };
+                self.spawn_runner(state, request, lease_key, runner_type).await
+            }
+            Effect::SyncContext { lease } => self.sync_context(request, &lease).await,
+            Effect::RunBuild { lease } => self.run_build(state, request, &lease).await,
+            Effect::RecordMetrics { built } => self.record_metrics(state, &built).await,
+            Effect::DestroyRunner { lease_key } => self.destroy_runner(state, request, lease_key).await,
+        }
+    }
+
+    async fn spawn_runner(
+        &self,
+        state: &State,
+        request: &BuildRequest,
+        lease_key: LeaseKey,
+        runner_type: RunnerType,
+    ) -> Result<Outcome, String> {
+        let provider = request.directives.compute_provider;
+        if let Some(control) = &self.options.control {
+            let lease = LeaseRequest {
+                lease_key,
+                provider,
+                runner_type,
+                workspace: request.directives.workspace.clone(),
+                build_id: state.build_id.clone().ok_or("a build without identity")?,
+                owner: self.options.name.clone(),
+            };
+            return match control.lease(&lease).await {
+                Ok(l) => Ok(Outcome::RunnerLeased {
+                    lease_id: l.provider_id,
+                    host: l.host,
+                }),
+                Err(e @ ControlError::Refused { .. }) => Ok(failed(Step::SpawnRunner, e.to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        if is_cloud(provider) {
+            return Ok(failed(Step::SpawnRunner, through_control(provider)));
+        }
+        let spawned = match self.providers.backend(provider) {
+            Ok(backend) => backend.spawn(&lease_key, runner_type).await,
+            Err(e) => Err(e),
+        };
+        Ok(match spawned {
+            Ok(s) => Outcome::RunnerLeased {
+                lease_id: s.runner.lease_id,
+                host: s.runner.host,
+            },
+            Err(e) => failed(Step::SpawnRunner, e.to_string()),
+        })
+    }
+
+    async fn sync_context(&self, request: &BuildRequest, lease: &Lease) -> Result<Outcome, String> {
+        if is_cloud(request.directives.compute_provider) {
+            let runner = match self.cloud_runner(request, &lease.key, Step::SyncContext).await? {
+                Ok(r) => r,
+                Err(outcome) => return Ok(outcome),
+            };
+            let (files, bytes) = match self.stage_context(request, runner.staging()).await? {
+                Ok(counts) => counts,
+                Err(outcome) => return Ok(outcome),
+            };
+            let stats = match runner.sync().await {
+                Ok(stats) => stats,
+                // Another try meets the same key: the build fails, loudly.
+                Err(e @ RunnerError::HostKey { .. }) => return Ok(failed(Step::SyncContext, e.to_string())),
+                Err(e) => return Err(e.to_string()),
+            };
+            tracing::info!(lease = %lease.key, host = %runner.ssh_host().target.address, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced to a cloud runner");
+            return Ok(Outcome::ContextSynced { files, bytes });
+        }
+        let backend = self.backend(request)?;
+        let dest = match backend {
+            Backend::Local(p) => p.workspace(&lease.key),
+            Backend::Ssh(p) => p.staging(&lease.key),
+            Backend::Hcloud(_) | Backend::Proxmox(_) => {
+                return Ok(failed(
+                    Step::SyncContext,
+                    through_control(request.directives.compute_provider),
+                ));
+            }
+        };
+        let (files, bytes) = match self.stage_context(request, &dest).await? {
+            Ok(counts) => counts,
+            Err(outcome) => return Ok(outcome),
+        };
+        if let Backend::Ssh(p) = backend {
+            let host = lease.host.as_deref().unwrap_or_default();
+            let stats = p.sync(&lease.key, host).await.map_err(|e| e.to_string())?;
+            tracing::info!(lease = %lease.key, host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
+        }
+        Ok(Outcome::ContextSynced { files, bytes })
+    }
+
+    async fn run_build(&self, state: &State, request: &BuildRequest, lease: &Lease) -> Result<Outcome, String> {
+        let cloud = is_cloud(request.directives.compute_provider);
+        let artifact = &request.directives.artifact;
+        let mut secrets = Vec::with_capacity(artifact.secrets.len());
+        for id in &artifact.secrets {
+            match self.options.secrets.get(id.as_str()) {
+                Some(file) => secrets.push((id.as_str(), file.as_path())),
+                None => {
+                    let reason =
+                        format!("secret {id} is not configured on this worker: add it under [secrets] in lian.toml");
+                    return Ok(failed(Step::Build, reason));
                 }
-                if is_cloud(provider) {
-                    return Ok(failed(Step::SpawnRunner, through_control(provider)));
-                }
-                let spawned = match self.providers.backend(provider) {
-                    Ok(backend) => backend.spawn(&lease_key, runner_type).await,
-                    Err(e) => Err(e),
-                };
-                Ok(match spawned {
-                    Ok(s) => Outcome::RunnerLeased {
-                        lease_id: s.runner.lease_id,
-                        host: s.runner.host,
-                    },
-                    Err(e) => failed(Step::SpawnRunner, e.to_string()),
+            }
+        }
+        if cloud {
+            if !secrets.is_empty() {
+                return Ok(failed(
+                    Step::Build,
+                    "secrets are not supported on hcloud and proxmox runners yet: build on docker_local",
+                ));
+            }
+            let runner = match self.cloud_runner(request, &lease.key, Step::Build).await? {
+                Ok(r) => r,
+                Err(outcome) => return Ok(outcome),
+            };
+            let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+                return Err("a build without identity".into());
+            };
+            let (tx, forward) = self.forward_progress(subjects::progress(ws, id));
+            let built = runner
+                .build(&invocation(artifact, runner.staging(), Vec::new()), &mut |step| {
+                    let _ = tx.send(step);
                 })
+                .await;
+            drop(tx);
+            let _ = forward.await;
+            // A cloud runner's usage is not sampled (no cgroup of ours there).
+            return Ok(build_outcome(built.map(|out| (out, (None, None)))));
+        }
+        let backend = self.backend(request)?;
+        let context = match backend {
+            Backend::Local(p) => p.workspace(&lease.key),
+            Backend::Ssh(p) => p.staging(&lease.key),
+            Backend::Hcloud(_) | Backend::Proxmox(_) => {
+                return Ok(failed(
+                    Step::Build,
+                    through_control(request.directives.compute_provider),
+                ));
             }
-            Effect::SyncContext { lease } => {
-                if is_cloud(request.directives.compute_provider) {
-                    let runner = match self.cloud_runner(request, &lease.key, Step::SyncContext).await? {
-                        Ok(r) => r,
-                        Err(outcome) => return Ok(outcome),
-                    };
-                    let (files, bytes) = match self.stage_context(request, runner.staging()).await? {
-                        Ok(counts) => counts,
-                        Err(outcome) => return Ok(outcome),
-                    };
-                    let stats = match runner.sync().await {
-                        Ok(stats) => stats,
-                        // Another try meets the same key: the build fails, loudly.
-                        Err(e @ RunnerError::HostKey { .. }) => return Ok(failed(Step::SyncContext, e.to_string())),
-                        Err(e) => return Err(e.to_string()),
-                    };
-                    tracing::info!(lease = %lease.key, host = %runner.ssh_host().target.address, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced to a cloud runner");
-                    return Ok(Outcome::ContextSynced { files, bytes });
-                }
-                let backend = self.backend(request)?;
-                let dest = match backend {
-                    Backend::Local(p) => p.workspace(&lease.key),
-                    Backend::Ssh(p) => p.staging(&lease.key),
-                    Backend::Hcloud(_) | Backend::Proxmox(_) => {
-                        return Ok(failed(
-                            Step::SyncContext,
-                            through_control(request.directives.compute_provider),
-                        ));
-                    }
-                };
-                let (files, bytes) = match self.stage_context(request, &dest).await? {
-                    Ok(counts) => counts,
-                    Err(outcome) => return Ok(outcome),
-                };
-                if let Backend::Ssh(p) = backend {
-                    let host = lease.host.as_deref().unwrap_or_default();
-                    let stats = p.sync(&lease.key, host).await.map_err(|e| e.to_string())?;
-                    tracing::info!(lease = %lease.key, host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
-                }
-                Ok(Outcome::ContextSynced { files, bytes })
-            }
-            Effect::RunBuild { lease } => {
-                let cloud = is_cloud(request.directives.compute_provider);
-                let artifact = &request.directives.artifact;
-                let mut secrets = Vec::with_capacity(artifact.secrets.len());
-                for id in &artifact.secrets {
-                    match self.options.secrets.get(id.as_str()) {
-                        Some(file) => secrets.push((id.as_str(), file.as_path())),
-                        None => {
-                            let reason = format!(
-                                "secret {id} is not configured on this worker: add it under [secrets] in lian.toml"
-                            );
-                            return Ok(failed(Step::Build, reason));
-                        }
-                    }
-                }
-                if cloud {
-                    if !secrets.is_empty() {
-                        return Ok(failed(
-                            Step::Build,
-                            "secrets are not supported on hcloud and proxmox runners yet: build on docker_local",
-                        ));
-                    }
-                    let runner = match self.cloud_runner(request, &lease.key, Step::Build).await? {
-                        Ok(r) => r,
-                        Err(outcome) => return Ok(outcome),
-                    };
-                    let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
-                        return Err("a build without identity".into());
-                    };
-                    let (tx, forward) = self.forward_progress(subjects::progress(ws, id));
-                    let built = runner
-                        .build(&invocation(artifact, runner.staging(), Vec::new()), &mut |step| {
-                            let _ = tx.send(step);
-                        })
-                        .await;
-                    drop(tx);
-                    let _ = forward.await;
-                    return Ok(match built {
-                        Ok(out) => Outcome::ImageBuilt {
-                            image_id: out.image_id,
-                            duration_ms: out.duration_ms,
-                            cpu_p95: None,
-                            mem_p95_gb: None,
-                        },
-                        Err(f) => Outcome::StepFailed {
-                            step: Step::Build,
-                            reason: f.reason,
-                            oom: f.oom,
-                        },
-                    });
-                }
-                let backend = self.backend(request)?;
-                let context = match backend {
-                    Backend::Local(p) => p.workspace(&lease.key),
-                    Backend::Ssh(p) => p.staging(&lease.key),
-                    Backend::Hcloud(_) | Backend::Proxmox(_) => {
-                        return Ok(failed(
-                            Step::Build,
-                            through_control(request.directives.compute_provider),
-                        ));
-                    }
-                };
-                if !secrets.is_empty() && matches!(backend, Backend::Ssh(_)) {
-                    return Ok(failed(
-                        Step::Build,
-                        "secrets are not supported on ssh_pool runners yet: build on docker_local",
-                    ));
-                }
-                let invocation = invocation(artifact, &context, secrets);
-                let built = match backend {
-                    Backend::Local(p) => {
-                        let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
-                            return Err("a build without identity".into());
-                        };
-                        self.build_local(p, &lease.key, &invocation, subjects::progress(ws, id))
-                            .await
-                    }
-                    Backend::Ssh(p) => p
-                        .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
-                        .await
-                        .map(|out| (out, (None, None))),
-                    Backend::Hcloud(_) | Backend::Proxmox(_) => unreachable!("refused above"),
-                };
-                Ok(match built {
-                    Ok((out, (cpu_p95, mem_p95_gb))) => Outcome::ImageBuilt {
-                        image_id: out.image_id,
-                        duration_ms: out.duration_ms,
-                        cpu_p95,
-                        mem_p95_gb,
-                    },
-                    Err(f) => Outcome::StepFailed {
-                        step: Step::Build,
-                        reason: f.reason,
-                        oom: f.oom,
-                    },
-                })
-            }
-            Effect::RecordMetrics { built } => {
+        };
+        if !secrets.is_empty() && matches!(backend, Backend::Ssh(_)) {
+            return Ok(failed(
+                Step::Build,
+                "secrets are not supported on ssh_pool runners yet: build on docker_local",
+            ));
+        }
+        let invocation = invocation(artifact, &context, secrets);
+        let built = match backend {
+            Backend::Local(p) => {
                 let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
                     return Err("a build without identity".into());
                 };
-                let record = MetricsRecord {
-                    workspace: ws.clone(),
-                    build_id: id.clone(),
-                    runner_type: state.runner_type,
-                    duration_ms: built.duration_ms,
-                    cpu_p95: built.cpu_p95,
-                    mem_p95_gb: built.mem_p95_gb,
-                };
-                // Metrics are advice for sizing: losing one must not fail a build.
-                let recorded = match &self.options.control {
-                    Some(control) => control.record_metrics(&record).await.map_err(|e| e.to_string()),
-                    None => {
-                        let value = serde_json::to_value(&record).expect("json");
-                        let key = format!("{ws}.{id}");
-                        self.bus.record_metrics(&key, &value).await.map_err(|e| e.to_string())
-                    }
-                };
-                if let Err(err) = recorded {
-                    tracing::warn!(%err, "metrics not recorded");
-                }
-                Ok(Outcome::MetricsRecorded {
-                    cpu_p95: built.cpu_p95,
-                    mem_p95_gb: built.mem_p95_gb,
-                })
-            }
-            Effect::DestroyRunner { lease_key } => {
-                if let Some(control) = &self.options.control {
-                    control.release(&lease_key).await.map_err(|e| e.to_string())?;
-                    if is_cloud(request.directives.compute_provider) {
-                        let staged = self.options.runners_dir.join("cloud-staging").join(lease_key.as_str());
-                        let _ = tokio::fs::remove_dir_all(staged).await;
-                    }
-                    return Ok(Outcome::RunnerDestroyed);
-                }
-                let lease = state
-                    .lease
-                    .as_ref()
-                    .filter(|l| l.key == lease_key)
-                    .ok_or("destroying a runner the build does not hold")?;
-                self.backend(request)?
-                    .destroy(&lease_key, lease.runner_type, lease.host.as_deref())
+                self.build_local(p, &lease.key, &invocation, subjects::progress(ws, id))
                     .await
-                    .map_err(|e| e.to_string())?;
-                Ok(Outcome::RunnerDestroyed)
             }
+            Backend::Ssh(p) => p
+                .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
+                .await
+                .map(|out| (out, (None, None))),
+            Backend::Hcloud(_) | Backend::Proxmox(_) => unreachable!("refused above"),
+        };
+        Ok(build_outcome(built))
+    }
+
+    async fn record_metrics(&self, state: &State, built: &Built) -> Result<Outcome, String> {
+        let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+            return Err("a build without identity".into());
+        };
+        let record = MetricsRecord {
+            workspace: ws.clone(),
+            build_id: id.clone(),
+            runner_type: state.runner_type,
+            duration_ms: built.duration_ms,
+            cpu_p95: built.cpu_p95,
+            mem_p95_gb: built.mem_p95_gb,
+        };
+        // Metrics are advice for sizing: losing one must not fail a build.
+        let recorded = match &self.options.control {
+            Some(control) => control.record_metrics(&record).await.map_err(|e| e.to_string()),
+            None => {
+                let value = serde_json::to_value(&record).expect("json");
+                let key = format!("{ws}.{id}");
+                self.bus.record_metrics(&key, &value).await.map_err(|e| e.to_string())
+            }
+        };
+        if let Err(err) = recorded {
+            tracing::warn!(%err, "metrics not recorded");
         }
+        Ok(Outcome::MetricsRecorded {
+            cpu_p95: built.cpu_p95,
+            mem_p95_gb: built.mem_p95_gb,
+        })
+    }
+
+    async fn destroy_runner(
+        &self,
+        state: &State,
+        request: &BuildRequest,
+        lease_key: LeaseKey,
+    ) -> Result<Outcome, String> {
+        if let Some(control) = &self.options.control {
+            control.release(&lease_key).await.map_err(|e| e.to_string())?;
+            if is_cloud(request.directives.compute_provider) {
+                let staged = self.options.runners_dir.join("cloud-staging").join(lease_key.as_str());
+                let _ = tokio::fs::remove_dir_all(staged).await;
+            }
+            return Ok(Outcome::RunnerDestroyed);
+        }
+        let lease = state
+            .lease
+            .as_ref()
+            .filter(|l| l.key == lease_key)
+            .ok_or("destroying a runner the build does not hold")?;
+        self.backend(request)?
+            .destroy(&lease_key, lease.runner_type, lease.host.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Outcome::RunnerDestroyed)
     }
 
     /// A build on a docker_local runner: parents into the lease's engine, usage sampled from
@@ -299,7 +318,7 @@ impl Worker {
         key: &LeaseKey,
         invocation: &BuildInvocation<'_>,
         progress_subject: String,
-    ) -> Result<(BuildOutput, (Option<f64>, Option<f64>)), BuildFailure> {
+    ) -> Result<(BuildOutput, Usage), BuildFailure> {
         let fail = |reason: String| BuildFailure { reason, oom: false };
         let builder = DockerBuilder {
             host: provider.docker_host(key).or_else(|| self.options.builder.host.clone()),
