@@ -7,12 +7,38 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Running, context_with, lian, text};
-use lian_test_support::{NatsServer, RawNats, docker_available, docker_cli};
+use lian_test_support::{NatsServer, RawNats, Sshd, docker_available, docker_cli};
 
 const SECRET: &str = "s3cr3t-sccache-7f3a9";
 
 #[test]
 fn a_secret_reaches_its_run_step_and_nothing_else() {
+    check_secret_build("docker_local", "", "lian-test/secret");
+}
+
+#[test]
+fn on_an_ssh_pool_host_a_secret_is_there_for_the_build_only() {
+    let sshd = Sshd::start();
+    let work_dir = tempfile::tempdir().unwrap();
+    let pool = format!(
+        "[[ssh_hosts]]\nname = \"loopback\"\naddress = \"127.0.0.1:{}\"\nuser = \"{}\"\nkey = \"{}\"\nhost_key = \"{}\"\ntier = \"cax41\"\nwork_dir = \"{}\"\n",
+        sshd.port,
+        sshd.user,
+        sshd.client_key.display(),
+        sshd.host_key,
+        work_dir.path().display()
+    );
+    check_secret_build("ssh_pool", &pool, "lian-test/secret-ssh");
+    let left: Vec<_> = std::fs::read_dir(work_dir.path()).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "nothing (no secret file) is left on the host: {left:?}"
+    );
+}
+
+/// A build on `provider` whose RUN step reads a secret: the step sees it, and the value is in
+/// no layer, no event, no `lian status` and no worker log; an unknown secret id fails the build.
+fn check_secret_build(provider: &str, extra_config: &str, image: &str) {
     assert!(
         docker_available(),
         "this test builds an image: start a Docker engine (see .ci/run)"
@@ -25,7 +51,7 @@ fn a_secret_reaches_its_run_step_and_nothing_else() {
     std::fs::write(
         &config,
         format!(
-            "build_network = \"none\"\n\n[secrets]\nsccache_creds = \"{}\"\n",
+            "build_network = \"none\"\n\n[secrets]\nsccache_creds = \"{}\"\n\n{extra_config}",
             secret.display()
         ),
     )
@@ -53,7 +79,7 @@ fn a_secret_reaches_its_run_step_and_nothing_else() {
         let json = serde_json::json!({
             "workspace": "sec",
             "artifact": {"image": image, "language": "other", "secrets": [secret_id]},
-            "compute_provider": "docker_local",
+            "compute_provider": provider,
             "registry_provider": "zot",
             "cache_policy": {"actor": "ci", "cache_from": [], "cache_to": []}
         });
@@ -71,21 +97,15 @@ fn a_secret_reaches_its_run_step_and_nothing_else() {
         ])
     };
 
-    let out = submit("lian-test/secret:latest", "sccache_creds");
+    let tagged = format!("{image}:latest");
+    let out = submit(&tagged, "sccache_creds");
     assert!(out.status.success(), "{}", text(&out));
     let build = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
     let done = format!("lian.sec.build.{build}.completed");
     wire.wait_for(Duration::from_secs(10), "completion", |m| m.subject == done);
 
     let run = Command::new(docker_cli())
-        .args([
-            "run",
-            "--rm",
-            "--network=none",
-            "lian-test/secret:latest",
-            "cat",
-            "/secret-length",
-        ])
+        .args(["run", "--rm", "--network=none", &tagged, "cat", "/secret-length"])
         .output()
         .unwrap();
     assert_eq!(
@@ -93,10 +113,7 @@ fn a_secret_reaches_its_run_step_and_nothing_else() {
         SECRET.len().to_string(),
         "the RUN step read the secret"
     );
-    let saved = Command::new(docker_cli())
-        .args(["save", "lian-test/secret:latest"])
-        .output()
-        .unwrap();
+    let saved = Command::new(docker_cli()).args(["save", &tagged]).output().unwrap();
     assert!(saved.status.success());
     assert!(!contains(&saved.stdout, SECRET.as_bytes()), "the secret is in no layer");
     assert!(
@@ -106,7 +123,7 @@ fn a_secret_reaches_its_run_step_and_nothing_else() {
     let status = lian(&["--nats-url", &server.url, "status", &build, "--json"]);
     assert!(!text(&status).contains(SECRET));
 
-    let unknown = submit("lian-test/secret-unknown:latest", "nope");
+    let unknown = submit(&format!("{image}-unknown:latest"), "nope");
     assert!(!unknown.status.success());
     assert!(
         text(&unknown).contains("secret nope is not configured on this worker"),

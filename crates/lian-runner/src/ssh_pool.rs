@@ -2,7 +2,8 @@
 //! directory `<work_dir>/<lease-key>` on one host, chosen deterministically from the lease
 //! key among the hosts big enough for the tier, so a worker that takes over a build finds
 //! the same host. The context is synced incrementally; the build runs on the host's Docker
-//! engine BuildKit; destroy removes the directory.
+//! engine BuildKit, with the build's secrets put beside the context for the length of the
+//! build; destroy removes the directory.
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use lian_core::sizing::RunnerType;
 use serde::{Deserialize, Serialize};
 
 use crate::docker_build::failure;
-use crate::ssh::{SshSession, SshTarget};
+use crate::ssh::{SshSession, SshTarget, shell_quote};
 use crate::sync::{SyncStats, sync_dir};
 use crate::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, Runner, RunnerError};
 
@@ -164,15 +165,31 @@ impl SshPool {
         };
         let iid = format!("{dir}/image.iid");
         let context = PathBuf::from(&dir).join("context");
+        // Secrets go beside the context (never in it), readable by the lease's user only,
+        // for the length of the build; destroy removes the lease directory in any case.
+        let secret_dir = format!("{dir}/secrets");
+        let remote_secrets = match Self::put_secrets(&session, &secret_dir, &spec.secrets).await {
+            Ok(paths) => paths,
+            Err(reason) => {
+                let _ = session.exec(&["rm", "-rf", "--", &secret_dir], &[]).await;
+                session.close().await;
+                return Err(fail(reason));
+            }
+        };
         let remote_spec = BuildInvocation {
             context: &context,
+            secrets: remote_secrets.iter().map(|(id, p)| (*id, p.as_path())).collect(),
             ..spec.clone()
         };
         let mut argv: Vec<String> = vec!["env".into(), "DOCKER_BUILDKIT=1".into(), host.docker_cli.clone()];
         argv.extend(builder.args(&remote_spec, std::path::Path::new(&iid)));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let started = Instant::now();
-        let out = session.exec(&argv, &[]).await.map_err(|e| fail(e.to_string()))?;
+        let out = session.exec(&argv, &[]).await;
+        if !remote_secrets.is_empty() {
+            let _ = session.exec(&["rm", "-rf", "--", &secret_dir], &[]).await;
+        }
+        let out = out.map_err(|e| fail(e.to_string()))?;
         if out.status != 0 {
             session.close().await;
             let log = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
@@ -189,6 +206,44 @@ impl SshPool {
             image_id: String::from_utf8_lossy(&id.stdout).trim().to_string(),
             duration_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Puts each secret's value in `<secret_dir>/<id>` on the host (through the SSH channel's
+    /// stdin, under umask 077) and returns where. A failure names the secret, never its value.
+    async fn put_secrets<'a>(
+        session: &SshSession,
+        secret_dir: &str,
+        secrets: &[(&'a str, &std::path::Path)],
+    ) -> Result<Vec<(&'a str, PathBuf)>, String> {
+        let mut placed = Vec::with_capacity(secrets.len());
+        if secrets.is_empty() {
+            return Ok(placed);
+        }
+        let made = session
+            .exec(&["mkdir", "-p", "-m", "700", "--", secret_dir], &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        if made.status != 0 {
+            return Err(format!(
+                "cannot make {secret_dir} on the host: {}",
+                String::from_utf8_lossy(&made.stderr).trim()
+            ));
+        }
+        for (id, file) in secrets {
+            let value = tokio::fs::read(file)
+                .await
+                .map_err(|e| format!("secret {id}: cannot read {}: {e}", file.display()))?;
+            let path = format!("{secret_dir}/{id}");
+            let out = session
+                .exec_line(&format!("umask 077 && cat > {}", shell_quote(&path)), &value)
+                .await
+                .map_err(|e| format!("secret {id}: {e}"))?;
+            if out.status != 0 {
+                return Err(format!("secret {id}: cannot write it on the host"));
+            }
+            placed.push((*id, PathBuf::from(path)));
+        }
+        Ok(placed)
     }
 
     /// Removes the lease from its host; a lease that is gone is destroyed already.

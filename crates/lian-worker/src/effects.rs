@@ -197,7 +197,7 @@ impl Worker {
             if !secrets.is_empty() {
                 return Ok(failed(
                     Step::Build,
-                    "secrets are not supported on hcloud and proxmox runners yet: build on docker_local",
+                    "secrets are not supported on hcloud and proxmox runners yet: build on docker_local or ssh_pool",
                 ));
             }
             let runner = match self.cloud_runner(request, &lease.key, Step::Build).await? {
@@ -229,12 +229,6 @@ impl Worker {
                 ));
             }
         };
-        if !secrets.is_empty() && matches!(backend, Backend::Ssh(_)) {
-            return Ok(failed(
-                Step::Build,
-                "secrets are not supported on ssh_pool runners yet: build on docker_local",
-            ));
-        }
         let invocation = invocation(artifact, &context, secrets);
         let built = match backend {
             Backend::Local(p) => {
