@@ -20,6 +20,7 @@ use crate::buildctl::{Buildctl, Outputs, image_digest};
 use crate::docker_build::failure;
 use crate::progress::{StepProgress, StepState, parse_rawjson};
 use crate::ssh::{SshError, SshSession, SshTarget};
+use crate::ssh_pool::HostBuilder;
 use crate::sync::{SyncStats, sync_dir};
 use crate::{BuildFailure, BuildInvocation, BuildOutput, RunnerError, SshHost};
 
@@ -76,26 +77,35 @@ impl CloudRunner {
         } else {
             format!("{}:{port}", lease.host)
         };
-        Ok(Self {
-            host: SshHost {
-                name: format!("{}:{}", lease.provider.as_str(), lease.host),
-                target: SshTarget {
-                    address,
-                    user: RUNNER_USER.into(),
-                    key: client_key.to_path_buf(),
-                    host_key: host_key.to_string(),
-                },
-                tier: lease.runner_type,
-                work_dir: WORK_DIR.into(),
-                docker_cli: String::new(),
+        let host = SshHost {
+            name: format!("{}:{}", lease.provider.as_str(), lease.host),
+            target: SshTarget {
+                address,
+                user: RUNNER_USER.into(),
+                key: client_key.to_path_buf(),
+                host_key: host_key.to_string(),
             },
+            tier: lease.runner_type,
+            work_dir: WORK_DIR.into(),
+            docker_cli: String::new(),
+            builder: HostBuilder::Buildctl,
+            buildkit_addr: BUILDKIT_ADDR.into(),
+        };
+        Ok(Self::on_host(&key, &host, staging_root))
+    }
+
+    /// The lease `key` on a host reached over SSH whose builder is buildkitd (a cloud
+    /// runner, or an ssh pool host with `builder = "buildctl"`).
+    pub fn on_host(key: &LeaseKey, host: &SshHost, staging_root: &Path) -> Self {
+        Self {
+            key: key.clone(),
+            host: host.clone(),
             staging: staging_root.join(key.as_str()),
             buildctl: Buildctl {
                 cli: "buildctl".into(),
-                addr: BUILDKIT_ADDR.into(),
+                addr: host.buildkit_addr.clone(),
             },
-            key,
-        })
+        }
     }
 
     /// The same runner reached as another user with another work directory (a test sshd
@@ -184,7 +194,7 @@ impl CloudRunner {
         let fail = |reason: String| BuildFailure { reason, oom: false };
         if !spec.secrets.is_empty() {
             return Err(fail(
-                "secrets are not supported on cloud runners yet: build on docker_local".into(),
+                "secrets are not supported with buildctl builders yet: build on docker_local or an ssh_pool host whose builder is docker".into(),
             ));
         }
         let started = Instant::now();

@@ -25,7 +25,7 @@ pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder
 pub use docker_local::{DockerLocal, Isolation};
 pub use hcloud::{Hcloud, HcloudConfig};
 pub use proxmox::{Proxmox, ProxmoxConfig};
-pub use ssh_pool::{SshHost, SshPool};
+pub use ssh_pool::{HostBuilder, SshHost, SshPool};
 pub use usage::Sampler;
 
 use lian_core::LeaseKey;

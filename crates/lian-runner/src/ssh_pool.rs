@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::docker_build::failure;
 use crate::ssh::{SshSession, SshTarget, shell_quote};
 use crate::sync::{SyncStats, sync_dir};
-use crate::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, Runner, RunnerError};
+use crate::{BuildFailure, BuildInvocation, BuildOutput, CloudRunner, DockerBuilder, Runner, RunnerError};
 
 /// One host of the pool, as configured (`[[ssh_hosts]]` in lian.toml).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,24 @@ pub struct SshHost {
     pub work_dir: String,
     #[serde(default = "default_docker")]
     pub docker_cli: String,
+    /// How builds run there: `docker` (its Docker engine's BuildKit, the default) or
+    /// `buildctl` (its buildkitd at `buildkit_addr`; the image is pushed).
+    #[serde(default)]
+    pub builder: HostBuilder,
+    #[serde(default = "default_buildkit_addr")]
+    pub buildkit_addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostBuilder {
+    #[default]
+    Docker,
+    Buildctl,
+}
+
+fn default_buildkit_addr() -> String {
+    crate::cloud::BUILDKIT_ADDR.into()
 }
 
 fn default_work_dir() -> String {
@@ -145,7 +163,8 @@ impl SshPool {
         stats
     }
 
-    /// Builds on the host with its Docker engine's BuildKit.
+    /// Builds on the host with its builder: the Docker engine's BuildKit, or buildkitd
+    /// through `buildctl` (as on a cloud runner).
     pub async fn build(
         &self,
         key: &LeaseKey,
@@ -156,6 +175,11 @@ impl SshPool {
         let host = self
             .by_name(host_name)
             .ok_or_else(|| fail(unknown_host(key, host_name).to_string()))?;
+        if host.builder == HostBuilder::Buildctl {
+            return CloudRunner::on_host(key, host, &self.staging)
+                .build(spec, &mut |_| {})
+                .await;
+        }
         let session = Self::session(host, key).await.map_err(|e| fail(e.to_string()))?;
         let dir = Self::dir(host, key);
         let builder = DockerBuilder {
@@ -277,5 +301,46 @@ fn unknown_host(key: &LeaseKey, name: &str) -> RunnerError {
     RunnerError::Remote {
         lease_key: key.clone(),
         message: format!("host {name} is not in this worker's ssh pool (ssh_hosts in lian.toml)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(toml_extra: &str) -> SshHost {
+        let json = format!(
+            r#"{{"name":"b1","address":"10.0.0.5:22","user":"lian","key":"/k","host_key":"ssh-ed25519 AAAA","tier":"cax31"{toml_extra}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn a_host_builds_with_docker_unless_it_names_buildctl() {
+        assert_eq!(host("").builder, HostBuilder::Docker);
+        let bk = host(r#","builder":"buildctl","buildkit_addr":"tcp://127.0.0.1:1234""#);
+        assert_eq!(bk.builder, HostBuilder::Buildctl);
+        let key = LeaseKey::new("b1-r1").unwrap();
+        let runner = CloudRunner::on_host(&key, &bk, std::path::Path::new("/tmp/staging"));
+        let spec = BuildInvocation {
+            context: std::path::Path::new("/tmp/staging/b1-r1"),
+            dockerfile: "Dockerfile",
+            image: "registry.example/ws/app:1",
+            target: None,
+            build_args: vec![],
+            secrets: vec![],
+        };
+        let argv = runner.build_argv(&spec);
+        assert_eq!(argv[0], "buildctl");
+        let addr = argv.iter().position(|a| a == "--addr").expect("--addr");
+        assert_eq!(argv[addr + 1], "tcp://127.0.0.1:1234");
+        assert!(
+            argv.iter().any(|a| a == "context=/tmp/lian-runners/b1-r1/context"),
+            "the lease's directory on the host: {argv:?}"
+        );
+        let unknown = serde_json::to_string(&host(""))
+            .unwrap()
+            .replace(r#""builder":"docker""#, r#""builder":"podman""#);
+        assert!(serde_json::from_str::<SshHost>(&unknown).is_err(), "{unknown}");
     }
 }
