@@ -4,11 +4,13 @@
 //! half the lease records for workers to pin; a refusal by the provider is a 502 with its
 //! own message and leaves nothing behind; the tokens appear nowhere.
 
-use std::fs::File;
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::Running;
 
 use lian_test_support::{
     FakeHcloud, FakeProxmox, HcloudBehaviour, NatsServer, ProxmoxBehaviour, free_port, http, lian_bin, workspace_root,
@@ -18,12 +20,11 @@ const TOKEN: &str = "test-control-token-c10d";
 const CLIENT_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient lian-worker";
 const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key";
 
-/// A `lian control` with its stdout and stderr in files, stopped with SIGTERM on drop.
+/// A `lian control` at debug level, its log (stderr) in a file.
 struct Control {
-    child: Option<Child>,
+    running: Running,
     url: String,
-    out: PathBuf,
-    err: PathBuf,
+    log: PathBuf,
 }
 
 impl Control {
@@ -31,77 +32,41 @@ impl Control {
         let config_file = dir.join(format!("{name}.toml"));
         std::fs::write(&config_file, config).unwrap();
         let state = dir.join(format!("{name}-state"));
-        let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
-        let port = free_port();
-        let child = Command::new(lian_bin())
-            .current_dir(workspace_root())
-            .args(["--nats-url", &nats.url, "--config", config_file.to_str().unwrap()])
-            .args(["control", "--name", name, "--state-dir", state.to_str().unwrap()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("LIAN_LOG", "debug")
-            .env("LIAN_CONTROL_TOKEN", TOKEN)
-            .envs(env.iter().copied())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("lian starts");
-        let mut control = Self {
-            child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
-            out,
-            err,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = control.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lian control exited ({status}): {}", control.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lian control did not listen: {}",
-                control.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        control
+        let log = dir.join(format!("{name}.log"));
+        let env: Vec<(&str, &str)> = [("LIAN_LOG", "debug"), ("LIAN_CONTROL_TOKEN", TOKEN)]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        let running = Running::start_logged(
+            &[
+                "--nats-url",
+                &nats.url,
+                "--config",
+                config_file.to_str().unwrap(),
+                "control",
+                "--name",
+                name,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &env,
+            &log,
+            "serving http://",
+        );
+        let url = running.served_url();
+        Self { running, url, log }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> lian_test_support::HttpAnswer {
         http(method, &format!("{}{path}", self.url), Some(TOKEN), body)
     }
 
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default() + &std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
     /// Stops it and answers everything it printed.
-    fn stop(mut self) -> String {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        self.logs()
-    }
-}
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn stop(self) -> String {
+        let stdout = self.running.stop().join("\n");
+        stdout + "\n" + &std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

@@ -234,22 +234,6 @@ fn workers_lease_and_record_through_the_control_plane_and_it_reaps_what_is_left(
     assert!(runners_left(fleet.state.path()).is_empty());
 }
 
-/// Polls the control plane's Prometheus text until `pred` holds, for at most 60 s.
-fn wait_for_metrics(url: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = http("GET", &format!("{url}/metrics"), Some(TOKEN), None).body;
-        if pred(&text) {
-            return text;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} within 60 s; last:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
     let fleet = Fleet::new("ctl");
@@ -259,15 +243,25 @@ fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
             .iter()
             .all(|t| text.contains(&warm(t, 1)))
     };
+    let mut wire = fleet.wire();
     let (control, url) = fleet.control(TOKEN, &[("LIAN_WARM_POOL", "1"), ("LIAN_MEMORY_SCALE", "0.03125")]);
-    wait_for_metrics(&url, "one warm engine per tier", all_warm);
-    let slots_before: Vec<String> = std::fs::read_dir(fleet.state.path().join("runners/.warm"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("w-"))
+    // Each engine the pool starts is announced on lian._pool.<tier>.ready.
+    let ready = |wire: &mut lian_test_support::RawNats, tier: &str, not: &[String]| {
+        let subject = format!("lian._pool.{tier}.ready");
+        let notice = wire.wait_for(Duration::from_secs(60), &subject, |m| {
+            m.subject == subject && !not.iter().any(|s| m.json()["slot"] == s.as_str())
+        });
+        notice.json()["slot"].as_str().unwrap().to_string()
+    };
+    let slots_before: Vec<String> = ["cax11", "cax21", "cax31", "cax41"]
+        .iter()
+        .map(|tier| ready(&mut wire, tier, &[]))
         .collect();
-    assert_eq!(slots_before.len(), 4, "{slots_before:?}");
+    let prometheus = || http("GET", &format!("{url}/metrics"), Some(TOKEN), None).body;
+    assert!(all_warm(&prometheus()), "{}", prometheus());
+    for slot in &slots_before {
+        assert!(fleet.state.path().join("runners/.warm").join(slot).is_dir(), "{slot}");
+    }
 
     let leased = http(
         "POST",
@@ -294,7 +288,9 @@ fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
     assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
 
     // The pool is topped up behind the lease.
-    wait_for_metrics(&url, "the cax11 pool refilled", all_warm);
+    let refill = ready(&mut wire, "cax11", &slots_before);
+    assert_ne!(refill, slot);
+    assert!(all_warm(&prometheus()), "{}", prometheus());
 
     let released = http("DELETE", &format!("{url}/api/v1/vm-pool/warm1-r1"), Some(TOKEN), None);
     assert_eq!(released.status, 204, "{released:?}");

@@ -70,6 +70,7 @@ fn check_secret_build(provider: &str, extra_config: &str, image: &str) {
         ],
         &[("LIAN_LOG", "debug,async_nats=warn")],
         &log,
+        "",
     );
     let mut wire = RawNats::subscribe(server.port, "lian.>");
     let context =

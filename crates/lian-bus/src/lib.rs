@@ -65,6 +65,25 @@ impl Bus {
             .map_err(|e| BusError::nats("publish", e))
     }
 
+    /// Publishes every value sent into the returned channel on core NATS, on the subject
+    /// `subject` names for it, until the sender is dropped; await the task to know every
+    /// value went out. For live notices sent from code that cannot await.
+    pub fn publisher<T: serde::Serialize + Send + Sync + 'static>(
+        &self,
+        subject: impl Fn(&T) -> String + Send + 'static,
+    ) -> (tokio::sync::mpsc::UnboundedSender<T>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<T>();
+        let bus = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(value) = rx.recv().await {
+                if let Err(err) = bus.publish_core(&subject(&value), &value).await {
+                    tracing::debug!(%err, "live notice not published");
+                }
+            }
+        });
+        (tx, task)
+    }
+
     /// Waits until everything published so far reached the server.
     pub async fn flush(&self) -> Result<(), BusError> {
         self.client.flush().await.map_err(|e| BusError::nats("flush", e))

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lian_bus::Bus;
-use lian_runner::Providers;
+use lian_core::subjects;
+use lian_runner::{Providers, WarmEngine};
 
 #[derive(Debug, Clone)]
 pub struct ControlOptions {
@@ -67,9 +68,12 @@ pub async fn run(
         })
     };
     let local = app.options.providers.docker_local.clone();
-    let pool = local
-        .clone()
-        .map(|p| tokio::spawn(async move { p.keep_pool_warm().await }));
+    let pool = local.clone().map(|p| {
+        let (ready, _) = app
+            .bus
+            .publisher(|e: &WarmEngine| subjects::warm_engine_ready(e.runner_type));
+        tokio::spawn(async move { p.keep_pool_warm(ready).await })
+    });
     tracing::info!(addr = ?listener.local_addr().ok(), "control plane serving");
     let served = axum::serve(listener, api::router(app))
         .with_graceful_shutdown(shutdown)

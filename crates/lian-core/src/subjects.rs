@@ -62,6 +62,12 @@ pub fn reaped(ws: &Workspace, lease: &crate::LeaseKey) -> String {
     format!("{PREFIX}.{ws}.reaped.{lease}")
 }
 
+/// Where a host announces a warm docker_local engine ready for a lease (core NATS only).
+/// `_pool` starts with '_', which no workspace may: it never meets a workspace's subjects.
+pub fn warm_engine_ready(tier: crate::sizing::RunnerType) -> String {
+    format!("{PREFIX}._pool.{}.ready", tier.as_str())
+}
+
 /// The workspace token of a request subject `lian.<ws>.build.request`, unvalidated.
 pub fn workspace_token(subject: &str) -> Option<&str> {
     let mut parts = subject.split('.');

@@ -27,6 +27,7 @@ pub use hcloud::{Hcloud, HcloudConfig};
 pub use proxmox::{Proxmox, ProxmoxConfig};
 pub use ssh_pool::{HostBuilder, SshHost, SshPool};
 pub use usage::Sampler;
+pub use warm_pool::WarmEngine;
 
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;

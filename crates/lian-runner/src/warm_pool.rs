@@ -24,6 +24,13 @@ const READY: &str = "ready";
 /// after this long.
 const CLAIM_GRACE: Duration = Duration::from_secs(60);
 
+/// An engine the pool started and marked ready.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WarmEngine {
+    pub runner_type: RunnerType,
+    pub slot: String,
+}
+
 /// An exclusive `flock` on a file, released when dropped.
 struct PoolLock {
     _file: std::fs::File,
@@ -128,15 +135,17 @@ impl DockerLocal {
 
     /// One pass: stops engines nobody holds (dead ones, and taken ones whose lease was
     /// never recorded), then starts engines until every tier has `warm_pool` ready.
-    pub async fn maintain_pool(&self) -> Result<(), String> {
+    /// Returns the engines it started.
+    pub async fn maintain_pool(&self) -> Result<Vec<WarmEngine>, String> {
+        let mut started = Vec::new();
         let size = self.pool_size() as usize;
         if size == 0 {
-            return Ok(());
+            return Ok(started);
         }
         let root = self.warm_root();
         std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         let Some(_lock) = PoolLock::try_take(&root.join(".lock")).map_err(|e| e.to_string())? else {
-            return Ok(());
+            return Ok(started);
         };
         let held = self.held();
         for slot in self.slots(None) {
@@ -164,19 +173,27 @@ impl DockerLocal {
                 }
                 std::fs::write(root.join(&slot).join(READY), b"").map_err(|e| format!("{slot}: {e}"))?;
                 tracing::debug!(%slot, "warm engine ready");
+                started.push(WarmEngine {
+                    runner_type: tier,
+                    slot,
+                });
             }
         }
-        Ok(())
+        Ok(started)
     }
 
-    /// Keeps the pool topped up, forever (run it as a task; abort it, then `drain_pool`).
-    pub async fn keep_pool_warm(&self) {
+    /// Keeps the pool topped up, forever (run it as a task; abort it, then `drain_pool`);
+    /// each engine it starts is sent to `ready`.
+    pub async fn keep_pool_warm(&self, ready: tokio::sync::mpsc::UnboundedSender<WarmEngine>) {
         if self.pool_size() == 0 {
             return;
         }
         loop {
-            if let Err(err) = self.maintain_pool().await {
-                tracing::warn!(%err, "warm pool not topped up");
+            match self.maintain_pool().await {
+                Ok(started) => started.into_iter().for_each(|e| {
+                    let _ = ready.send(e);
+                }),
+                Err(err) => tracing::warn!(%err, "warm pool not topped up"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

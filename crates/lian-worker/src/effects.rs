@@ -359,16 +359,7 @@ impl Worker {
         tokio::sync::mpsc::UnboundedSender<StepProgress>,
         tokio::task::JoinHandle<()>,
     ) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StepProgress>();
-        let bus = self.bus.clone();
-        let forward = tokio::spawn(async move {
-            while let Some(step) = rx.recv().await {
-                if let Err(err) = bus.publish_core(&subject, &step).await {
-                    tracing::debug!(%err, "step progress not published");
-                }
-            }
-        });
-        (tx, forward)
+        self.bus.publisher(move |_| subject.clone())
     }
 
     /// The request's context downloaded into `dest`, emptied first: a resumed sync starts

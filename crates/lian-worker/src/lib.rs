@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lian_bus::Bus;
+use lian_core::subjects;
 use lian_nickel::Schemas;
-use lian_runner::{ControlClient, DockerBuilder, Isolation, Providers, SshHost};
+use lian_runner::{ControlClient, DockerBuilder, Isolation, Providers, SshHost, WarmEngine};
 
 pub use intake::MAX_REQUEST_BYTES;
 
@@ -95,7 +96,11 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
     let pool = match (&worker.providers.docker_local, &worker.options.control) {
         (Some(local), None) => {
             let p = local.clone();
-            Some((tokio::spawn(async move { p.keep_pool_warm().await }), local.clone()))
+            let (ready, _) = bus.publisher(|e: &WarmEngine| subjects::warm_engine_ready(e.runner_type));
+            Some((
+                tokio::spawn(async move { p.keep_pool_warm(ready).await }),
+                local.clone(),
+            ))
         }
         _ => None,
     };

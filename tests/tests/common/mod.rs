@@ -37,6 +37,8 @@ pub fn text(out: &Output) -> String {
 pub struct Running {
     child: Option<Child>,
     pub stdout_lines: Vec<String>,
+    /// What it prints on stdout after `ready`, read by `stop`.
+    rest: std::sync::mpsc::Receiver<String>,
 }
 
 impl Running {
@@ -51,9 +53,9 @@ impl Running {
     }
 
     /// Like `start_with`, with the process's log (stderr) written to `log`.
-    pub fn start_logged(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+    pub fn start_logged(args: &[&str], env: &[(&str, &str)], log: &Path, ready: &str) -> Self {
         let file = std::fs::File::create(log).expect("a log file");
-        Self::spawn(command(args, env).stderr(file), args, "")
+        Self::spawn(command(args, env).stderr(file), args, ready)
     }
 
     fn spawn(cmd: &mut Command, args: &[&str], ready: &str) -> Self {
@@ -87,22 +89,23 @@ impl Running {
         Self {
             child: Some(child),
             stdout_lines: lines,
+            rest: rx,
         }
     }
-}
 
-impl Running {
-    /// SIGKILL: the process gets no chance to clean up, as in a crash.
-    pub fn kill9(mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+    /// Stops it as `drop` does and returns every line it printed on stdout.
+    pub fn stop(mut self) -> Vec<String> {
+        self.terminate();
+        let mut lines = std::mem::take(&mut self.stdout_lines);
+        // The reader thread ends at the exited process's end of file.
+        while let Ok(line) = self.rest.recv_timeout(Duration::from_secs(10)) {
+            lines.push(line);
         }
+        lines
     }
-}
 
-impl Drop for Running {
-    fn drop(&mut self) {
+    /// SIGTERM, as Ctrl-C; waits (20 s at most) for the exit, then SIGKILL.
+    fn terminate(&mut self) {
         let Some(mut child) = self.child.take() else { return };
         let pid = child.id() as i32;
         // SAFETY: signalling our own child.
@@ -122,6 +125,32 @@ impl Drop for Running {
             }
         }
         let _ = waiter.join();
+    }
+
+    /// The URL a `lian control` printed it serves on.
+    pub fn served_url(&self) -> String {
+        let line = self
+            .stdout_lines
+            .iter()
+            .find(|l| l.contains("serving http://"))
+            .expect("a control plane that said where it serves");
+        line[line.find("http://").unwrap()..].trim().to_string()
+    }
+}
+
+impl Running {
+    /// SIGKILL: the process gets no chance to clean up, as in a crash.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
@@ -277,8 +306,7 @@ impl Fleet {
             &env,
             "serving http://",
         );
-        let line = control.stdout_lines.last().unwrap();
-        let url = line[line.find("http://").unwrap()..].trim().to_string();
+        let url = control.served_url();
         (control, url)
     }
 
