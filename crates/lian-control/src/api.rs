@@ -122,8 +122,8 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
     match backend.spawn(&key, lease.runner_type).await {
         Ok(spawned) => {
             lease.state = LeaseState::Ready;
-            lease.host = spawned.runner.host;
-            lease.provider_id = spawned.runner.lease_id;
+            lease.host = spawned.host;
+            lease.provider_id = spawned.lease_id;
             lease.host_key = spawned.host_key;
             lease.ssh_port = spawned.ssh_port;
             if let Err(e) = app.bus.record_lease(&lease).await {

@@ -183,6 +183,8 @@ impl DockerLocal {
             },
             host: "local".into(),
             runner_type,
+            host_key: None,
+            ssh_port: None,
         }
     }
 

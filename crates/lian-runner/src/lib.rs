@@ -41,27 +41,11 @@ pub struct Runner {
     /// Where the runner is reached ("local" for docker_local).
     pub host: String,
     pub runner_type: RunnerType,
-}
-
-/// A runner as spawned, with how to reach a cloud runner over SSH.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Spawned {
-    pub runner: Runner,
     /// The public host key the runner was given for this lease (`ssh-ed25519 AAAA...`): the
     /// only one a client may accept from it. `None` for docker_local and ssh_pool.
     pub host_key: Option<String>,
-    /// The port its sshd answers on at `runner.host`. `None` for docker_local and ssh_pool.
+    /// The port its sshd answers on at `host`. `None` for docker_local and ssh_pool.
     pub ssh_port: Option<u16>,
-}
-
-impl From<Runner> for Spawned {
-    fn from(runner: Runner) -> Self {
-        Self {
-            runner,
-            host_key: None,
-            ssh_port: None,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +97,7 @@ pub enum Backend<'a> {
 impl Backend<'_> {
     /// Finds the runner leased under `key`, or creates it. A cloud runner is given a host
     /// key pair generated here for the lease; its public half comes back to be pinned.
-    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Spawned, RunnerError> {
+    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Runner, RunnerError> {
         let host_keys = || {
             ssh::generate_host_key(&format!("lian-runner {key}")).map_err(|source| RunnerError::Io {
                 op: "generate a host key for",
@@ -122,20 +106,18 @@ impl Backend<'_> {
             })
         };
         match self {
-            Backend::Local(p) => p.spawn(key, tier).await.map(Spawned::from),
-            Backend::Ssh(p) => p.spawn(key, tier).await.map(Spawned::from),
+            Backend::Local(p) => p.spawn(key, tier).await,
+            Backend::Ssh(p) => p.spawn(key, tier).await,
             Backend::Hcloud(p) => {
                 let server = p
                     .spawn(key, tier, &host_keys()?)
                     .await
                     .map_err(|e| remote(key)(e.to_string()))?;
-                Ok(Spawned {
-                    runner: Runner {
-                        lease_key: key.clone(),
-                        lease_id: format!("hcloud:{}", server.id),
-                        host: server.ip,
-                        runner_type: tier,
-                    },
+                Ok(Runner {
+                    lease_key: key.clone(),
+                    lease_id: format!("hcloud:{}", server.id),
+                    host: server.ip,
+                    runner_type: tier,
                     host_key: server.host_key,
                     ssh_port: Some(p.ssh_port()),
                 })
@@ -146,13 +128,11 @@ impl Backend<'_> {
                     .spawn(key, tier, &pair)
                     .await
                     .map_err(|e| remote(key)(e.to_string()))?;
-                Ok(Spawned {
-                    runner: Runner {
-                        lease_key: key.clone(),
-                        lease_id: format!("proxmox:{}/{}", vm.node, vm.vmid),
-                        host: vm.ip,
-                        runner_type: tier,
-                    },
+                Ok(Runner {
+                    lease_key: key.clone(),
+                    lease_id: format!("proxmox:{}/{}", vm.node, vm.vmid),
+                    host: vm.ip,
+                    runner_type: tier,
                     host_key: Some(pair.public_key),
                     ssh_port: Some(p.ssh_port()),
                 })

@@ -142,6 +142,8 @@ impl SshPool {
             lease_id: format!("ssh_pool:{}:{key}", host.name),
             host: host.name.clone(),
             runner_type: tier,
+            host_key: None,
+            ssh_port: None,
         })
     }
 

@@ -130,8 +130,8 @@ impl Worker {
         };
         Ok(match spawned {
             Ok(s) => Outcome::RunnerLeased {
-                lease_id: s.runner.lease_id,
-                host: s.runner.host,
+                lease_id: s.lease_id,
+                host: s.host,
             },
             Err(e) => failed(Step::SpawnRunner, e.to_string()),
         })
