@@ -12,6 +12,9 @@ pub enum BusError {
     Decode { what: String, source: serde_json::Error },
     #[error("build context {path}: {why}")]
     Context { path: PathBuf, why: String },
+    /// A context over the abuse limits, refused before any byte travelled.
+    #[error("build context refused: {why}")]
+    ContextLimit { why: String },
     #[error("context object {name} is missing from the store: submit the build again")]
     MissingObject { name: String },
     #[error("i/o on {path}: {source}")]

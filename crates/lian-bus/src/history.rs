@@ -106,8 +106,15 @@ impl Bus {
         layer: Option<lian_core::LayerName>,
         cascade: Option<lian_core::CascadeRef>,
         build_id: &lian_core::BuildId,
+        limits: &crate::ContextLimits,
+        progress: &mut (dyn FnMut(crate::UploadProgress) + Send),
     ) -> Result<(Appended, lian_core::ContextRef, crate::UploadStats), BusError> {
-        let (context, uploaded) = self.upload_context(context_dir).await?;
+        let keep = [
+            directives.artifact.dockerfile.as_str(),
+            ".dockerignore",
+            ".build-spec.ncl",
+        ];
+        let (context, uploaded) = self.upload_context(context_dir, &keep, limits, progress).await?;
         let request = lian_core::BuildRequest {
             build_id: Some(build_id.clone()),
             directives,

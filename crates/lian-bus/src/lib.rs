@@ -1,6 +1,6 @@
 //! The only owner of NATS: the JetStream topology (streams, consumers, key-value, object
 //! store), appends with dedup, history reads, the work queue with heartbeats, and build
-//! contexts in the object store. Callers speak in subjects and serde values; nobody else
+//! contexts as content-addressed chunks. Callers speak in subjects and serde values; nobody else
 //! imports async-nats.
 
 mod context;
@@ -9,7 +9,9 @@ mod history;
 mod topology;
 mod work;
 
-pub use context::{Manifest, ManifestEntry, UploadStats};
+pub use context::{
+    ContextLimits, Downloaded, EntryKind, LimitKind, Manifest, ManifestEntry, StoreState, UploadProgress, UploadStats,
+};
 pub use error::BusError;
 pub use history::{After, Appended, Record};
 pub use topology::Topology;

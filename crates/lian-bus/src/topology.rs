@@ -71,7 +71,20 @@ impl Bus {
             num_replicas: t.replicas,
             ..Default::default()
         };
-        for config in [requests, events, control] {
+        let contexts = stream::Config {
+            name: crate::context::STREAM.into(),
+            description: Some("build contexts: content-addressed chunks and their completion markers".into()),
+            subjects: vec![crate::context::STREAM_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            // Content-addressed: a second write of a chunk replaces the first, never adds.
+            max_messages_per_subject: 1,
+            max_age: crate::context::RETENTION,
+            allow_direct: true,
+            num_replicas: t.replicas,
+            ..Default::default()
+        };
+        for config in [requests, events, control, contexts] {
             self.js
                 .create_or_update_stream(config)
                 .await
@@ -110,18 +123,6 @@ impl Bus {
             )
             .await
             .map_err(|e| BusError::nats("create cascade consumer", e))?;
-        if self.js.get_object_store(subjects::CONTEXT_BUCKET).await.is_err() {
-            self.js
-                .create_object_store(jetstream::object_store::Config {
-                    bucket: subjects::CONTEXT_BUCKET.into(),
-                    description: Some("build contexts, one object per file content".into()),
-                    storage: stream::StorageType::File,
-                    num_replicas: t.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| BusError::nats("create context store", e))?;
-        }
         for (bucket, description) in [
             (
                 subjects::METRICS_BUCKET,

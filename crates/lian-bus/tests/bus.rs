@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lian_bus::{After, Bus, BusError, Topology};
+use lian_bus::{After, Bus, BusError, ContextLimits, Topology};
 use lian_test_support::NatsServer;
 
 async fn bus(server: &NatsServer) -> Bus {
@@ -114,20 +114,23 @@ async fn an_unchanged_context_is_not_uploaded_twice() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path().join("bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let (ctx, first) = bus.upload_context(dir.path()).await.unwrap();
+    let (ctx, first) = upload(&bus, dir.path()).await;
     assert_eq!((ctx.files, first.uploaded_files), (2, 2));
-    let (again, second) = bus.upload_context(dir.path()).await.unwrap();
-    assert_eq!(again, ctx, "same content, same manifest");
+    let (again, second) = upload(&bus, dir.path()).await;
+    assert_eq!(again.manifest, ctx.manifest, "same content, same manifest");
     assert_eq!(second.uploaded_files, 0, "nothing travels twice");
 
     std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY bin /bin\n").unwrap();
-    let (changed, third) = bus.upload_context(dir.path()).await.unwrap();
+    let (changed, third) = upload(&bus, dir.path()).await;
     assert_ne!(changed.manifest, ctx.manifest);
     assert_eq!(third.uploaded_files, 1, "only the changed file");
 
     let out = tempfile::tempdir().unwrap();
-    let (files, bytes) = bus.download_context(&changed, out.path()).await.unwrap();
-    assert_eq!((files, bytes), (2, changed.bytes));
+    let got = bus
+        .download_context(&changed, out.path(), &ContextLimits::default())
+        .await
+        .unwrap();
+    assert_eq!((got.files, got.bytes), (2, changed.bytes));
     assert_eq!(std::fs::read(out.path().join("bin/tool")).unwrap().len(), 300_000);
     let mode = std::fs::metadata(out.path().join("bin/tool"))
         .unwrap()
@@ -135,8 +138,70 @@ async fn an_unchanged_context_is_not_uploaded_twice() {
         .mode();
     assert_ne!(mode & 0o111, 0, "the executable bit survives");
     assert_eq!(
-        bus.context_file(&changed, "Dockerfile").await.unwrap().unwrap(),
+        bus.context_file(&changed, "Dockerfile", 1 << 20)
+            .await
+            .unwrap()
+            .unwrap(),
         b"FROM scratch\nCOPY bin /bin\n"
     );
-    assert!(bus.context_file(&changed, ".build-spec.ncl").await.unwrap().is_none());
+    assert!(
+        bus.context_file(&changed, ".build-spec.ncl", 1 << 20)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn upload(bus: &Bus, dir: &std::path::Path) -> (lian_core::ContextRef, lian_bus::UploadStats) {
+    bus.upload_context(dir, &["Dockerfile"], &ContextLimits::default(), &mut |_| {})
+        .await
+        .unwrap()
+}
+
+/// Reading contexts leaves nothing behind on the server: no consumer per read (the object
+/// store left one per file for 30 s, and 1,000 of them stopped the fleet), and the stream
+/// holds each content once however often it is uploaded and read.
+#[tokio::test]
+async fn context_reads_leave_no_server_state() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    for i in 0..1500 {
+        let sub = dir.path().join(format!("d{}", i % 30));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{i}.rs")), format!("// file {i}\n").repeat(i % 7 + 1)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("big.bin"),
+        (0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let (ctx, first) = upload(&bus, dir.path()).await;
+    assert_eq!(ctx.files, 1502);
+    assert_eq!(first.uploaded_bytes, ctx.bytes, "a cold upload sends everything once");
+    let before = bus.context_store_state().await.unwrap();
+    for round in 0..50 {
+        let reupload = round % 10 == 0;
+        let out = tempfile::tempdir().unwrap();
+        let got = bus
+            .download_context(&ctx, out.path(), &ContextLimits::default())
+            .await
+            .unwrap();
+        assert_eq!(got.files, 1502, "round {round}");
+        if reupload {
+            let (again, stats) = upload(&bus, dir.path()).await;
+            assert_eq!(
+                (&again.manifest, stats.uploaded_bytes),
+                (&ctx.manifest, 0),
+                "round {round}"
+            );
+        }
+    }
+    let after = bus.context_store_state().await.unwrap();
+    assert_eq!(
+        after, before,
+        "no consumers, no new messages after 50 reads and 5 uploads"
+    );
+    assert_eq!(before.consumers, 0, "no consumer on the context stream");
 }

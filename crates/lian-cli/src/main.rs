@@ -4,6 +4,7 @@
 mod catalog_cmd;
 mod cli;
 mod config;
+mod local_stores;
 mod output;
 mod roles;
 mod sizing_cmd;

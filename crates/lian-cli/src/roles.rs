@@ -59,6 +59,12 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         secrets: settings.secrets.clone(),
         control: settings.control()?,
         runner_ssh_key: settings.runner_ssh_key.clone(),
+        registry: settings.registry_endpoint()?,
+        sccache: settings.sccache_endpoint()?,
+        context_limits: lian_bus::ContextLimits {
+            max_files: settings.max_context_files,
+            max_bytes: settings.max_context_bytes,
+        },
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -27,7 +27,7 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-submit", &settings).await?;
     let workspace = directives.workspace.clone();
-    let appended = send(&bus, directives, &args.context, layer, &build_id).await?;
+    let appended = send(&bus, directives, &args.context, layer, &build_id, &args.limits.limits()).await?;
     if appended.duplicate {
         eprintln!("build {build_id} was already submitted; this is the same build");
     }
@@ -55,27 +55,117 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Uploads the context and publishes the request.
+/// Uploads the context (showing progress on stderr) and publishes the request.
 pub async fn send(
     bus: &Bus,
     directives: BuildDirectives,
     context_dir: &Path,
     layer: Option<LayerName>,
     build_id: &BuildId,
+    limits: &lian_bus::ContextLimits,
 ) -> anyhow::Result<lian_bus::Appended> {
+    let started = std::time::Instant::now();
+    let mut display = UploadDisplay::new();
     let (appended, context, uploaded) = bus
-        .submit_dir(context_dir, directives, layer, None, build_id)
+        .submit_dir(context_dir, directives, layer, None, build_id, limits, &mut |p| {
+            display.show(p)
+        })
         .await
         .with_context(|| format!("cannot submit the build context {}", context_dir.display()))?;
+    display.finish();
     eprintln!(
-        "context {}: {} files, {} bytes ({} files, {} bytes uploaded)",
+        "context {}: {} files, {} ({} files, {} uploaded; {} already stored) in {:.1} s",
         context_dir.display(),
         context.files,
-        context.bytes,
+        indicatif::HumanBytes(context.bytes),
         uploaded.uploaded_files,
-        uploaded.uploaded_bytes
+        indicatif::HumanBytes(uploaded.uploaded_bytes),
+        indicatif::HumanBytes(context.bytes - uploaded.uploaded_bytes),
+        started.elapsed().as_secs_f64()
     );
     Ok(appended)
+}
+
+/// Upload progress: a bar on a terminal, a plain line per phase and per tenth sent
+/// otherwise (CI logs), nothing on stdout.
+struct UploadDisplay {
+    bar: Option<indicatif::ProgressBar>,
+    scanned: (u64, u64),
+    sending: bool,
+    tenths: u64,
+}
+
+impl UploadDisplay {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message("hashing the context");
+            bar
+        });
+        Self {
+            bar,
+            scanned: (0, 0),
+            sending: false,
+            tenths: 0,
+        }
+    }
+
+    fn show(&mut self, progress: lian_bus::UploadProgress) {
+        match progress {
+            lian_bus::UploadProgress::Scanning { files, bytes } => {
+                self.scanned = (files, bytes);
+                if let Some(bar) = &self.bar
+                    && files % 256 == 0
+                {
+                    bar.set_message(format!("hashing: {files} files, {}", indicatif::HumanBytes(bytes)));
+                    bar.tick();
+                }
+            }
+            lian_bus::UploadProgress::Sending { sent, total } => {
+                if !self.sending {
+                    self.sending = true;
+                    let (files, bytes) = self.scanned;
+                    match &self.bar {
+                        Some(bar) => {
+                            bar.set_length(total);
+                            bar.set_style(
+                                indicatif::ProgressStyle::with_template(
+                                    "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                                )
+                                .expect("a valid template"),
+                            );
+                        }
+                        None => eprintln!(
+                            "context: {files} entries, {} hashed; uploading {} the store lacks",
+                            indicatif::HumanBytes(bytes),
+                            indicatif::HumanBytes(total)
+                        ),
+                    }
+                }
+                match &self.bar {
+                    Some(bar) => bar.set_position(sent),
+                    None => {
+                        let tenths = sent * 10 / total.max(1);
+                        if tenths > self.tenths {
+                            self.tenths = tenths;
+                            eprintln!(
+                                "uploaded {} of {}",
+                                indicatif::HumanBytes(sent),
+                                indicatif::HumanBytes(total)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// The build a caller's request id names: the same (workspace, request id) always gives

@@ -17,17 +17,17 @@ use lian_nickel::Schemas;
 
 use crate::cli::{Global, UpArgs};
 use crate::config::Settings;
-use crate::{output, roles, submit};
+use crate::{local_stores, output, roles, submit};
 
 /// A child process stopped with SIGTERM (then SIGKILL) when the fleet stops, and killed by
 /// the kernel if this process dies first.
-struct Managed {
+pub(crate) struct Managed {
     name: String,
     child: Child,
 }
 
 impl Managed {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
         let out = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -46,20 +46,32 @@ impl Managed {
 
     /// Waits (15 s at most) until the process accepts connections on `port`; one that exits
     /// or stays silent is stopped and its log shown.
-    fn listening(mut self, port: u16, log: &Path) -> anyhow::Result<Self> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    fn listening(self, port: u16, log: &Path) -> anyhow::Result<Self> {
+        self.ready_when(&format!("listens on port {port}"), log, || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+    }
+
+    /// Waits (30 s at most) until `ready` holds; one that exits first or never gets there is
+    /// stopped and its log shown.
+    pub(crate) fn ready_when(mut self, what: &str, log: &Path, ready: impl Fn() -> bool) -> anyhow::Result<Self> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
             if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
                 self.stop();
                 let tail = fs::read_to_string(log).unwrap_or_default();
-                bail!("{} did not start; its log ({}):\n{tail}", self.name, log.display());
+                bail!(
+                    "{} did not start (it never {what}); its log ({}):\n{tail}",
+                    self.name,
+                    log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(self)
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         // SAFETY: signalling our own child by pid.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
@@ -124,6 +136,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             cmd
         };
         let state = state_dir.to_string_lossy().into_owned();
+        let stores = stores(&args, &settings, &state_dir, &mut fleet)?;
         let (control_url, token, token_file) = {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let listen = format!("127.0.0.1:{port}");
@@ -140,7 +153,8 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             let catalog = catalog_dir.to_string_lossy();
             let mut cmd = role(&["worker", "--state-dir", &state, "--name", &name, "--catalog", &catalog]);
             cmd.env("LIAN_CONTROL_URL", &control_url)
-                .env("LIAN_CONTROL_TOKEN", &token);
+                .env("LIAN_CONTROL_TOKEN", &token)
+                .envs(stores.worker_env.iter().map(|(k, v)| (k, v)));
             fleet.push(Managed::spawn(
                 &name,
                 cmd,
@@ -166,6 +180,8 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             "  control  {control_url}  (runners are leased through it; bearer token in {})",
             token_file.display()
         );
+        println!("  registry {}", stores.registry_line);
+        println!("  s3       {}", stores.s3_line);
         println!("  logs     {}/logs/", state_dir.display());
         println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
         println!("Ctrl-C stops everything.");
@@ -191,28 +207,78 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
+/// The registry and S3 store the fleet uses, and how its workers learn of them.
+struct Stores {
+    /// `LIAN_REGISTRY_URL` and `LIAN_SCCACHE_*` for the stores started here; empty for the
+    /// configured ones (the workers read the same configuration).
+    worker_env: Vec<(String, String)>,
+    registry_line: String,
+    s3_line: String,
+}
+
+/// Starts a registry and an S3 store under the state directory, unless the configuration
+/// names the user's own (`[registry]`, `[sccache]`), which are then used as they are.
+fn stores(args: &UpArgs, settings: &Settings, state_dir: &Path, fleet: &mut Vec<Managed>) -> anyhow::Result<Stores> {
+    let mut worker_env = Vec::new();
+    let registry_line = match settings.registry_endpoint()? {
+        Some(configured) => format!("{}  (configured; not started here)", configured.url),
+        None => {
+            let (registry, process) = local_stores::start_registry(&args.registry_bin, state_dir, args.registry_port)?;
+            fleet.push(process);
+            worker_env.push(("LIAN_REGISTRY_URL".into(), registry.url.clone()));
+            format!(
+                "{}  (docker-registry, storage in {}/registry/data)",
+                registry.url,
+                state_dir.display()
+            )
+        }
+    };
+    let s3_line = match settings.sccache_endpoint()? {
+        Some(configured) => format!(
+            "{}  bucket {}  (configured; not started here)",
+            configured.endpoint, configured.bucket
+        ),
+        None => {
+            let (s3, secret_file, process) = local_stores::start_s3(&args.weed_bin, state_dir, args.s3_port)?;
+            fleet.push(process);
+            // The secret travels as a file name: a child's environment is readable in /proc.
+            worker_env.extend([
+                ("LIAN_SCCACHE_ENDPOINT".into(), s3.endpoint.clone()),
+                ("LIAN_SCCACHE_BUCKET".into(), s3.bucket.clone()),
+                ("LIAN_SCCACHE_REGION".into(), s3.region.clone()),
+                ("LIAN_SCCACHE_ACCESS_KEY_ID".into(), s3.access_key_id.clone()),
+                (
+                    "LIAN_SCCACHE_SECRET_ACCESS_KEY_FILE".into(),
+                    secret_file.to_string_lossy().into_owned(),
+                ),
+            ]);
+            format!(
+                "{}  bucket {}, key id {} (secret key in {})",
+                s3.endpoint,
+                s3.bucket,
+                s3.access_key_id,
+                secret_file.display()
+            )
+        }
+    };
+    Ok(Stores {
+        worker_env,
+        registry_line,
+        s3_line,
+    })
+}
+
 /// The control plane's token: the configured one, or one made for this fleet. Either way it
 /// is put in a file only the owner can read, so an operator can `curl` the API without the
 /// token appearing in a log or a process listing.
 fn control_token(settings: &Settings, state_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let token = if settings.control_token.is_empty() {
-        let mut bytes = [0u8; 24];
-        fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        local_stores::random_hex(24)?
     } else {
         settings.control_token.clone()
     };
     let path = state_dir.join("control.token");
-    let _ = fs::remove_file(&path);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    std::io::Write::write_all(&mut file, token.as_bytes())?;
+    local_stores::write_private(&path, token.as_bytes())?;
     Ok((token, path))
 }
 
@@ -330,7 +396,7 @@ async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_
     bus.flush().await?;
     let build_id = submit::new_build_id();
     let layer = lian_core::LayerName::new(root.as_str())?;
-    submit::send(bus, directives, &staged, Some(layer), &build_id).await?;
+    submit::send(bus, directives, &staged, Some(layer), &build_id, &Default::default()).await?;
     let cascade = lian_core::names::CascadeId::rooted_at(&build_id);
     let root_failed = format!("build.{build_id}.failed");
     let cascade_prefix = format!("cascade.{cascade}.");

@@ -26,6 +26,21 @@ pub struct Envelope {
     pub event: BuildEvent,
 }
 
+/// How a context reached its runner, carried by `context_synced`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// Content bytes that travelled for this build: uploaded by the submit, plus what was
+    /// sent on to a remote runner.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Content bytes of the context that were already stored and did not travel again.
+    #[serde(default)]
+    pub bytes_deduplicated: u64,
+    /// How long the worker took to put the context on the runner.
+    #[serde(default)]
+    pub seconds: f64,
+}
+
 /// The lifecycle step a failure happened in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,6 +102,8 @@ pub enum BuildEvent {
         lease_key: LeaseKey,
         files: u64,
         bytes: u64,
+        #[serde(flatten)]
+        transfer: Transfer,
     },
     /// Step 5.
     ImageBuilt {
@@ -198,8 +215,13 @@ impl BuildEvent {
                 )
             }
             Self::RunnerLeased { lease_key, host, .. } => format!("runner leased {lease_key} on {host}"),
-            Self::ContextSynced { files, bytes, .. } => {
-                format!("context synced: {files} files, {bytes} bytes")
+            Self::ContextSynced {
+                files, bytes, transfer, ..
+            } => {
+                format!(
+                    "context synced: {files} files, {bytes} bytes ({} sent, {} deduplicated) in {:.2} s",
+                    transfer.bytes_sent, transfer.bytes_deduplicated, transfer.seconds
+                )
             }
             Self::ImageBuilt {
                 image,

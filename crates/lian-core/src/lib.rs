@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod control;
 pub mod directives;
+pub mod dockerignore;
 pub mod event;
 pub mod lifecycle;
 pub mod names;
@@ -13,6 +14,6 @@ pub mod sizing;
 pub mod subjects;
 
 pub use directives::BuildDirectives;
-pub use event::{BuildEvent, Envelope};
+pub use event::{BuildEvent, Envelope, Transfer};
 pub use names::{BuildId, ImageRef, LayerName, LeaseKey, NameError, SecretId, Workspace};
 pub use request::{BuildRequest, CascadeRef, ContextRef};

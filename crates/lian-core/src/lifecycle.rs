@@ -28,7 +28,7 @@
 
 use time::OffsetDateTime;
 
-use crate::event::{BuildEvent, Envelope, Step};
+use crate::event::{BuildEvent, Envelope, Step, Transfer};
 use crate::names::{BuildId, ImageRef, LeaseKey, Workspace};
 use crate::request::BuildRequest;
 use crate::sizing::{MAX_OOM_RETRIES, RunnerType, SizeDecision};
@@ -149,6 +149,7 @@ pub enum Outcome {
     ContextSynced {
         files: u64,
         bytes: u64,
+        transfer: Transfer,
     },
     ImageBuilt {
         image_id: String,
@@ -558,11 +559,12 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
             },
             None => return unexpected("runner_leased"),
         },
-        Outcome::ContextSynced { files, bytes } => match lease {
+        Outcome::ContextSynced { files, bytes, transfer } => match lease {
             Some(l) => BuildEvent::ContextSynced {
                 lease_key: l.key.clone(),
                 files,
                 bytes,
+                transfer,
             },
             None => return unexpected("context_synced"),
         },

@@ -34,6 +34,9 @@ pub struct ContextRef {
     pub files: u64,
     #[serde(default)]
     pub bytes: u64,
+    /// Content bytes the submit had to send: the rest was already stored.
+    #[serde(default)]
+    pub sent_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

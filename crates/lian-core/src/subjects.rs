@@ -9,7 +9,6 @@ pub const REQUESTS_STREAM: &str = "LIAN_REQUESTS";
 pub const EVENTS_STREAM: &str = "LIAN_EVENTS";
 pub const WORKERS_CONSUMER: &str = "lian-workers";
 pub const CASCADE_CONSUMER: &str = "lian-cascade";
-pub const CONTEXT_BUCKET: &str = "lian-contexts";
 pub const METRICS_BUCKET: &str = "lian-metrics";
 pub const CONTROL_STREAM: &str = "LIAN_CONTROL";
 pub const DEAD_LETTER_BUCKET: &str = "lian-dead-letters";

@@ -1,6 +1,7 @@
 //! Incremental context sync to a runner over SSH: a manifest of file hashes is kept on the
 //! runner next to the synced tree; only files that are new or changed travel (as one tar
-//! stream), files gone from the context are removed, and `.dockerignore` is respected.
+//! stream), and files gone from the context are removed. The tree synced is a staged
+//! context, already filtered by `.dockerignore` at upload; the runner's build applies it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,8 +44,7 @@ pub enum SyncError {
     },
 }
 
-/// Makes `remote_dir` on the runner hold exactly the files of `local` not excluded by its
-/// `.dockerignore`.
+/// Makes `remote_dir` on the runner hold exactly the files of `local`.
 pub async fn sync_dir(session: &SshSession, local: &Path, remote_dir: &str) -> Result<SyncStats, SyncError> {
     let root = local.to_path_buf();
     let wanted = tokio::task::spawn_blocking(move || scan(&root))
@@ -136,10 +136,8 @@ fn pack(root: &Path, paths: &[String], manifest: &[u8]) -> Result<(Vec<u8>, u64)
     Ok((builder.into_inner().map_err(local_err(root))?, bytes))
 }
 
-/// The regular files of a context (symlinks and specials are not synced), minus what
-/// `.dockerignore` excludes, with their hashes.
+/// The regular files of a context (symlinks and specials are not synced), with their hashes.
 fn scan(root: &Path) -> Result<Manifest, SyncError> {
-    let ignore = DockerIgnore::read(root);
     let mut manifest = Manifest::default();
     let mut dirs = vec![PathBuf::new()];
     while let Some(dir) = dirs.pop() {
@@ -148,7 +146,7 @@ fn scan(root: &Path) -> Result<Manifest, SyncError> {
             let entry = entry.map_err(local_err(&full))?;
             let rel = dir.join(entry.file_name());
             let rel_str = rel.to_string_lossy().replace('\\', "/");
-            if rel_str == MANIFEST || ignore.excludes(&rel_str) {
+            if rel_str == MANIFEST {
                 continue;
             }
             let kind = entry.file_type().map_err(local_err(&full))?;
@@ -165,93 +163,4 @@ fn scan(root: &Path) -> Result<Manifest, SyncError> {
         }
     }
     Ok(manifest)
-}
-
-/// `.dockerignore` rules: globs with `*`, `?` and `**`, `!` exceptions, the last matching
-/// rule wins, and a rule that matches a directory excludes what is under it.
-#[derive(Debug, Default)]
-pub struct DockerIgnore {
-    rules: Vec<(bool, String)>,
-}
-
-impl DockerIgnore {
-    pub fn read(root: &Path) -> Self {
-        std::fs::read_to_string(root.join(".dockerignore"))
-            .map(|t| Self::parse(&t))
-            .unwrap_or_default()
-    }
-
-    pub fn parse(text: &str) -> Self {
-        let rules = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|l| {
-                let (keep, pattern) = match l.strip_prefix('!') {
-                    Some(p) => (true, p.trim()),
-                    None => (false, l),
-                };
-                let pattern = pattern
-                    .trim_start_matches("./")
-                    .trim_start_matches('/')
-                    .trim_end_matches('/');
-                (keep, pattern.to_string())
-            })
-            .collect();
-        Self { rules }
-    }
-
-    pub fn excludes(&self, path: &str) -> bool {
-        let mut excluded = false;
-        for (keep, pattern) in &self.rules {
-            // A rule about a directory applies to everything below it.
-            let hit = glob(pattern, path) || path.match_indices('/').any(|(i, _)| glob(pattern, &path[..i]));
-            if hit {
-                excluded = !keep;
-            }
-        }
-        excluded
-    }
-}
-
-/// Glob match where `*` and `?` stay within a path component and `**` spans components.
-fn glob(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match p {
-            [] => t.is_empty(),
-            [b'*', b'*', rest @ ..] => {
-                let rest = rest.strip_prefix(b"/").unwrap_or(rest);
-                (0..=t.len()).any(|i| go(rest, &t[i..]))
-            }
-            [b'*', rest @ ..] => (0..=t.len())
-                .take_while(|&i| i == 0 || t[i - 1] != b'/')
-                .any(|i| go(rest, &t[i..])),
-            [b'?', rest @ ..] => !t.is_empty() && t[0] != b'/' && go(rest, &t[1..]),
-            [c, rest @ ..] => !t.is_empty() && t[0] == *c && go(rest, &t[1..]),
-        }
-    }
-    go(pattern.as_bytes(), text.as_bytes())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dockerignore_rules() {
-        let ignore = DockerIgnore::parse("# comment\ntarget\n*.log\n**/*.tmp\n!keep.log\n/docs/\n");
-        for excluded in [
-            "target",
-            "target/debug/x",
-            "a.log",
-            "deep/dir/x.tmp",
-            "x.tmp",
-            "docs/readme.md",
-        ] {
-            assert!(ignore.excludes(excluded), "{excluded}");
-        }
-        for kept in ["src/main.rs", "keep.log", "sub/a.log", "targets", "Dockerfile"] {
-            assert!(!ignore.excludes(kept), "{kept}");
-        }
-    }
 }

@@ -3,12 +3,13 @@
 //! infrastructure (NATS unreachable, a runner that cannot be destroyed) is an `Err`, and
 //! the build is handed back to the queue to be resumed.
 
-use lian_core::BuildRequest;
+use lian_bus::Downloaded;
 use lian_core::control::{LeaseRequest, MetricsRecord};
 use lian_core::directives::{Artifact, ComputeProvider};
 use lian_core::event::Step;
 use lian_core::lifecycle::{Built, Effect, Lease, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, RunnerType, SizingInputs};
+use lian_core::{BuildRequest, Transfer};
 use lian_nickel::Contract;
 use std::path::Path;
 use std::time::Duration;
@@ -24,6 +25,22 @@ use crate::driver::Worker;
 
 /// The file in a build context that sizes its runner (tier 1).
 const BUILD_SPEC_FILE: &str = ".build-spec.ncl";
+/// A build spec is a few lines; anything past this is refused before it is read.
+const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// The `context_synced` outcome: what the context is, what travelled for it (the submit's
+/// upload plus what went on to a remote runner) and how long staging it took.
+fn synced(request: &BuildRequest, staged: Downloaded, forwarded: u64, started: std::time::Instant) -> Outcome {
+    Outcome::ContextSynced {
+        files: staged.files,
+        bytes: staged.bytes,
+        transfer: Transfer {
+            bytes_sent: request.context.sent_bytes + forwarded,
+            bytes_deduplicated: staged.bytes.saturating_sub(request.context.sent_bytes),
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    }
+}
 
 fn failed(step: Step, reason: impl Into<String>) -> Outcome {
     Outcome::StepFailed {
@@ -143,8 +160,9 @@ impl Worker {
                 Ok(r) => r,
                 Err(outcome) => return Ok(outcome),
             };
-            let (files, bytes) = match self.stage_context(request, runner.staging()).await? {
-                Ok(counts) => counts,
+            let started = std::time::Instant::now();
+            let staged = match self.stage_context(request, runner.staging()).await? {
+                Ok(staged) => staged,
                 Err(outcome) => return Ok(outcome),
             };
             let stats = match runner.sync().await {
@@ -154,7 +172,7 @@ impl Worker {
                 Err(e) => return Err(e.to_string()),
             };
             tracing::info!(lease = %lease.key, host = %runner.ssh_host().target.address, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced to a cloud runner");
-            return Ok(Outcome::ContextSynced { files, bytes });
+            return Ok(synced(request, staged, stats.sent_bytes, started));
         }
         let backend = self.backend(request)?;
         let dest = match backend {
@@ -167,16 +185,19 @@ impl Worker {
                 ));
             }
         };
-        let (files, bytes) = match self.stage_context(request, &dest).await? {
-            Ok(counts) => counts,
+        let started = std::time::Instant::now();
+        let staged = match self.stage_context(request, &dest).await? {
+            Ok(staged) => staged,
             Err(outcome) => return Ok(outcome),
         };
+        let mut forwarded = 0;
         if let Backend::Ssh(p) = backend {
             let host = lease.host.as_deref().unwrap_or_default();
             let stats = p.sync(&lease.key, host).await.map_err(|e| e.to_string())?;
             tracing::info!(lease = %lease.key, host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
+            forwarded = stats.sent_bytes;
         }
-        Ok(Outcome::ContextSynced { files, bytes })
+        Ok(synced(request, staged, forwarded, started))
     }
 
     async fn run_build(&self, state: &State, request: &BuildRequest, lease: &Lease) -> Result<Outcome, String> {
@@ -365,11 +386,15 @@ impl Worker {
     /// The request's context downloaded into `dest`, emptied first: a resumed sync starts
     /// from an empty directory, so no half-written file survives. Files and bytes, or the
     /// outcome of a context that cannot be had.
-    async fn stage_context(&self, request: &BuildRequest, dest: &Path) -> Result<Result<(u64, u64), Outcome>, String> {
+    async fn stage_context(&self, request: &BuildRequest, dest: &Path) -> Result<Result<Downloaded, Outcome>, String> {
         let _ = tokio::fs::remove_dir_all(dest).await;
         tokio::fs::create_dir_all(dest).await.map_err(|e| e.to_string())?;
-        match self.bus.download_context(&request.context, dest).await {
-            Ok(counts) => Ok(Ok(counts)),
+        match self
+            .bus
+            .download_context(&request.context, dest, &self.options.context_limits)
+            .await
+        {
+            Ok(staged) => Ok(Ok(staged)),
             Err(lian_bus::BusError::Nats { op, message }) => Err(format!("{op}: {message}")),
             Err(e) => Ok(Err(failed(Step::SyncContext, e.to_string()))),
         }
@@ -415,7 +440,11 @@ impl Worker {
     }
 
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {
-        let spec = match self.bus.context_file(&request.context, BUILD_SPEC_FILE).await {
+        let spec = match self
+            .bus
+            .context_file(&request.context, BUILD_SPEC_FILE, MAX_SPEC_BYTES)
+            .await
+        {
             Ok(None) => None,
             Ok(Some(bytes)) => {
                 let text = match String::from_utf8(bytes) {

@@ -6,6 +6,7 @@ mod driver;
 mod effects;
 mod intake;
 mod reaper;
+mod stores;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use lian_nickel::Schemas;
 use lian_runner::{ControlClient, DockerBuilder, Isolation, Providers, SshHost, WarmEngine};
 
 pub use intake::MAX_REQUEST_BYTES;
+pub use stores::{RegistryEndpoint, S3Endpoint, Secret};
 
 /// Everything a worker needs; the caller (the `lian` binary) builds it from config.
 #[derive(Debug, Clone)]
@@ -54,6 +56,13 @@ pub struct WorkerOptions {
     /// The private key cloud runners (hcloud, proxmox, leased through `control`) accept
     /// from workers, as user `lian`.
     pub runner_ssh_key: Option<PathBuf>,
+    /// The registry images and build cache are pushed to; `None`: images stay in the engine.
+    pub registry: Option<RegistryEndpoint>,
+    /// The S3 bucket builds give sccache; `None`: no shared compilation cache.
+    pub sccache: Option<S3Endpoint>,
+    /// A context over these (any client can publish a manifest) fails its build before a
+    /// byte of it is read.
+    pub context_limits: lian_bus::ContextLimits,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,7 @@ fn request() -> BuildRequest {
             manifest: "m".into(),
             files: 1,
             bytes: 1,
+            sent_bytes: 1,
         },
         layer: None,
         cascade: None,
@@ -89,6 +90,7 @@ fn synced(n: u8) -> BuildEvent {
         lease_key: key(n),
         files: 1,
         bytes: 1,
+        transfer: Transfer::default(),
     }
 }
 fn built(n: u8) -> BuildEvent {
@@ -452,7 +454,11 @@ impl World {
                     host: "local".into(),
                 }
             }
-            Effect::SyncContext { .. } => Outcome::ContextSynced { files: 3, bytes: 10 },
+            Effect::SyncContext { .. } => Outcome::ContextSynced {
+                files: 3,
+                bytes: 10,
+                transfer: Transfer::default(),
+            },
             Effect::RunBuild { lease } => {
                 if self.oom_on.contains(&lease.runner_type) {
                     Outcome::StepFailed {
