@@ -506,3 +506,74 @@ authorized_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient lian-worker"
         );
     }
 }
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+
+    fn parsed(toml: &str) -> Settings {
+        Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap()
+    }
+
+    #[test]
+    fn no_store_is_configured_by_default() {
+        let settings = parsed("");
+        assert!(settings.registry_endpoint().unwrap().is_none());
+        assert!(settings.sccache_endpoint().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_users_own_stores_come_from_the_file_and_the_environment() {
+        let secret_file = std::env::temp_dir().join(format!("lian-config-test-{}", std::process::id()));
+        std::fs::write(&secret_file, "s3-secret-from-file\n").unwrap();
+        let mut settings = parsed(&format!(
+            "[registry]\nurl = \"https://registry.example/\"\nusername = \"ci\"\npassword = \"registry-pass\"\n\n\
+             [sccache]\nendpoint = \"https://s3.example\"\naccess_key_id = \"AKID\"\nsecret_access_key_file = \"{}\"\n",
+            secret_file.display()
+        ));
+        let registry = settings.registry_endpoint().unwrap().unwrap();
+        assert_eq!(
+            (registry.url.as_str(), registry.host()),
+            ("https://registry.example", "registry.example")
+        );
+        assert_eq!(registry.password.as_ref().unwrap().expose(), "registry-pass");
+        let s3 = settings.sccache_endpoint().unwrap().unwrap();
+        assert_eq!((s3.bucket.as_str(), s3.region.as_str()), ("sccache", "us-east-1"));
+        assert_eq!(s3.secret_access_key.expose(), "s3-secret-from-file");
+        assert!(s3.use_ssl());
+
+        // `lian up` hands its own stores down through the environment.
+        let mut fresh = parsed("");
+        fresh.stores_from(|name| match name {
+            "LIAN_REGISTRY_URL" => Some("http://127.0.0.1:5000".into()),
+            "LIAN_SCCACHE_ENDPOINT" => Some("http://127.0.0.1:8333".into()),
+            "LIAN_SCCACHE_ACCESS_KEY_ID" => Some("LIANKEY".into()),
+            "LIAN_SCCACHE_SECRET_ACCESS_KEY_FILE" => Some(secret_file.display().to_string()),
+            _ => None,
+        });
+        let local = fresh.sccache_endpoint().unwrap().unwrap();
+        assert_eq!((local.access_key_id.as_str(), local.use_ssl()), ("LIANKEY", false));
+        assert!(fresh.registry_endpoint().unwrap().unwrap().plain_http());
+
+        let shown = format!("{settings:?} {s3:?} {registry:?}");
+        for secret in ["registry-pass", "s3-secret-from-file"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        settings.sccache.as_mut().unwrap().access_key_id.clear();
+        assert!(
+            settings.sccache_endpoint().is_err(),
+            "a bucket without a key is refused"
+        );
+        let _ = std::fs::remove_file(&secret_file);
+    }
+
+    #[test]
+    fn an_endpoint_without_a_scheme_is_refused() {
+        let settings = parsed("[registry]\nurl = \"registry.example\"\n");
+        let err = settings.registry_endpoint().unwrap_err().to_string();
+        assert!(err.contains("http:// or https://"), "{err}");
+    }
+}

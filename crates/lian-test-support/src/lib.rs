@@ -1,5 +1,6 @@
 //! Real services for tests, started per test on free ports and stopped on drop: a
-//! nats-server with JetStream in a temp store, a raw NATS protocol client (so end-to-end
+//! nats-server with JetStream in a temp store, an OCI registry and an S3 store (as `lian
+//! up` runs them), a raw NATS protocol client (so end-to-end
 //! tests read `lian.>` with a client that is not ours), and the `lian` binary.
 
 mod fake_hcloud;
@@ -8,6 +9,7 @@ mod http;
 mod nats;
 mod raw;
 mod sshd;
+mod stores;
 
 pub use fake_hcloud::{Behaviour as HcloudBehaviour, FakeHcloud, FakeServer};
 pub use fake_proxmox::{Behaviour as ProxmoxBehaviour, FakeProxmox, FakeVm};
@@ -15,6 +17,7 @@ pub use http::{HttpAnswer, http};
 pub use nats::NatsServer;
 pub use raw::{RawMessage, RawNats};
 pub use sshd::Sshd;
+pub use stores::{Registry, S3Store, http_status};
 
 use std::path::PathBuf;
 use std::process::Command;
