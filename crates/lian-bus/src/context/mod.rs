@@ -251,7 +251,7 @@ impl Bus {
                 why: format!("it is {size} bytes, over the limit of {limit} for this file"),
             });
         }
-        let wanted: Vec<(String, u64)> = (0..blobs::chunks(*size)).map(|i| (sha256.clone(), i)).collect();
+        let wanted: Vec<_> = blobs::chunk_list(sha256, *size).collect();
         let mut content = vec![0u8; *size as usize];
         self.read_chunks(&wanted, |chunks| {
             for c in chunks {
@@ -293,9 +293,9 @@ impl Bus {
         .await
         .expect("laying out does not panic")?;
         let mut targets = targets;
-        let wanted: Vec<(String, u64)> = targets
+        let wanted: Vec<_> = targets
             .iter()
-            .flat_map(|(sha, t)| (0..blobs::chunks(t.size)).map(move |i| (sha.clone(), i)))
+            .flat_map(|(sha, t)| blobs::chunk_list(sha, t.size))
             .collect();
         self.read_chunks(&wanted, |chunks| {
             for c in chunks {
