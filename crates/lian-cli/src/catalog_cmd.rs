@@ -17,6 +17,7 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
         }
     };
     match args.command {
+        CatalogCommand::Bootstrap(_) => unreachable!("main.rs dispatches bootstrap to crate::bootstrap"),
         CatalogCommand::Validate => {
             let layers = catalog.layers().count();
             let edges = catalog.edges().len();

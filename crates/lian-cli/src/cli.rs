@@ -256,6 +256,32 @@ pub enum CatalogCommand {
         #[arg(long, value_enum, default_value_t = Format::Dot)]
         format: Format,
     },
+    /// Make a stand-in for rust:slim-bookworm on this host (debootstrap and this host's
+    /// toolchain, no Docker Hub) and push it as <registry>/lamina/rust-base:bookworm.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Args)]
+pub struct BootstrapArgs {
+    /// The registry to push to (default: `[registry] url`, else the one `lian up` started
+    /// for --state-dir).
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Where the rootfs and cargo-chef are cached, and where `lian up` keeps its state.
+    #[arg(long, default_value = ".lian")]
+    pub state_dir: PathBuf,
+    /// The Debian mirror debootstrap fetches from.
+    #[arg(long, default_value = "http://deb.debian.org/debian")]
+    pub mirror: String,
+    /// The toolchain to copy in (default: `rustc --print sysroot`).
+    #[arg(long)]
+    pub toolchain: Option<PathBuf>,
+    /// The sccache binary to copy in (default: the one on PATH).
+    #[arg(long)]
+    pub sccache: Option<PathBuf>,
+    /// Leave cargo-chef out (compiling it the first time takes a few minutes).
+    #[arg(long)]
+    pub no_cargo_chef: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -1,6 +1,7 @@
 //! `lian`: one binary for every role (`up`, `worker`, `cascade`) and every client command
 //! (`submit`, `watch`, `status`, `catalog`). This file only parses and dispatches.
 
+mod bootstrap;
 mod catalog_cmd;
 mod cli;
 mod config;
@@ -13,7 +14,7 @@ mod up;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{CatalogArgs, CatalogCommand, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -40,6 +41,11 @@ fn main() -> std::process::ExitCode {
             Command::Submit(args) => submit::run(cli.global, args).await,
             Command::Watch(args) => output::watch(cli.global, args).await,
             Command::Status(args) => output::status(cli.global, args).await,
+            // Bootstrap makes an image; it needs the settings, not the catalog.
+            Command::Catalog(CatalogArgs {
+                command: CatalogCommand::Bootstrap(args),
+                ..
+            }) => bootstrap::run(&cli.global, args),
             Command::Catalog(args) => catalog_cmd::run(args),
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
