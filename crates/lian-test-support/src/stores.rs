@@ -77,6 +77,8 @@ pub struct S3Store {
     pub secret_access_key: String,
     child: Child,
     pub dir: tempfile::TempDir,
+    /// weed's gRPC sockets, at a fixed place in /tmp, left behind when it is killed.
+    sockets: Vec<std::path::PathBuf>,
 }
 
 impl S3Store {
@@ -109,7 +111,9 @@ impl S3Store {
             "admin.port.grpc",
         ];
         let mut cmd = Command::new(std::env::var("LIAN_WEED_BIN").unwrap_or_else(|_| "weed".into()));
-        cmd.arg("mini")
+        // Logs to stderr (our log file): by default they are files in $TMPDIR.
+        cmd.arg("-logtostderr")
+            .arg("mini")
             .arg(format!("-dir={}", dir.path().join("data").display()))
             .args([
                 "-ip=127.0.0.1",
@@ -148,6 +152,11 @@ impl S3Store {
             secret_access_key,
             child,
             dir,
+            sockets: ["s3", "master", "volume", "filer", "admin"]
+                .iter()
+                .zip([ports[1], ports[3], ports[5], ports[7], ports[9]])
+                .map(|(component, port)| format!("/tmp/seaweedfs-{component}-grpc-{port}.sock").into())
+                .collect(),
         };
         wait_until(&mut store.child, "weed mini", &log, || {
             http_status(port, "/healthz") == Some(200)
@@ -172,6 +181,9 @@ impl Drop for S3Store {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
