@@ -17,6 +17,15 @@ use clap::Parser;
 use crate::cli::{CatalogArgs, CatalogCommand, Cli, Command};
 
 fn main() -> std::process::ExitCode {
+    // The bounded evaluator's child (lian_nickel::Evaluator): before clap, logging and the
+    // runtime, so no threads or allocations share its address-space limit. Not a listed
+    // command: nobody types it.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == lian_nickel::EVAL_SUBCOMMAND)
+    {
+        return lian_nickel::serve_eval();
+    }
     let cli = Cli::parse();
     // async_nats logs its own connection chatter at info; ours is what an operator reads.
     let filter =

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lian_bus::Bus;
-use lian_nickel::Schemas;
+use lian_nickel::{EvalLimits, Evaluator, Schemas};
 use lian_runner::DockerBuilder;
 
 use crate::cli::{CascadeArgs, ControlArgs, Global, WorkerArgs};
@@ -40,7 +40,8 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
             host: (!settings.docker_host.is_empty()).then(|| settings.docker_host.clone()),
             network: settings.build_network.clone(),
         },
-        schemas: Schemas::embedded()?,
+        // Resolved at start: the running binary serves `lian __eval`.
+        evaluator: Evaluator::this_binary(Schemas::embedded()?, EvalLimits::default())?,
         ack_wait: settings.topology().ack_wait,
         max_deliver: settings.max_deliver,
         catalog_layers: match &args.catalog {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use lian_bus::Bus;
 use lian_core::{BuildDirectives, BuildId, LayerName, cache, subjects};
-use lian_nickel::{Contract, Schemas};
+use lian_nickel::{Contract, EvalLimits, Evaluator, Schemas};
 
 use crate::cli::{Global, SubmitArgs};
 use crate::config::Settings;
@@ -191,15 +191,16 @@ pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
     eval_file(path, Contract::BuildDirectives).await
 }
 
-/// Evaluates a file against a contract off the async runtime (Nickel values are not Send).
+/// Evaluates a user's file against a contract in the bounded evaluator (a `lian __eval`
+/// child), off the async runtime: it blocks until the child answers or is stopped.
 pub async fn eval_file<T: serde::de::DeserializeOwned + Send + 'static>(
     path: &Path,
     contract: Contract,
 ) -> anyhow::Result<T> {
-    let schemas = Schemas::embedded()?;
+    let evaluator = Evaluator::this_binary(Schemas::embedded()?, EvalLimits::default())?;
     let path = path.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || schemas.eval_file::<T>(&path, contract))
+    let result = tokio::task::spawn_blocking(move || evaluator.eval_file::<T>(&path, contract))
         .await
-        .expect("nickel evaluation does not panic");
+        .expect("the evaluator's parent side does not panic");
     Ok(result?)
 }

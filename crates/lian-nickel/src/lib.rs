@@ -2,16 +2,28 @@
 //! deserializes the result into lian's types. The schemas are compiled into the binary and
 //! written once to a directory of their own, so `lian` works from any directory and every
 //! worker checks requests against the same contracts the client used.
+//!
+//! Two ways in. [`Schemas`] evaluates trusted documents (the operator's catalog) in this
+//! process. [`Evaluator`] evaluates user-supplied ones (directives, `.build-spec.ncl`, JSON
+//! requests) in a child process under [`EvalLimits`], with imports confined to the bundled
+//! schemas and the document's own directory (`confine.rs`).
+
+mod bounded;
+mod confine;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nickel_lang_core::cache::InputFormat;
 use nickel_lang_core::error::report::{ColorOpt, report_as_str};
 use nickel_lang_core::eval::cache::CacheImpl;
 use nickel_lang_core::program::{Program, ProgramBuilder};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub use bounded::{EVAL_SUBCOMMAND, EvalLimits, Evaluator, serve_eval};
 
 /// The schema files, relative to the schemas directory.
 const EMBEDDED: &[(&str, &str)] = &[
@@ -29,8 +41,12 @@ const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// How deep a JSON document may nest. lian's documents nest four or five levels; serde_json
+/// stops at 128 and Nickel's JSON path overflows the stack in the low thousands.
+pub const MAX_JSON_DEPTH: usize = 64;
+
 /// Which contract a document must satisfy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Contract {
     BuildDirectives,
     BuildSpec,
@@ -47,28 +63,81 @@ impl Contract {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a document was not evaluated. The variants the evaluator child can produce travel
+/// back to the parent serialized; the others (`serde(skip)`) only ever arise in the parent.
+#[derive(Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum NickelError {
     /// Nickel's own report: file, line, the broken contract and the field that broke it.
     #[error("{0}")]
     Eval(String),
+    /// Refused by name before anything at `path` was read.
+    #[error("{file}:{line}: import of `{path}` refused: {why}")]
+    Import {
+        file: String,
+        line: usize,
+        path: String,
+        why: String,
+    },
+    #[error("{what} is {bytes} bytes, over the {limit}-byte limit for an evaluated document")]
+    TooLarge { what: String, bytes: u64, limit: u64 },
+    #[error("{what} is nested more than {limit} levels deep")]
+    TooDeep { what: String, limit: usize },
+    #[serde(skip)]
+    #[error("evaluating {what} {limit}")]
+    Limit { what: String, limit: Exceeded },
+    #[serde(skip)]
+    #[error("evaluating {what}: the evaluator ended abnormally ({status})")]
+    Crashed { what: String, status: String },
+    #[serde(skip)]
     #[error("{what} evaluated, but does not have the expected shape: {source}")]
     Shape { what: String, source: serde_json::Error },
+    #[serde(skip)]
     #[error("cannot prepare the schemas directory {path}: {source}")]
     Schemas { path: PathBuf, source: std::io::Error },
+    #[serde(skip)]
+    #[error("cannot run the Nickel evaluator {program}: {source}")]
+    Evaluator { program: PathBuf, source: std::io::Error },
+}
+
+/// Which bound of [`EvalLimits`] an evaluation hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    WallTime(Duration),
+    CpuTime(Duration),
+    Memory(u64),
+    /// The stack: recursion as deep as the document's nesting.
+    Stack,
+}
+
+impl std::fmt::Display for Exceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WallTime(d) => write!(f, "ran past its {} s wall-clock limit", d.as_secs_f64()),
+            Self::CpuTime(d) => write!(f, "used up its {} s CPU-time limit", d.as_secs_f64()),
+            Self::Memory(bytes) => write!(f, "ran out of its {} MiB memory limit", bytes >> 20),
+            Self::Stack => write!(f, "overflowed its stack: the document nests or recurses too deeply"),
+        }
+    }
 }
 
 impl NickelError {
-    /// The report without its source snippets: one line for an event or a log.
+    /// One line for an event or a log: Nickel's headline and the places it points to
+    /// (file:line:col), never the source snippets or notes under them.
     pub fn summary(&self) -> String {
         match self {
-            Self::Eval(report) => report
-                .lines()
-                .take_while(|l| !l.trim_start().starts_with('┌'))
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(": "),
+            Self::Eval(report) => {
+                let lines = || report.lines().map(str::trim).filter(|l| !l.is_empty());
+                let mut parts: Vec<String> = lines().take_while(|l| !l.starts_with('┌')).map(String::from).collect();
+                let places: Vec<&str> = lines()
+                    .filter_map(|l| l.strip_prefix("┌─"))
+                    .map(str::trim)
+                    .filter(|place| !place.starts_with('<'))
+                    .collect();
+                if !places.is_empty() {
+                    parts.push(format!("at {}", places.join(", ")));
+                }
+                parts.join(": ")
+            }
             other => other.to_string(),
         }
     }
@@ -123,36 +192,32 @@ impl Schemas {
         &self.dir
     }
 
-    /// Evaluates a `.ncl` or `.json` file and applies the contract.
+    /// Evaluates a trusted `.ncl` or `.json` file (the operator's catalog) in this process.
+    /// User-supplied documents go through [`Evaluator`] instead.
     pub fn eval_file<T: DeserializeOwned>(&self, path: &Path, contract: Contract) -> Result<T, NickelError> {
-        let builder = ProgramBuilder::new().add_path(path.as_os_str());
-        self.eval(builder, contract, &path.display().to_string())
+        let what = path.display().to_string();
+        let value = self.value_of(ProgramBuilder::new().add_path(path.as_os_str()), contract, &what)?;
+        typed(value, &what)
     }
 
-    /// Evaluates Nickel source held in memory (a file read from a build context).
-    pub fn eval_str<T: DeserializeOwned>(
-        &self,
-        source: &str,
-        name: &str,
-        contract: Contract,
-    ) -> Result<T, NickelError> {
-        let builder = ProgramBuilder::new().add_source_string(source, name);
-        self.eval(builder, contract, name)
+    /// Nickel source held in memory, as plain data.
+    fn value_of_str(&self, source: &str, name: &str, contract: Contract) -> Result<serde_json::Value, NickelError> {
+        self.value_of(ProgramBuilder::new().add_source_string(source, name), contract, name)
     }
 
-    /// Checks a JSON document (a request published by any client) against the contract.
-    pub fn eval_json<T: DeserializeOwned>(&self, json: &str, name: &str, contract: Contract) -> Result<T, NickelError> {
+    /// A JSON document, as plain data once the contract holds.
+    fn value_of_json(&self, json: &str, name: &str, contract: Contract) -> Result<serde_json::Value, NickelError> {
         let builder =
             ProgramBuilder::new().add_source_with_format(Cursor::new(json.to_owned()), name, InputFormat::Json);
-        self.eval(builder, contract, name)
+        self.value_of(builder, contract, name)
     }
 
-    fn eval<T: DeserializeOwned>(
+    fn value_of(
         &self,
         builder: ProgramBuilder,
         contract: Contract,
         what: &str,
-    ) -> Result<T, NickelError> {
+    ) -> Result<serde_json::Value, NickelError> {
         let builder = builder
             .add_contract_paths([self.dir.join(contract.file())])
             .add_import_paths([self.dir.clone()]);
@@ -167,15 +232,51 @@ impl Schemas {
             }
         };
         // Through serde_json::Value, not the Nickel deserializer: keeps enum tags and integers.
-        let json = serde_json::to_value(&value).map_err(|source| NickelError::Shape {
-            what: what.to_string(),
-            source,
-        })?;
-        serde_json::from_value(json).map_err(|source| NickelError::Shape {
-            what: what.to_string(),
-            source,
-        })
+        serde_json::to_value(&value).map_err(|e| NickelError::Eval(format!("{what} does not evaluate to data: {e}")))
     }
+}
+
+/// Deserializes evaluated data into lian's type.
+fn typed<T: DeserializeOwned>(value: serde_json::Value, what: &str) -> Result<T, NickelError> {
+    serde_json::from_value(value).map_err(|source| NickelError::Shape {
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// Refuses JSON nested deeper than `limit` without building anything: one pass over the
+/// bytes with a counter, so a document nested a million levels costs no stack (serde_json
+/// stops at 128 with a terse message; Nickel's own JSON path recurses).
+pub fn check_json_depth(json: &[u8], what: &str, limit: usize) -> Result<(), NickelError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Err(NickelError::TooDeep {
+                        what: what.to_string(),
+                        limit,
+                    });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn tempdir_beside(dir: &Path) -> std::io::Result<PathBuf> {

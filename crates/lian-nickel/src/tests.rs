@@ -1,6 +1,7 @@
 use lian_core::BuildDirectives;
 use lian_core::sizing::{BuildSpec, RunnerType};
 
+use super::bounded::{Input, evaluate_here};
 use super::*;
 
 fn schemas() -> Schemas {
@@ -11,6 +12,35 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+fn json_directives(json: &str) -> Result<BuildDirectives, NickelError> {
+    let input = Input::Json {
+        name: "request.json".into(),
+        source: json.into(),
+    };
+    evaluate_here(&schemas(), input, Contract::BuildDirectives)
+}
+
+/// A spec held in memory, as a worker reads it from a context.
+fn spec_in_memory(source: &str) -> Result<BuildSpec, NickelError> {
+    let input = Input::Nickel {
+        name: ".build-spec.ncl".into(),
+        source: source.into(),
+    };
+    evaluate_here(&schemas(), input, Contract::BuildSpec)
+}
+
+fn file_directives(path: &Path) -> Result<BuildDirectives, NickelError> {
+    evaluate_here(&schemas(), Input::File(path.to_path_buf()), Contract::BuildDirectives)
+}
+
+/// A file outside every allowed directory whose content must never show up anywhere.
+fn host_secret() -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = format!("host-secret-{}", std::process::id());
+    let path = write(dir.path(), "secret.txt", &secret);
+    (dir, path, secret)
 }
 
 #[test]
@@ -47,9 +77,7 @@ fn make_session_build_follows_the_namespace_rules() {
 fn a_contract_violation_names_the_field() {
     let json = r#"{"workspace": "a.b", "artifact": {"image": "x"}, "compute_provider": "docker_local",
                    "registry_provider": "zot", "cache_policy": {"actor": "ci"}}"#;
-    let err = schemas()
-        .eval_json::<BuildDirectives>(json, "request.json", Contract::BuildDirectives)
-        .unwrap_err();
+    let err = json_directives(json).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("workspace"), "{text}");
     assert!(text.contains("a.b"), "{text}");
@@ -68,10 +96,7 @@ fn a_contract_violation_names_the_field() {
 fn an_unknown_provider_is_refused_by_the_contract() {
     let json = r#"{"workspace": "ws", "artifact": {"image": "x"}, "compute_provider": "aws",
                    "registry_provider": "zot", "cache_policy": {"actor": "ci"}}"#;
-    let text = schemas()
-        .eval_json::<BuildDirectives>(json, "request.json", Contract::BuildDirectives)
-        .unwrap_err()
-        .to_string();
+    let text = json_directives(json).unwrap_err().to_string();
     assert!(text.contains("compute_provider"), "{text}");
 }
 
@@ -89,4 +114,120 @@ fn a_build_spec_evaluates() {
     let bad = write(dir.path(), "bad.ncl", "{ cpu = -1 }");
     let err = schemas().eval_file::<BuildSpec>(&bad, Contract::BuildSpec).unwrap_err();
     assert!(err.to_string().contains("cpu"), "{err}");
+}
+
+#[test]
+fn an_absolute_import_is_refused_by_name_without_reading_it() {
+    let (_dir, secret_path, secret) = host_secret();
+    let err = spec_in_memory(&format!(
+        "{{ runner_type = 'cax31, x = import \"{}\" as 'Text }}",
+        secret_path.display()
+    ))
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, NickelError::Import { line: 1, .. }), "{err:?}");
+    assert!(
+        text.contains(&secret_path.display().to_string()) && text.contains("refused"),
+        "{text}"
+    );
+    assert!(!text.contains(&secret) && !err.summary().contains(&secret), "{text}");
+}
+
+#[test]
+fn a_relative_import_climbing_out_of_the_schemas_is_refused() {
+    let err =
+        spec_in_memory("{\n  cpu = 2,\n  x = import \"../../../../../../../etc/passwd\" as 'Text,\n}").unwrap_err();
+    assert!(
+        matches!(&err, NickelError::Import { file, line: 3, path, .. } if file == ".build-spec.ncl" && path.ends_with("etc/passwd")),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("root:"), "{err}");
+}
+
+#[test]
+fn an_in_memory_spec_may_import_the_schemas() {
+    let spec = spec_in_memory("let C = import \"common.ncl\" in { runner_type | C.RunnerType = 'cax31 }").unwrap();
+    assert_eq!(spec.runner_type, Some(RunnerType::Cax31));
+}
+
+#[test]
+fn a_file_on_disk_may_import_its_own_directory_and_nothing_above_it() {
+    let (_outside, secret_path, secret) = host_secret();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    write(dir.path(), "sub/image.ncl", "\"registry/app:1\"");
+    let good = write(
+        dir.path(),
+        "d.ncl",
+        r#"let D = import "defaults/build_directives.ncl" in
+           D.make_ci_build { workspace = "ws", artifact = { image = import "sub/image.ncl" } }"#,
+    );
+    assert_eq!(
+        file_directives(&good).unwrap().artifact.image.as_str(),
+        "registry/app:1"
+    );
+
+    // Through an imported file of its own, and through a symlink that looks like its own.
+    let relative = pathdiff(&secret_path, &dir.path().join("sub"));
+    write(dir.path(), "sub/leak.ncl", &format!("import \"{relative}\" as 'Text"));
+    let nested = write(dir.path(), "nested.ncl", "{ workspace = import \"sub/leak.ncl\" }");
+    let err = file_directives(&nested).unwrap_err();
+    assert!(
+        matches!(&err, NickelError::Import { file, line: 1, .. } if file.ends_with("sub/leak.ncl")),
+        "{err:?}"
+    );
+    assert!(!format!("{err}{err:?}").contains(&secret), "{err}");
+
+    std::os::unix::fs::symlink(&secret_path, dir.path().join("link.txt")).unwrap();
+    let linked = write(dir.path(), "linked.ncl", "{ workspace = import \"link.txt\" as 'Text }");
+    let err = file_directives(&linked).unwrap_err();
+    assert!(err.to_string().contains("symlink leads outside"), "{err}");
+    assert!(!format!("{err}{err:?}").contains(&secret), "{err}");
+}
+
+/// `target` relative to `from`, climbing with `..` (both absolute).
+fn pathdiff(target: &Path, from: &Path) -> String {
+    let ups = from.components().count() - 1;
+    format!("{}{}", "../".repeat(ups), target.strip_prefix("/").unwrap().display())
+}
+
+#[test]
+fn json_nested_a_thousand_deep_is_refused_before_nickel_sees_it() {
+    let deep = format!(
+        "{{\"workspace\": \"ws\", \"x\": {}1{}}}",
+        "[".repeat(1000),
+        "]".repeat(1000)
+    );
+    let err = json_directives(&deep).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NickelError::TooDeep {
+                limit: MAX_JSON_DEPTH,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("nested more than 64 levels deep"), "{err}");
+    // Brackets inside strings are text, not nesting.
+    assert!(check_json_depth(format!("{{\"a\": \"{}\\\"\"}}", "[".repeat(500)).as_bytes(), "x", 3).is_ok());
+}
+
+#[test]
+fn an_oversized_document_is_refused_before_a_process_starts() {
+    let evaluator = Evaluator::new(schemas(), PathBuf::from("/nonexistent/lian"), EvalLimits::default());
+    let big = format!("{{ cpu = 1, pad = \"{}\" }}", "x".repeat(2 << 20));
+    let err = evaluator
+        .eval_str::<BuildSpec>(&big, ".build-spec.ncl", Contract::BuildSpec)
+        .unwrap_err();
+    assert!(err.to_string().contains("over the 1048576-byte limit"), "{err}");
+}
+
+#[test]
+fn the_summary_keeps_the_location_and_drops_the_snippet() {
+    let err = spec_in_memory("{ cpu = -1 }").unwrap_err();
+    let summary = err.summary();
+    assert!(summary.contains(".build-spec.ncl:1:"), "{summary}");
+    assert!(!summary.contains('\n') && !summary.contains('│'), "{summary}");
 }

@@ -25,8 +25,6 @@ use crate::driver::Worker;
 
 /// The file in a build context that sizes its runner (tier 1).
 const BUILD_SPEC_FILE: &str = ".build-spec.ncl";
-/// A build spec is a few lines; anything past this is refused before it is read.
-const MAX_SPEC_BYTES: u64 = 1 << 20;
 
 /// The `context_synced` outcome: what the context is, what travelled for it (the submit's
 /// upload plus what went on to a remote runner) and how long staging it took.
@@ -442,7 +440,12 @@ impl Worker {
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {
         let spec = match self
             .bus
-            .context_file(&request.context, BUILD_SPEC_FILE, MAX_SPEC_BYTES)
+            // Past the evaluator's input limit a spec is refused before it is read.
+            .context_file(
+                &request.context,
+                BUILD_SPEC_FILE,
+                self.options.evaluator.limits().input_bytes,
+            )
             .await
         {
             Ok(None) => None,
@@ -453,9 +456,9 @@ impl Worker {
                         return Ok(failed(Step::Size, format!("{BUILD_SPEC_FILE} is not UTF-8 text")));
                     }
                 };
-                let schemas = self.options.schemas.clone();
+                let evaluator = self.options.evaluator.clone();
                 let evaluated = tokio::task::spawn_blocking(move || {
-                    schemas.eval_str::<BuildSpec>(&text, BUILD_SPEC_FILE, Contract::BuildSpec)
+                    evaluator.eval_str::<BuildSpec>(&text, BUILD_SPEC_FILE, Contract::BuildSpec)
                 })
                 .await
                 .expect("nickel evaluation does not panic");

@@ -3,7 +3,7 @@
 
 use lian_bus::Job;
 use lian_core::{BuildDirectives, BuildId, BuildRequest, Workspace, cache, subjects};
-use lian_nickel::Contract;
+use lian_nickel::{Contract, MAX_JSON_DEPTH};
 
 use crate::WorkerOptions;
 
@@ -27,7 +27,6 @@ pub enum Intake {
 }
 
 pub async fn read(job: &Job, options: &WorkerOptions) -> Intake {
-    let schemas = &options.schemas;
     let fallback_id = || BuildId::new(format!("q{}", job.stream_sequence())).expect("a token");
     let subject_ws = subjects::workspace_token(job.subject()).unwrap_or("");
     let workspace = Workspace::new(subject_ws);
@@ -46,6 +45,10 @@ pub async fn read(job: &Job, options: &WorkerOptions) -> Intake {
                 job.payload().len()
             ),
         );
+    }
+    // Before serde_json or Nickel recurse into it: a clear refusal, not a stack overflow.
+    if let Err(e) = lian_nickel::check_json_depth(job.payload(), "request", MAX_JSON_DEPTH) {
+        return refuse(fallback_id(), e.to_string());
     }
     let value: serde_json::Value = match serde_json::from_slice(job.payload()) {
         Ok(v) => v,
@@ -70,9 +73,9 @@ pub async fn read(job: &Job, options: &WorkerOptions) -> Intake {
     };
     // The Nickel contract is the single source of truth for what directives may say.
     let directives_json = directives.to_string();
-    let schemas = schemas.clone();
+    let evaluator = options.evaluator.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        schemas.eval_json::<BuildDirectives>(&directives_json, "directives", Contract::BuildDirectives)
+        evaluator.eval_json::<BuildDirectives>(&directives_json, "directives", Contract::BuildDirectives)
     })
     .await
     .expect("nickel evaluation does not panic");

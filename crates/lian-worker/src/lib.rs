@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use lian_bus::Bus;
 use lian_core::subjects;
-use lian_nickel::Schemas;
+use lian_nickel::Evaluator;
 use lian_runner::{ControlClient, DockerBuilder, Isolation, Providers, SshHost, WarmEngine};
 
 pub use intake::MAX_REQUEST_BYTES;
@@ -31,7 +31,9 @@ pub struct WorkerOptions {
     /// by the workers of one host, so a worker that takes over finds the runner.
     pub runners_dir: PathBuf,
     pub builder: DockerBuilder,
-    pub schemas: Schemas,
+    /// Evaluates what requests and contexts carry (directives, `.build-spec.ncl`) in a
+    /// bounded child process, so a hostile document costs a refusal, not this worker.
+    pub evaluator: Evaluator,
     /// The work queue's ack wait; the worker heartbeats at a third of it.
     pub ack_wait: Duration,
     /// The work queue's max deliver: on the last delivery an unfinished build is ended as
