@@ -248,8 +248,9 @@ impl Evaluator {
         if status.signal() == Some(libc::SIGXCPU) {
             return Err(exceeded(Exceeded::CpuTime(cpu_limit(&limits))));
         }
-        // The Rust runtime's words; the child prints nothing else on stderr.
-        if stderr.contains("memory allocation of") {
+        // The Rust runtime's words (and Nickel's, whose own allocator panics); the child
+        // prints nothing else on stderr.
+        if stderr.contains("memory allocation of") || stderr.contains("out of memory") {
             return Err(exceeded(Exceeded::Memory(limits.memory_bytes)));
         }
         if stderr.contains("has overflowed its stack") {
