@@ -249,3 +249,119 @@ fn lian_up_serves_a_registry_and_an_s3_store_and_stops_them() {
         assert!(!text.contains(secret.trim()), "no log shows the secret key");
     }
 }
+
+#[test]
+fn lian_up_uses_the_configured_stores_and_starts_none() {
+    let registry = Registry::start();
+    let store = S3Store::start();
+    let catalog = staged_examples();
+    let state = tempfile::tempdir().unwrap();
+    let secret_file = state.path().join("s3-secret");
+    std::fs::write(&secret_file, &store.secret_access_key).unwrap();
+    let env = [
+        ("LIAN_REGISTRY_URL", registry.url.as_str()),
+        ("LIAN_SCCACHE_ENDPOINT", store.endpoint.as_str()),
+        ("LIAN_SCCACHE_ACCESS_KEY_ID", store.access_key_id.as_str()),
+        ("LIAN_SCCACHE_SECRET_ACCESS_KEY_FILE", secret_file.to_str().unwrap()),
+    ];
+    let fleet = Running::start_with(
+        &[
+            "up",
+            "--nats-port",
+            "0",
+            "--workers",
+            "0",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--catalog",
+            catalog.path().to_str().unwrap(),
+        ],
+        &env,
+        "Ctrl-C stops everything",
+    );
+    let lines = fleet.stop();
+    let line = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.trim_start().starts_with(name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        line("registry").contains(&registry.url) && line("registry").contains("not started here"),
+        "{lines:#?}"
+    );
+    assert!(
+        line("s3").contains(&store.endpoint) && line("s3").contains("not started here"),
+        "{lines:#?}"
+    );
+    for ours in ["logs/registry.log", "logs/s3.log", "registry", "s3"] {
+        assert!(!state.path().join(ours).exists(), "lian up started its own ({ours})");
+    }
+    assert!(
+        lines.iter().all(|l| !l.contains(&store.secret_access_key)),
+        "the secret key is never printed"
+    );
+}
+
+#[test]
+fn bootstrap_without_a_registry_stops_before_any_work() {
+    let state = tempfile::tempdir().unwrap();
+    let out = common::lian(&["catalog", "bootstrap", "--state-dir", state.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(common::text(&out).contains("no registry"), "{}", common::text(&out));
+
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let out = common::lian(&[
+        "catalog",
+        "bootstrap",
+        "--registry",
+        &nobody,
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]);
+    assert!(common::text(&out).contains("does not answer"), "{}", common::text(&out));
+    assert!(
+        !state.path().join("bootstrap/debootstrap").exists(),
+        "nothing was debootstrapped for a registry that is not there"
+    );
+}
+
+/// The whole bootstrap, as `lian catalog bootstrap` runs it: debootstrap (about 2 minutes),
+/// the host's toolchain, import, push; then the image is pulled back by digest and builds a
+/// crate that fetches from crates.io over HTTPS. Run with `cargo test -p lian-tests --test
+/// stores -- --ignored`.
+#[test]
+#[ignore = "about 3 minutes (debootstrap); run by hand"]
+fn bootstrap_pushes_a_rust_base_that_builds_a_crate() {
+    assert!(docker_available(), "this test imports an image: start a Docker engine");
+    let registry = Registry::start();
+    let state = tempfile::tempdir().unwrap();
+    let out = common::lian(&[
+        "catalog",
+        "bootstrap",
+        "--registry",
+        &registry.url,
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--no-cargo-chef",
+    ]);
+    let printed = common::text(&out);
+    assert!(out.status.success(), "{printed}");
+    let digest = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no digest printed:\n{printed}"))
+        .to_string();
+    let image = format!("{}/lamina/rust-base@{digest}", registry.host);
+    run(docker().args(["rmi", &format!("{}/lamina/rust-base:bookworm", registry.host)]));
+    run(docker().args(["pull", &image]));
+    let built = run(docker()
+        .args(["run", "--rm", "--network", "host", &image, "sh", "-c"])
+        .arg(
+            "cd /tmp && cargo new -q probe && cd probe && echo 'itoa = \"1\"' >> Cargo.toml \
+         && cargo build -q && rustup show active-toolchain && sccache --version",
+        ));
+    assert!(built.contains("sccache"), "{built}");
+    run(docker().args(["rmi", &image]));
+}
