@@ -10,7 +10,8 @@
 //! nested a thousand levels deep; and hostile Nickel, as a context's `.build-spec.ncl` on the
 //! worker and as a directives file given to `lian submit`: an import of an absolute host
 //! path, a relative import climbing out, a spec that never terminates, one that allocates
-//! without end, an oversized one (and, for submit, deep JSON). Each ends with one clear
+//! without end, one nested deep enough to overflow the evaluator's stack, an oversized one
+//! (and, for submit, deep JSON). Each ends with one clear
 //! refusal, the worker lives on (same PID), and no byte of the host file shows anywhere.
 
 mod common;
@@ -366,6 +367,11 @@ fn hostile_specs_and_deep_json_are_refused_by_name_and_the_worker_lives() {
             "ran out of its 1024 MiB memory limit".into(),
         ),
         (
+            "nested",
+            format!("{{ cpu = 1, x = {}1{} }}", "[".repeat(50_000), "]".repeat(50_000)),
+            "overflowed its stack".into(),
+        ),
+        (
             "oversized",
             format!("# {}\n{{ cpu = 2 }}", "x".repeat(1 << 21)),
             "over the limit of 1048576".into(),
@@ -457,6 +463,11 @@ fn submit_refuses_hostile_directives_quickly_and_quotes_no_host_file() {
                 directives("if std.string.length (grow \"x\" 40) > 0 then \"ws\" else \"x\"")
             ),
             "ran out of its 1024 MiB memory limit".into(),
+        ),
+        (
+            "nested.ncl",
+            directives(&format!("\"ws\", x = {}1{}", "[".repeat(50_000), "]".repeat(50_000))),
+            "overflowed its stack".into(),
         ),
         (
             "oversized.ncl",
