@@ -39,6 +39,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
             cli: settings.docker_cli.clone(),
             host: (!settings.docker_host.is_empty()).then(|| settings.docker_host.clone()),
             network: settings.build_network.clone(),
+            config: None,
         },
         // Resolved at start: the running binary serves `lian __eval`.
         evaluator: Evaluator::this_binary(Schemas::embedded()?, EvalLimits::default())?,

@@ -34,14 +34,34 @@ fn actor_name(actor: Actor) -> &'static str {
     }
 }
 
-/// Checks a request's cache policy against the actor rules; the first broken rule is
-/// returned with what would have been allowed.
-pub fn check(directives: &BuildDirectives) -> Result<(), CacheRuleError> {
+/// The namespaces a request's actor may read and write (registry path prefixes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespaces {
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+}
+
+impl Namespaces {
+    /// The one namespace a build's image and cache go to, if it may write any.
+    pub fn home(&self) -> Option<&str> {
+        self.writes.first().map(String::as_str)
+    }
+
+    /// Whether `path` (`ci/ws/app`) lies in one of `allowed`, by whole path components.
+    pub fn within(path: &str, allowed: &[String]) -> bool {
+        allowed
+            .iter()
+            .any(|a| path == a || path.strip_prefix(a.as_str()).is_some_and(|r| r.starts_with('/')))
+    }
+}
+
+/// What the actor rules allow a request, whatever its `cache_from`/`cache_to` ask for.
+pub fn namespaces(directives: &BuildDirectives) -> Result<Namespaces, CacheRuleError> {
     let policy = &directives.cache_policy;
     let ws = directives.workspace.as_str();
     let actor = actor_name(policy.actor);
     let ci = format!("ci/{ws}");
-    let (reads, writes): (Vec<String>, Vec<String>) = match policy.actor {
+    let (reads, writes) = match policy.actor {
         Actor::Ci | Actor::CiAux => (vec![ci.clone()], vec![ci.clone()]),
         Actor::Human | Actor::Agent => {
             let id = policy
@@ -59,11 +79,16 @@ pub fn check(directives: &BuildDirectives) -> Result<(), CacheRuleError> {
             (vec![ci.clone(), own], writes)
         }
     };
-    let within = |ns: &str, allowed: &[String]| {
-        allowed
-            .iter()
-            .any(|a| ns == a || ns.strip_prefix(a.as_str()).is_some_and(|r| r.starts_with('/')))
-    };
+    Ok(Namespaces { reads, writes })
+}
+
+/// Checks a request's cache policy against the actor rules; the first broken rule is
+/// returned with what would have been allowed.
+pub fn check(directives: &BuildDirectives) -> Result<(), CacheRuleError> {
+    let policy = &directives.cache_policy;
+    let actor = actor_name(policy.actor);
+    let Namespaces { reads, writes } = namespaces(directives)?;
+    let within = Namespaces::within;
     let list = |allowed: &[String]| {
         if allowed.is_empty() {
             "nothing".to_string()

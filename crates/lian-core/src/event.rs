@@ -26,6 +26,41 @@ pub struct Envelope {
     pub event: BuildEvent,
 }
 
+/// What a build reused from the caches that outlive runners, carried by `image_built` and
+/// `completed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReport {
+    /// BuildKit steps of the build(s), and how many of them were served from cache.
+    pub steps: u32,
+    pub cached_steps: u32,
+    /// The cargo-chef cooker stage, built as an image of its own keyed by its recipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooker: Option<CookerReport>,
+    /// From `sccache --show-stats` printed by the build, when it prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sccache_hits: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sccache_misses: Option<u64>,
+    /// Namespaces cache was imported from, and the one it was exported to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imported_from: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exported_to: Option<String>,
+    /// Parent images pulled from the registry, by digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents_pulled: Vec<String>,
+    /// References pushed on success (tags move only then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pushed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CookerReport {
+    pub reference: String,
+    /// The image for this recipe was already in a namespace the build may read.
+    pub hit: bool,
+}
+
 /// How a context reached its runner, carried by `context_synced`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Transfer {
@@ -117,6 +152,8 @@ pub enum BuildEvent {
         cpu_p95: Option<f64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mem_p95_gb: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<CacheReport>,
     },
     /// A step failed; the runner (if any) is destroyed next.
     StepFailed {
@@ -147,6 +184,8 @@ pub enum BuildEvent {
         cascade: Option<CascadeRef>,
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         labels: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache: Option<CacheReport>,
     },
     /// Step 8, failure (also the only event of a request that could not be read).
     Failed {

@@ -28,7 +28,7 @@
 
 use time::OffsetDateTime;
 
-use crate::event::{BuildEvent, Envelope, Step, Transfer};
+use crate::event::{BuildEvent, CacheReport, Envelope, Step, Transfer};
 use crate::names::{BuildId, ImageRef, LeaseKey, Workspace};
 use crate::request::BuildRequest;
 use crate::sizing::{MAX_OOM_RETRIES, RunnerType, SizeDecision};
@@ -50,6 +50,7 @@ pub struct Built {
     pub duration_ms: u64,
     pub cpu_p95: Option<f64>,
     pub mem_p95_gb: Option<f64>,
+    pub cache: Option<CacheReport>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,6 +157,7 @@ pub enum Outcome {
         duration_ms: u64,
         cpu_p95: Option<f64>,
         mem_p95_gb: Option<f64>,
+        cache: Option<CacheReport>,
     },
     MetricsRecorded {
         cpu_p95: Option<f64>,
@@ -309,6 +311,7 @@ impl State {
                 duration_ms,
                 cpu_p95,
                 mem_p95_gb,
+                cache,
             } => match &self.lease {
                 Some(l) if l.key == *lease_key && l.synced && self.built.is_none() => {
                     self.built = Some(Built {
@@ -317,6 +320,7 @@ impl State {
                         duration_ms: *duration_ms,
                         cpu_p95: *cpu_p95,
                         mem_p95_gb: *mem_p95_gb,
+                        cache: cache.clone(),
                     });
                 }
                 _ => return bad("no synced runner, or built twice"),
@@ -494,6 +498,7 @@ pub fn decide(state: &State, outcome: Option<Outcome>, now: OffsetDateTime) -> R
                 layer: request.layer.clone(),
                 cascade: request.cascade.clone(),
                 labels: request.directives.labels(),
+                cache: built.cache.clone(),
             }]));
         }
         let (requested, spawn) = request_runner(state.attempts + 1);
@@ -573,6 +578,7 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
             duration_ms,
             cpu_p95,
             mem_p95_gb,
+            cache,
         } => match (lease, &state.request) {
             (Some(l), Some(r)) => BuildEvent::ImageBuilt {
                 lease_key: l.key.clone(),
@@ -581,6 +587,7 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
                 duration_ms,
                 cpu_p95,
                 mem_p95_gb,
+                cache,
             },
             _ => return unexpected("image_built"),
         },

@@ -92,6 +92,8 @@ mod tests {
             target: Some("final"),
             build_args: vec![("PROFILE", "release mode")],
             secrets: vec![("sccache_creds", Path::new("/etc/lian/sccache"))],
+            cache_from: vec![],
+            inline_cache: false,
         };
         let outputs = Outputs {
             push: true,

@@ -249,6 +249,7 @@ impl CloudRunner {
         Ok(BuildOutput {
             image_id: digest,
             duration_ms: started.elapsed().as_millis() as u64,
+            steps: None,
         })
     }
 }

@@ -41,8 +41,7 @@ impl std::fmt::Debug for ControlClient {
 
 impl ControlClient {
     pub fn new(url: &str, token: &str) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             // A lease may wait for a cloud server to boot.
             .timeout(Duration::from_secs(900))
             .connect_timeout(Duration::from_secs(5))

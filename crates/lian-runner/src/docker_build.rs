@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
-use crate::progress::{StepProgress, parse_plain};
+use crate::progress::{StepProgress, StepState, parse_plain};
 
 #[derive(Debug, Clone)]
 pub struct DockerBuilder {
@@ -18,6 +18,8 @@ pub struct DockerBuilder {
     pub host: Option<String>,
     /// `--network` for RUN steps: `host` or `none` (dockerd here runs without a bridge).
     pub network: String,
+    /// `DOCKER_CONFIG`: the lease's registry credentials, if it has any.
+    pub config: Option<PathBuf>,
 }
 
 /// One build.
@@ -30,12 +32,68 @@ pub struct BuildInvocation<'a> {
     pub build_args: Vec<(&'a str, &'a str)>,
     /// `(id, file)`: each file is handed to BuildKit as a secret mount, never copied.
     pub secrets: Vec<(&'a str, &'a Path)>,
+    /// Images whose inline cache BuildKit may reuse steps from.
+    pub cache_from: Vec<String>,
+    /// Write inline cache metadata into the image, so a later build can `--cache-from` it.
+    pub inline_cache: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOutput {
     pub image_id: String,
     pub duration_ms: u64,
+    /// From a `--progress=plain` log; `None` where the builder's log is another shape.
+    pub steps: Option<StepCounts>,
+}
+
+/// What the build log says about reuse: Dockerfile steps, those served from cache, and
+/// sccache's counters if a step printed `sccache --show-stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCounts {
+    pub steps: u32,
+    pub cached: u32,
+    pub sccache_hits: Option<u64>,
+    pub sccache_misses: Option<u64>,
+}
+
+impl StepCounts {
+    /// Reads a `--progress=plain` log.
+    pub fn from_log(log: &str) -> Self {
+        let mut steps = std::collections::BTreeSet::new();
+        let mut cached = std::collections::BTreeSet::new();
+        let mut counts = Self::default();
+        for line in log.lines() {
+            if let Some(step) = parse_plain(line) {
+                match step.state {
+                    StepState::Started if step.name.as_deref().is_some_and(|n| n.starts_with('[')) => {
+                        steps.insert(step.id);
+                    }
+                    StepState::Cached => {
+                        cached.insert(step.id);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            // `#12 3.4 Cache hits                 5`: the stats table sccache prints.
+            let text = line.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+            let value = |label: &str| {
+                text.strip_prefix(label)
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse().ok())
+            };
+            if let Some(n) = value("Cache hits") {
+                counts.sccache_hits = Some(n);
+            }
+            if let Some(n) = value("Cache misses") {
+                counts.sccache_misses = Some(n);
+            }
+        }
+        counts.steps = steps.len() as u32;
+        counts.cached = cached.intersection(&steps).count() as u32;
+        counts
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +129,14 @@ impl DockerBuilder {
             args.push("--secret".into());
             args.push(format!("id={id},src={}", file.display()));
         }
+        for image in &spec.cache_from {
+            args.push("--cache-from".into());
+            args.push(image.clone());
+        }
+        if spec.inline_cache {
+            args.push("--build-arg".into());
+            args.push("BUILDKIT_INLINE_CACHE=1".into());
+        }
         args.push(spec.context.display().to_string());
         args
     }
@@ -86,16 +152,13 @@ impl DockerBuilder {
         let scratch = spec.context.parent().unwrap_or(spec.context).to_path_buf();
         let iidfile = scratch.join("image.iid");
         let _ = tokio::fs::remove_file(&iidfile).await;
-        let mut cmd = tokio::process::Command::new(&self.cli);
+        let mut cmd = self.command();
         cmd.args(self.args(spec, &iidfile))
             .env("DOCKER_BUILDKIT", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(host) = &self.host {
-            cmd.env("DOCKER_HOST", host);
-        }
         let mut child = cmd.spawn().map_err(|e| BuildFailure {
             reason: format!("cannot run {}: {e} (is docker.io installed?)", self.cli.display()),
             oom: false,
@@ -131,7 +194,56 @@ impl DockerBuilder {
         Ok(BuildOutput {
             image_id: image_id.trim().to_string(),
             duration_ms: started.elapsed().as_millis() as u64,
+            steps: Some(StepCounts::from_log(&log)),
         })
+    }
+
+    /// The docker CLI aimed at this builder's engine, with its credentials.
+    fn command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.cli);
+        if let Some(host) = &self.host {
+            cmd.env("DOCKER_HOST", host);
+        }
+        if let Some(config) = &self.config {
+            cmd.env("DOCKER_CONFIG", config);
+        }
+        cmd
+    }
+
+    /// `docker <args>` on this builder's engine; the failure names what was asked.
+    async fn docker(&self, args: &[&str]) -> Result<(), BuildFailure> {
+        let out = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| BuildFailure {
+                reason: format!("cannot run {}: {e}", self.cli.display()),
+                oom: false,
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(BuildFailure {
+            reason: format!("docker {} failed: {}", args.join(" "), stderr.trim()),
+            oom: false,
+        })
+    }
+
+    /// Pushes a tag: blobs first, the manifest last, so the tag never names half an image.
+    pub async fn push(&self, reference: &str) -> Result<(), BuildFailure> {
+        self.docker(&["push", reference]).await
+    }
+
+    pub async fn tag(&self, source: &str, target: &str) -> Result<(), BuildFailure> {
+        self.docker(&["tag", source, target]).await
+    }
+
+    pub async fn pull(&self, reference: &str) -> Result<(), BuildFailure> {
+        self.docker(&["pull", "--quiet", reference]).await
     }
 }
 
@@ -176,6 +288,7 @@ mod tests {
             cli: "docker".into(),
             host: None,
             network: "none".into(),
+            config: None,
         };
         let spec = BuildInvocation {
             context: Path::new("/r/context"),
@@ -184,6 +297,8 @@ mod tests {
             target: Some("final"),
             build_args: vec![("A", "x y; rm -rf /")],
             secrets: vec![("sccache_creds", Path::new("/etc/lian/sccache"))],
+            cache_from: vec!["127.0.0.1:5000/ci/ws/app:lian-cache".into()],
+            inline_cache: true,
         };
         let args = b.args(&spec, Path::new("/r/iid"));
         assert!(
@@ -193,6 +308,26 @@ mod tests {
         assert_eq!(args.last().unwrap(), "/r/context");
         assert!(args.contains(&"--network=none".to_string()));
         assert!(args.contains(&"id=sccache_creds,src=/etc/lian/sccache".to_string()));
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--cache-from", "127.0.0.1:5000/ci/ws/app:lian-cache"])
+        );
+        assert!(args.windows(2).any(|w| w == ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]));
+    }
+
+    #[test]
+    fn the_log_tells_steps_cached_steps_and_sccache_counters() {
+        let log = "#1 [internal] load build definition from Dockerfile\n#1 DONE 0.0s\n\
+                   #4 [1/3] FROM docker.io/library/base\n#4 CACHED\n\
+                   #5 [2/3] COPY Cargo.toml .\n#5 CACHED\n\
+                   #6 [3/3] RUN cargo build && sccache --show-stats\n\
+                   #6 41.2 Compile requests                    12\n\
+                   #6 41.2 Cache hits                          9\n\
+                   #6 41.2 Cache hits (Rust)                   9\n\
+                   #6 41.2 Cache misses                        3\n#6 DONE 41.5s\n";
+        let counts = StepCounts::from_log(log);
+        assert_eq!((counts.steps, counts.cached), (3, 2));
+        assert_eq!((counts.sccache_hits, counts.sccache_misses), (Some(9), Some(3)));
     }
 
     #[test]

@@ -89,13 +89,24 @@ impl DockerLocal {
         self.engine(key).map(|e| e.cgroup)
     }
 
-    /// Puts the images a Dockerfile builds on into the lease's engine, from the host's.
-    pub async fn load_parents(&self, key: &LeaseKey, dockerfile: &Path) -> Result<(), String> {
+    /// The lease's Docker client config (its registry credentials), beside its context.
+    pub fn docker_config(&self, key: &LeaseKey) -> PathBuf {
+        self.dir(key).join("docker-config")
+    }
+
+    /// A private file of the lease's, removed with it.
+    pub fn private_file(&self, key: &LeaseKey, name: &str) -> PathBuf {
+        self.dir(key).join(name)
+    }
+
+    /// Puts the images a Dockerfile builds on into the lease's engine, from the host's;
+    /// `present` (pulled from the registry already) are skipped.
+    pub async fn load_parents(&self, key: &LeaseKey, dockerfile: &Path, present: &[String]) -> Result<(), String> {
         let Some(engine) = self.engine(key) else { return Ok(()) };
         let text = tokio::fs::read_to_string(dockerfile)
             .await
             .map_err(|e| format!("{}: {e}", dockerfile.display()))?;
-        for image in parent_images(&text) {
+        for image in parent_images(&text).into_iter().filter(|i| !present.contains(i)) {
             let on_host = tokio::process::Command::new(&self.docker_cli)
                 .args(["image", "inspect", &image])
                 .stdout(std::process::Stdio::null())

@@ -214,8 +214,7 @@ impl fmt::Debug for Hcloud {
 impl Hcloud {
     pub fn new(config: HcloudConfig) -> Self {
         // One crypto backend for the whole binary (ring), as for russh and async-nats.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let http = crate::http_client()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("an HTTP client");

@@ -12,16 +12,18 @@ mod engine;
 pub mod hcloud;
 pub mod progress;
 pub mod proxmox;
+pub mod registry;
 pub mod ssh;
 mod ssh_pool;
 pub mod sync;
 mod usage;
+pub mod warm;
 mod warm_pool;
 
 pub use cgroup::LeaseCgroup;
 pub use cloud::CloudRunner;
 pub use control::{ControlClient, ControlError};
-pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder};
+pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
 pub use docker_local::{DockerLocal, Isolation};
 pub use hcloud::{Hcloud, HcloudConfig};
 pub use proxmox::{Proxmox, ProxmoxConfig};
@@ -32,6 +34,13 @@ pub use warm_pool::WarmEngine;
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;
 use lian_core::sizing::RunnerType;
+
+/// Every HTTP client of this crate starts here: reqwest is built without a default TLS
+/// provider, so the process-wide one (ring) is installed first.
+pub(crate) fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
 
 /// A runner the build holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

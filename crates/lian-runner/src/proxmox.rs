@@ -300,8 +300,7 @@ impl Proxmox {
             .map_err(|_| ProxmoxError::Config("token_id or token_secret holds characters a header cannot".into()))?;
         auth.set_sensitive(true);
         // One crypto backend for the whole binary (ring), as for russh and async-nats.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        let mut builder = crate::http_client().timeout(Duration::from_secs(30));
         if let Some(pem) = &config.ca_cert_pem {
             let cert = reqwest::Certificate::from_pem(pem.as_bytes())
                 .map_err(|e| ProxmoxError::Config(format!("ca_cert_pem is not a PEM certificate: {e}")))?;

@@ -188,6 +188,7 @@ impl SshPool {
             cli: host.docker_cli.clone().into(),
             host: None,
             network: self.network.clone(),
+            config: None,
         };
         let iid = format!("{dir}/image.iid");
         let context = PathBuf::from(&dir).join("context");
@@ -231,6 +232,7 @@ impl SshPool {
         Ok(BuildOutput {
             image_id: String::from_utf8_lossy(&id.stdout).trim().to_string(),
             duration_ms: started.elapsed().as_millis() as u64,
+            steps: Some(crate::StepCounts::from_log(&String::from_utf8_lossy(&out.stderr))),
         })
     }
 
@@ -331,6 +333,8 @@ mod tests {
             target: None,
             build_args: vec![],
             secrets: vec![],
+            cache_from: vec![],
+            inline_cache: false,
         };
         let argv = runner.build_argv(&spec);
         assert_eq!(argv[0], "buildctl");

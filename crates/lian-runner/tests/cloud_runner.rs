@@ -123,6 +123,8 @@ async fn the_build_is_buildctl_over_ssh_with_progress_streamed_and_oom_read_from
         target: None,
         build_args: vec![("A", "x y")],
         secrets: vec![],
+        cache_from: vec![],
+        inline_cache: false,
     };
     let mut steps = Vec::new();
     let out = runner.build(&spec, &mut |s| steps.push(s)).await.unwrap();
@@ -162,6 +164,8 @@ async fn the_build_is_buildctl_over_ssh_with_progress_streamed_and_oom_read_from
     let secret = Path::new("/etc/hostname");
     let with_secret = BuildInvocation {
         secrets: vec![("creds", secret)],
+        cache_from: vec![],
+        inline_cache: false,
         ..spec.clone()
     };
     let refused = runner.build(&with_secret, &mut |_| {}).await.unwrap_err();

@@ -9,7 +9,7 @@ use lian_core::directives::{Artifact, ComputeProvider};
 use lian_core::event::Step;
 use lian_core::lifecycle::{Built, Effect, Lease, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, RunnerType, SizingInputs};
-use lian_core::{BuildRequest, Transfer};
+use lian_core::{BuildRequest, CacheReport, Transfer};
 use lian_nickel::Contract;
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +22,7 @@ use lian_runner::{
 };
 
 use crate::driver::Worker;
+use crate::warm;
 
 /// The file in a build context that sizes its runner (tier 1).
 const BUILD_SPEC_FILE: &str = ".build-spec.ncl";
@@ -63,10 +64,20 @@ fn through_control(provider: ComputeProvider) -> String {
 /// A build's measured cpu and memory (GB) P95, where its runner's cgroup could be sampled.
 type Usage = (Option<f64>, Option<f64>);
 
-/// The outcome of a build: its image and measured usage, or why it failed.
-fn build_outcome(built: Result<(BuildOutput, Usage), BuildFailure>) -> Outcome {
+/// The outcome of a build: its image, measured usage and what it reused, or why it failed.
+/// A build without a registry plan still reports its steps and sccache counters.
+fn build_outcome(built: Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure>) -> Outcome {
     match built {
-        Ok((out, (cpu_p95, mem_p95_gb))) => Outcome::ImageBuilt {
+        Ok((out, (cpu_p95, mem_p95_gb), cache)) => Outcome::ImageBuilt {
+            cache: cache.or_else(|| {
+                out.steps.map(|s| CacheReport {
+                    steps: s.steps,
+                    cached_steps: s.cached,
+                    sccache_hits: s.sccache_hits,
+                    sccache_misses: s.sccache_misses,
+                    ..CacheReport::default()
+                })
+            }),
             image_id: out.image_id,
             duration_ms: out.duration_ms,
             cpu_p95,
@@ -92,6 +103,8 @@ fn invocation<'a>(artifact: &'a Artifact, context: &'a Path, secrets: Vec<(&'a s
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect(),
         secrets,
+        cache_from: Vec::new(),
+        inline_cache: false,
     }
 }
 
@@ -235,7 +248,7 @@ impl Worker {
             drop(tx);
             let _ = forward.await;
             // A cloud runner's usage is not sampled (no cgroup of ours there).
-            return Ok(build_outcome(built.map(|out| (out, (None, None)))));
+            return Ok(build_outcome(built.map(|out| (out, (None, None), None))));
         }
         let backend = self.backend(request)?;
         let context = match backend {
@@ -254,13 +267,13 @@ impl Worker {
                 let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
                     return Err("a build without identity".into());
                 };
-                self.build_local(p, &lease.key, &invocation, subjects::progress(ws, id))
+                self.build_local(p, request, &lease.key, invocation, subjects::progress(ws, id))
                     .await
             }
             Backend::Ssh(p) => p
                 .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
                 .await
-                .map(|out| (out, (None, None))),
+                .map(|out| (out, (None, None), None)),
             Backend::Hcloud(_) | Backend::Proxmox(_) => unreachable!("refused above"),
         };
         Ok(build_outcome(built))
@@ -322,33 +335,68 @@ impl Worker {
         Ok(Outcome::RunnerDestroyed)
     }
 
-    /// A build on a docker_local runner: parents into the lease's engine, usage sampled from
-    /// its cgroup, the image back to the host's engine. Out of memory is what the cgroup
-    /// says; the exit code 137 / "Killed" is the signal only where there is no cgroup.
+    /// A build on a docker_local runner: parents into the lease's engine (from the registry
+    /// by digest, else from the host's engine), the build warm from the registry's caches
+    /// where the fleet has one, usage sampled from its cgroup, the image back to the host's
+    /// engine. Out of memory is what the cgroup says; the exit code 137 / "Killed" is the
+    /// signal only where there is no cgroup.
     async fn build_local(
         &self,
         provider: &DockerLocal,
+        request: &BuildRequest,
         key: &LeaseKey,
-        invocation: &BuildInvocation<'_>,
+        mut invocation: BuildInvocation<'_>,
         progress_subject: String,
-    ) -> Result<(BuildOutput, Usage), BuildFailure> {
+    ) -> Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure> {
         let fail = |reason: String| BuildFailure { reason, oom: false };
+        let plan = match &self.options.registry {
+            Some(registry) => Some(warm::plan(registry, request).map_err(|e| fail(e.to_string()))?),
+            None => None,
+        };
         let builder = DockerBuilder {
             host: provider.docker_host(key).or_else(|| self.options.builder.host.clone()),
+            config: plan.as_ref().map(|_| provider.docker_config(key)),
             ..self.options.builder.clone()
         };
-        provider
-            .load_parents(key, &invocation.context.join(invocation.dockerfile))
-            .await
-            .map_err(fail)?;
+        let sccache_file = provider.private_file(key, "sccache.env");
+        if let (Some(s3), Some(plan)) = (&self.options.sccache, &plan) {
+            let namespace = plan
+                .write
+                .as_deref()
+                .or(plan.reads.first().map(String::as_str))
+                .unwrap_or("shared");
+            warm::write_sccache_secret(s3, namespace, &sccache_file).map_err(fail)?;
+            invocation.secrets.push((warm::SCCACHE_SECRET, &sccache_file));
+        }
+        let dockerfile = invocation.context.join(invocation.dockerfile);
+        let mut pulled = Vec::new();
+        if let (Some(plan), Some(config)) = (&plan, &builder.config) {
+            plan.registry
+                .write_docker_config(config)
+                .map_err(|e| fail(e.to_string()))?;
+            let text = tokio::fs::read_to_string(&dockerfile)
+                .await
+                .map_err(|e| fail(format!("{}: {e}", dockerfile.display())))?;
+            pulled = plan.pull_parents(&builder, &text).await?;
+        }
+        let present: Vec<String> = pulled.iter().map(|(name, _)| name.clone()).collect();
+        provider.load_parents(key, &dockerfile, &present).await.map_err(fail)?;
         let cgroup = provider.cgroup(key);
         let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
         let (tx, forward) = self.forward_progress(progress_subject);
-        let result = builder
-            .build(invocation, &mut |step| {
-                let _ = tx.send(step);
-            })
-            .await;
+        let mut on_step = |step| {
+            let _ = tx.send(step);
+        };
+        let result = match &plan {
+            Some(plan) => plan
+                .build(&builder, &invocation, &mut on_step)
+                .await
+                .map(|(out, mut report)| {
+                    report.parents_pulled = pulled.iter().map(|(_, r)| r.clone()).collect();
+                    (out, Some(report))
+                }),
+            None => builder.build(&invocation, &mut on_step).await.map(|out| (out, None)),
+        };
         drop(tx);
         let _ = forward.await;
         let usage = match sampler {
@@ -356,9 +404,9 @@ impl Worker {
             None => (None, None),
         };
         match result {
-            Ok(out) => {
+            Ok((out, report)) => {
                 provider.publish(key, invocation.image).await.map_err(fail)?;
-                Ok((out, usage))
+                Ok((out, usage, report))
             }
             Err(mut f) => {
                 if let Some(cg) = &cgroup {

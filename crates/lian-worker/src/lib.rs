@@ -7,6 +7,7 @@ mod effects;
 mod intake;
 mod reaper;
 mod stores;
+mod warm;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -101,6 +101,7 @@ fn built(n: u8) -> BuildEvent {
         duration_ms: 5,
         cpu_p95: None,
         mem_p95_gb: None,
+        cache: None,
     }
 }
 fn metrics() -> BuildEvent {
@@ -257,6 +258,7 @@ fn terminal_and_failure_rows() {
             layer: None,
             cascade: None,
             labels: Default::default(),
+            cache: None,
         },
     ]);
     assert_eq!(done, Decision::default());
@@ -472,6 +474,7 @@ impl World {
                         duration_ms: 7,
                         cpu_p95: Some(1.5),
                         mem_p95_gb: Some(0.5),
+                        cache: None,
                     }
                 }
             }
