@@ -275,7 +275,8 @@ stop_fleet() {
 lian_client() { "$LIAN" --config "$WORK/lian.toml" --nats-url "$NATS_URL" "$@"; }
 epoch_of() { date -d "$1" +%s.%N; }
 # One cold run on a fresh fleet; writes RESULT_FILE: "ok<TAB>seconds<TAB>upload_s<TAB>leased_s
-# <TAB>files<TAB>bytes" or "fail<TAB>reason". Runs in this shell (not in $(...)), so the exit
+# <TAB>files<TAB>bytes<TAB>staging_s" (staging_s: the worker's `seconds` in context_synced) or
+# "fail<TAB>reason". Runs in this shell (not in $(...)), so the exit
 # trap knows the fleet and the submit it started.
 lian_once() {
   local t=$1 tree=$2 run=$3 result=$4 dir=$WORK/lian-$t-$run t0 id synced at line reasons up_done
@@ -319,9 +320,10 @@ EOF
     up_done=$(grep -m1 '^[0-9.]* context ' "$dir/submit.err" | cut -d' ' -f1 || true)
     leased=$(grep -m1 '"type":"runner_leased"' "$dir/submit.out" | cut -d' ' -f2- | jq -r .at || true)
     files=$(jq -r .files <<<"$line"); bytes=$(jq -r .bytes <<<"$line")
-    printf 'ok\t%s\t%s\t%s\t%s\t%s\n' "$(sub "$(epoch_of "$at")" "$t0")" \
+    printf 'ok\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(sub "$(epoch_of "$at")" "$t0")" \
       "$([[ -n $up_done ]] && sub "$up_done" "$t0" || echo -)" \
-      "$([[ -n $leased && $leased != null ]] && sub "$(epoch_of "$leased")" "$t0" || echo -)" "$files" "$bytes" >"$result"
+      "$([[ -n $leased && $leased != null ]] && sub "$(epoch_of "$leased")" "$t0" || echo -)" "$files" "$bytes" \
+      "$(jq -r '.seconds // "-"' <<<"$line")" >"$result"
   else
     # Why: the step failures and the end, as the build's history says, and submit's own words.
     reasons=$(cut -d' ' -f2- "$dir/submit.out" | jq -r 'select(.type == "step_failed" or .type == "failed") |
@@ -390,7 +392,7 @@ for t in ripgrep synth; do
       lian_once "$t" "$tree" "$run" "$WORK/lian-result"
       r=$(cat "$WORK/lian-result")
       if [[ $(cut -f1 <<<"$r") == ok ]]; then
-        log "$t lian run $run: context_synced after $(cut -f2 <<<"$r") s (upload done $(cut -f3 <<<"$r") s, runner leased $(cut -f4 <<<"$r") s; $(cut -f5 <<<"$r") files, $(cut -f6 <<<"$r") bytes)"
+        log "$t lian run $run: context_synced after $(cut -f2 <<<"$r") s (upload done $(cut -f3 <<<"$r") s, runner leased $(cut -f4 <<<"$r") s; $(cut -f5 <<<"$r") files, $(cut -f6 <<<"$r") bytes; the worker staged it in $(cut -f7 <<<"$r") s)"
         printf '%s\n' "$(cut -f2- <<<"$r")" >>"$WORK/lian-$t.tsv"
       else
         lian_failed=$(cut -f2- <<<"$r")
@@ -422,9 +424,10 @@ for t in ripgrep synth; do
       m=$(cut -f1 "$WORK/lian-$t.tsv" | median)
       ratio=""
       [[ -n $best ]] && ratio=$(awk -v a="$m" -v b="$best" 'BEGIN { printf "; %.2fx the faster of docker and ssh (target <= 1.5x)", a / b }')
-      printf '| %s (%s) | lian submit to context_synced | %s | %s | upload done at %s s, runner leased at %s s (medians)%s |\n' \
+      printf '| %s (%s) | lian submit to context_synced | %s | %s | upload done at %s s, runner leased at %s s, worker staging %s s (medians)%s |\n' \
         "${TREE_DESC[$t]}" "$size" "$RUNS" "$(cut -f1 "$WORK/lian-$t.tsv" | stats)" \
-        "$(cut -f2 "$WORK/lian-$t.tsv" | median)" "$(cut -f3 "$WORK/lian-$t.tsv" | median)" "$ratio" >>"$ROWS"
+        "$(cut -f2 "$WORK/lian-$t.tsv" | median)" "$(cut -f3 "$WORK/lian-$t.tsv" | median)" \
+        "$(cut -f6 "$WORK/lian-$t.tsv" | median)" "$ratio" >>"$ROWS"
     fi
   fi
 done
@@ -442,7 +445,7 @@ done
     "time from starting \`docker build\` to the line of its first step (the plain printer's ticks make this" \
     "up to ~0.1 s late); the local-source cache pruned before each run."
   if has ssh "$WAYS"; then echo "ssh: $(ssh -V 2>&1), sshd on 127.0.0.1, cipher $SSH_CIPHER, tar x into $(df --output=fstype "${SSH_DEST:-$WORK}" | tail -1) (${SSH_DEST:-a temp dir on the disk})."; fi
-  if has lian "$WAYS"; then echo "lian: $("$LIAN" --version), debug build; a fresh fleet (empty object store) per run; the time is submit start to the context_synced event's \`at\`."; fi
+  if has lian "$WAYS"; then echo "lian: $("$LIAN" --version) ($LIAN); a fresh fleet (empty object store) per run; the time is submit start to the context_synced event's \`at\`."; fi
 } >"$REPORT"
 cat "$REPORT"
 if [[ -n $OUT ]]; then cp "$REPORT" "$OUT"; log "report written to $OUT"; fi

@@ -66,9 +66,14 @@ impl CachePlan {
         (format!("{ns}/{repo}/cooker"), key.to_string())
     }
 
-    /// Where a parent image may be found, in the order to try: `(repository path, tag)`.
+    /// Where a parent image may be found, in the order to try: `(repository path, tag)`. A
+    /// parent named in this registry is itself; another is looked for in each namespace the
+    /// build reads (where the cascade pushed it).
     pub fn parent_candidates(&self, parent: &str) -> Vec<(String, String)> {
         let (repo, tag) = split_image(parent);
+        if parent.starts_with(&format!("{}/", self.registry.host)) {
+            return vec![(repo, tag)];
+        }
         self.reads
             .iter()
             .map(|ns| (format!("{ns}/{repo}"), tag.clone()))
