@@ -247,3 +247,51 @@ fn a_context_over_the_limits_is_refused_before_upload_with_the_way_to_raise_them
         "{said}"
     );
 }
+
+/// The longest build id and workspace the validators accept, under a deep state directory:
+/// every path the lease's engine needs (its sockets above all) stays within the OS limits,
+/// and the lease leaves nothing behind.
+#[test]
+fn the_longest_accepted_identifiers_build_end_to_end() {
+    let workspace = "w".repeat(63);
+    let build_id = format!("b{}", "0123456789".repeat(7))[..63].to_string();
+    let fleet = Fleet::new("unused");
+    let deep = fleet
+        .state
+        .path()
+        .join("a-rather-long-directory-name-as-deployments-have".repeat(2));
+    std::fs::create_dir_all(&deep).unwrap();
+    let _worker = common::Running::start(
+        &[
+            "--nats-url",
+            &fleet.server.url,
+            "worker",
+            "--state-dir",
+            deep.to_str().unwrap(),
+            "--name",
+            "w1",
+        ],
+        "",
+    );
+    let outer = tempfile::tempdir().unwrap();
+    let ctx = outer.path().join("ctx");
+    write(&ctx, "Dockerfile", b"FROM scratch\nCOPY hello /hello\n", 0o644);
+    write(&ctx, "hello", b"hi\n", 0o644);
+    let directives = directives_json(outer.path(), &workspace, "lian-long/app:1");
+    let out = lian(&[
+        "--nats-url",
+        &fleet.server.url,
+        "submit",
+        directives.to_str().unwrap(),
+        "--context",
+        ctx.to_str().unwrap(),
+        "--build-id",
+        &build_id,
+        "--wait",
+        "--timeout",
+        "180",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(common::runners_left(&deep).is_empty(), "the lease is destroyed");
+    let _ = Command::new(docker_cli()).args(["rmi", "lian-long/app:1"]).output();
+}

@@ -129,7 +129,7 @@ fn leases_live_in_key_value_so_any_replica_lists_and_destroys_them() {
     );
     assert_eq!(runners_left(fleet.state.path()), vec!["ctl1-r1".to_string()]);
     assert!(
-        std::path::Path::new("/run/lian/ctl1-r1.sock").exists(),
+        std::path::Path::new(&engine_socket("ctl1-r1")).exists(),
         "the lease has its own engine"
     );
 
@@ -169,7 +169,7 @@ fn leases_live_in_key_value_so_any_replica_lists_and_destroys_them() {
     assert_eq!(released.status, 204, "{released:?}");
     assert!(runners_left(fleet.state.path()).is_empty());
     assert!(
-        !std::path::Path::new("/run/lian/ctl1-r1.sock").exists(),
+        !std::path::Path::new(&engine_socket("ctl1-r1")).exists(),
         "its engine is gone"
     );
     assert_eq!(
@@ -280,7 +280,7 @@ fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
         "{provider_id} took a warm engine"
     );
     // The lease's engine is that started engine, and it answers.
-    let socket = format!("unix:///run/lian/{slot}.sock");
+    let socket = format!("unix://{}", engine_socket(&slot));
     let version = std::process::Command::new(lian_test_support::docker_cli())
         .args(["-H", &socket, "version", "--format", "{{.Server.Version}}"])
         .output()
@@ -294,14 +294,15 @@ fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
 
     let released = http("DELETE", &format!("{url}/api/v1/vm-pool/warm1-r1"), Some(TOKEN), None);
     assert_eq!(released.status, 204, "{released:?}");
-    assert!(!std::path::Path::new(&format!("/run/lian/{slot}.sock")).exists());
+    assert!(!std::path::Path::new(&engine_socket(&slot)).exists());
 
     // Stopping the control plane stops every engine left in the pool.
     let pool_sockets: Vec<String> = std::fs::read_dir(fleet.state.path().join("runners/.warm"))
         .unwrap()
         .flatten()
-        .map(|e| format!("/run/lian/{}.sock", e.file_name().to_string_lossy()))
-        .filter(|s| s.contains("/w-"))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|s| s.starts_with("w-"))
+        .map(|slot| engine_socket(&slot))
         .collect();
     assert_eq!(pool_sockets.len(), 4, "{pool_sockets:?}");
     drop(control);
@@ -313,4 +314,9 @@ fn a_lease_takes_a_warm_engine_the_pool_refills_and_shutdown_stops_the_pool() {
         "{:?}",
         runners_left(fleet.state.path())
     );
+}
+
+/// Where a lease's (or a warm slot's) engine listens: named by a short token of it.
+fn engine_socket(name: &str) -> String {
+    format!("/run/lian/{}.sock", lian_core::names::path_token(name))
 }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::directives::ComputeProvider;
+use crate::directives::{Actor, BuildDirectives, ComputeProvider};
 use crate::sizing::RunnerType;
 use crate::{BuildId, LeaseKey, Workspace};
 
@@ -102,6 +102,82 @@ pub struct Reaped {
     pub by: String,
     #[serde(with = "time::serde::rfc3339")]
     pub at: time::OffsetDateTime,
+}
+
+/// The longest a registry grant lives (and how long the bucket `lian-registry-grants` keeps
+/// one): a build that runs longer asks again.
+pub const REGISTRY_GRANT_MAX_SECS: u64 = 3 * 3600;
+
+/// `POST /api/v1/registry-grants`: registry credentials for one build. The control plane
+/// derives what they may read and write from the directives' actor (`cache::namespaces`),
+/// never from a list the caller sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryGrantRequest {
+    pub build_id: BuildId,
+    pub directives: BuildDirectives,
+    /// Shorter than [`REGISTRY_GRANT_MAX_SECS`] (a build's time budget); longer is cut to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A credential crossing the API: serialised as itself (the one place it must travel),
+/// never shown by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself, for the one place that hands it on (`docker login`, a config file).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The answer to a grant request: HTTP Basic credentials for the control plane's registry
+/// gate, good for `reads` (pull) and `writes` (push) until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryGrant {
+    /// The gate, as image references name it (`127.0.0.1:5001`).
+    pub registry: String,
+    pub username: String,
+    pub password: Secret,
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+    /// Seconds since the UNIX epoch.
+    pub expires_at: u64,
+}
+
+/// A grant as the control plane records it (key-value bucket `lian-registry-grants`, keyed
+/// by username): the password only as its SHA-256, so the bucket holds nothing to log in with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryGrantRecord {
+    pub username: String,
+    pub build_id: BuildId,
+    pub workspace: Workspace,
+    /// Named in the gate's refusals.
+    pub actor: Actor,
+    /// Lowercase hex.
+    pub password_sha256: String,
+    pub reads: Vec<String>,
+    pub writes: Vec<String>,
+    pub expires_at: u64,
 }
 
 /// The error body of every refusal: `{"error": {"code", "message"}}`.

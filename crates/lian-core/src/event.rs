@@ -54,6 +54,26 @@ pub struct CacheReport {
     pub pushed: Vec<String>,
 }
 
+impl CacheReport {
+    /// `; cache: 7/9 steps cached, cooker hit, sccache 41 hits 3 misses, from ci/ws, to ci/ws`
+    pub fn summary(&self) -> String {
+        let mut parts = vec![format!("{}/{} steps cached", self.cached_steps, self.steps)];
+        if let Some(cooker) = &self.cooker {
+            parts.push(format!("cooker {}", if cooker.hit { "hit" } else { "miss" }));
+        }
+        if let (Some(hits), Some(misses)) = (self.sccache_hits, self.sccache_misses) {
+            parts.push(format!("sccache {hits} hits {misses} misses"));
+        }
+        if !self.imported_from.is_empty() {
+            parts.push(format!("from {}", self.imported_from.join(" ")));
+        }
+        if let Some(to) = &self.exported_to {
+            parts.push(format!("to {to}"));
+        }
+        format!("; cache: {}", parts.join(", "))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CookerReport {
     pub reference: String,
@@ -266,12 +286,14 @@ impl BuildEvent {
                 image,
                 image_id,
                 duration_ms,
+                cache,
                 ..
             } => {
                 format!(
-                    "image built {image} {} in {:.1}s",
+                    "image built {image} {} in {:.1}s{}",
                     short_id(image_id),
-                    *duration_ms as f64 / 1000.0
+                    *duration_ms as f64 / 1000.0,
+                    cache.as_ref().map(CacheReport::summary).unwrap_or_default()
                 )
             }
             Self::StepFailed { step, reason, oom } => {
@@ -288,7 +310,13 @@ impl BuildEvent {
                 format!("metrics recorded: {:.1}s", *duration_ms as f64 / 1000.0)
             }
             Self::RunnerDestroyed { lease_key } => format!("runner destroyed {lease_key}"),
-            Self::Completed { image, image_id, .. } => format!("completed {image} {}", short_id(image_id)),
+            Self::Completed {
+                image, image_id, cache, ..
+            } => format!(
+                "completed {image} {}{}",
+                short_id(image_id),
+                cache.as_ref().map(CacheReport::summary).unwrap_or_default()
+            ),
             Self::Failed { reason, step, .. } => match step {
                 Some(s) => format!("failed at {}: {reason}", s.as_str()),
                 None => format!("failed: {reason}"),

@@ -15,6 +15,8 @@ pub const DEAD_LETTER_BUCKET: &str = "lian-dead-letters";
 pub const SIZING_BUCKET: &str = "lian-sizing";
 /// The control plane's leases, keyed by lease key.
 pub const LEASE_BUCKET: &str = "lian-leases";
+/// The registry gate's grants, keyed by username.
+pub const REGISTRY_GRANT_BUCKET: &str = "lian-registry-grants";
 
 pub const ALL_CANCELS: &str = "lian.*.cancel.*";
 pub const ALL_REAPED: &str = "lian.*.reaped.*";

@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use lian_core::names::path_token;
+
 use crate::cgroup::LeaseCgroup;
 
-/// Sockets live here, not under the state directory: a unix socket path has 108 bytes.
+/// Sockets and exec roots (containerd's sockets are in it) live here, named by a short
+/// token of the lease, not under the state directory: a unix socket path has 108 bytes.
 const SOCKETS: &str = "/run/lian";
 
 #[derive(Debug, Clone)]
@@ -27,12 +30,16 @@ impl LeaseEngine {
         Self {
             root: root.to_path_buf(),
             name: name.to_string(),
-            cgroup: LeaseCgroup::named(&format!("lian-{name}")),
+            cgroup: LeaseCgroup::named(&format!("lian-{}", path_token(name))),
         }
     }
 
     fn socket_path(&self) -> PathBuf {
-        Path::new(SOCKETS).join(format!("{}.sock", self.name))
+        Path::new(SOCKETS).join(format!("{}.sock", path_token(&self.name)))
+    }
+
+    fn exec_root(&self) -> PathBuf {
+        Path::new(SOCKETS).join(path_token(&self.name))
     }
 
     /// Whether its dockerd process is alive.
@@ -82,7 +89,7 @@ impl LeaseEngine {
         cmd.arg("--data-root")
             .arg(self.root.join("data"))
             .arg("--exec-root")
-            .arg(self.root.join("exec"))
+            .arg(self.exec_root())
             .arg("--pidfile")
             .arg(self.root.join("docker.pid"))
             .arg("-H")
@@ -129,6 +136,7 @@ impl LeaseEngine {
             }
         }
         let _ = std::fs::remove_file(self.socket_path());
+        let _ = std::fs::remove_dir_all(self.exec_root());
         let mut last = Ok(());
         for _ in 0..50 {
             last = self.cgroup.remove();
