@@ -31,6 +31,8 @@ pub enum CascadeServiceError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Catalog(#[from] LoadError),
+    #[error("the stream of terminal build events ended (NATS closed the subscription)")]
+    StreamEnded,
 }
 
 struct Service {
@@ -63,7 +65,16 @@ pub async fn run(
             () = &mut shutdown => break,
             job = jobs.next() => job,
         };
-        let Some(Ok(job)) = job else { continue };
+        // A stream that ends is not retried here: the service stops with an error, and its
+        // supervisor starts it again on a fresh subscription.
+        let job = match job {
+            Some(Ok(job)) => job,
+            Some(Err(err)) => {
+                tracing::warn!(%err, "cannot take a terminal build event");
+                continue;
+            }
+            None => return Err(CascadeServiceError::StreamEnded),
+        };
         match service.handle(&job).await {
             Ok(()) => {
                 let _ = job.ack().await;
