@@ -123,7 +123,7 @@ impl Bus {
             )
             .await
             .map_err(|e| BusError::nats("create cascade consumer", e))?;
-        for (bucket, description) in [
+        for (bucket, description, max_age) in [
             (
                 subjects::METRICS_BUCKET,
                 "per-build metrics, keyed <workspace>.<build-id>",
@@ -134,7 +134,14 @@ impl Bus {
                 subjects::LEASE_BUCKET,
                 "the control plane's runner leases, keyed <lease-key>",
             ),
-        ] {
+        ]
+        .into_iter()
+        .map(|(bucket, description)| (bucket, description, Duration::ZERO))
+        .chain([(
+            subjects::REGISTRY_GRANT_BUCKET,
+            "the registry gate's grants, keyed <username>; they expire with their grant",
+            Duration::from_secs(lian_core::control::REGISTRY_GRANT_MAX_SECS),
+        )]) {
             if self.js.get_key_value(bucket).await.is_err() {
                 self.js
                     .create_key_value(jetstream::kv::Config {
@@ -143,6 +150,8 @@ impl Bus {
                         storage: stream::StorageType::File,
                         num_replicas: t.replicas,
                         history: 1,
+                        // Zero keeps entries for ever.
+                        max_age,
                         ..Default::default()
                     })
                     .await
@@ -254,6 +263,35 @@ impl Bus {
         kv.purge(key.as_str())
             .await
             .map_err(|e| BusError::nats("forget lease", e))
+    }
+
+    /// Records a registry grant (the gate reads it back by username).
+    pub async fn record_registry_grant(&self, grant: &lian_core::control::RegistryGrantRecord) -> Result<(), BusError> {
+        let value = serde_json::to_value(grant).expect("json");
+        self.kv_put(subjects::REGISTRY_GRANT_BUCKET, &grant.username, &value)
+            .await
+    }
+
+    /// The grant recorded under `username`, if any (and not yet dropped by the bucket's age
+    /// limit; the caller still checks `expires_at`).
+    pub async fn registry_grant(
+        &self,
+        username: &str,
+    ) -> Result<Option<lian_core::control::RegistryGrantRecord>, BusError> {
+        let kv = self.kv(subjects::REGISTRY_GRANT_BUCKET).await?;
+        let bytes = kv
+            .get(username)
+            .await
+            .map_err(|e| BusError::nats("read registry grant", e))?;
+        Ok(bytes.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Revokes a registry grant; revoking one that is gone already succeeds.
+    pub async fn forget_registry_grant(&self, username: &str) -> Result<(), BusError> {
+        let kv = self.kv(subjects::REGISTRY_GRANT_BUCKET).await?;
+        kv.purge(username)
+            .await
+            .map_err(|e| BusError::nats("revoke registry grant", e))
     }
 
     async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store, BusError> {

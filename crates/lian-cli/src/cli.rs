@@ -133,6 +133,10 @@ pub struct ControlArgs {
     /// Address to serve on.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub listen: std::net::SocketAddr,
+    /// Serve the registry gate here: the only way builds reach the `[registry]` (which stays
+    /// on loopback without auth), with per-build grants held to their cache namespaces.
+    #[arg(long)]
+    pub registry_listen: Option<std::net::SocketAddr>,
     /// Shown in reaped records and logs.
     #[arg(long, default_value = "control")]
     pub name: String,

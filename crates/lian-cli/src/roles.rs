@@ -98,6 +98,26 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let gate = match args.registry_listen {
+        Some(listen) => {
+            let registry = settings
+                .registry_endpoint()?
+                .context("--registry-listen needs the registry to front: set [registry] url or LIAN_REGISTRY_URL")?;
+            if registry.username.is_some() || registry.password.is_some() {
+                anyhow::bail!(
+                    "the registry gate fronts a registry without auth of its own; [registry] has credentials"
+                );
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            Some(lian_control::RegistryGate {
+                listener,
+                upstream: registry.url,
+            })
+        }
+        None => None,
+    };
     let options = lian_control::ControlOptions {
         name: args.name,
         token: settings.control_token.clone(),
@@ -105,6 +125,9 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
     };
     println!("lian control: serving http://{addr}");
-    lian_control::run(bus, options, listener, shutdown_signal()).await?;
+    if let Some(gate) = &gate {
+        println!("lian control: registry gate http://{}", gate.listener.local_addr()?);
+    }
+    lian_control::run(bus, options, listener, gate, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

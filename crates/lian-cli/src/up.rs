@@ -158,6 +158,9 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             let (token, token_file) = control_token(&settings, &state_dir)?;
             let mut cmd = role(&["control", "--state-dir", &state, "--listen", &listen]);
             cmd.env("LIAN_CONTROL_TOKEN", &token);
+            if let Some((upstream, gate)) = &stores.gate {
+                cmd.env("LIAN_REGISTRY_URL", upstream).args(["--registry-listen", gate]);
+            }
             let log = state_dir.join("logs/control.log");
             let control = Managed::spawn("control", cmd, &log)?.listening(port, &log)?;
             fleet.push(control);
@@ -196,6 +199,9 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             token_file.display()
         );
         println!("  registry {}", stores.registry_line);
+        if let Some((_, gate)) = &stores.gate {
+            println!("  registry gate http://{gate}  (builds' per-build credentials: POST /api/v1/registry-grants)");
+        }
         println!("  s3       {}", stores.s3_line);
         println!("  logs     {}/logs/", state_dir.display());
         println!("  watch    lian watch --nats-url {nats_url}   (or: nats sub 'lian.>' -s {nats_url})");
@@ -229,17 +235,23 @@ struct Stores {
     worker_env: Vec<(String, String)>,
     registry_line: String,
     s3_line: String,
+    /// The registry started here and the address of the control plane's gate in front of
+    /// it; a configured registry has its own auth and no gate.
+    gate: Option<(String, String)>,
 }
 
 /// Starts a registry and an S3 store under the state directory, unless the configuration
 /// names the user's own (`[registry]`, `[sccache]`), which are then used as they are.
 fn stores(args: &UpArgs, settings: &Settings, state_dir: &Path, fleet: &mut Vec<Managed>) -> anyhow::Result<Stores> {
     let mut worker_env = Vec::new();
+    let mut gate = None;
     let registry_line = match settings.registry_endpoint()? {
         Some(configured) => format!("{}  (configured; not started here)", configured.url),
         None => {
             let (registry, process) = local_stores::start_registry(&args.registry_bin, state_dir, args.registry_port)?;
             fleet.push(process);
+            let gate_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            gate = Some((registry.url.clone(), format!("127.0.0.1:{gate_port}")));
             worker_env.push(("LIAN_REGISTRY_URL".into(), registry.url.clone()));
             format!(
                 "{}  (docker-registry, storage in {}/registry/data)",
@@ -280,6 +292,7 @@ fn stores(args: &UpArgs, settings: &Settings, state_dir: &Path, fleet: &mut Vec<
         worker_env,
         registry_line,
         s3_line,
+        gate,
     })
 }
 

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use lian_bus::{Bus, BusError};
 use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseState, LeaseView, MetricsRecord, P95Answer};
 use lian_core::{LeaseKey, Workspace};
@@ -17,12 +17,15 @@ use serde::de::DeserializeOwned;
 
 use crate::ControlOptions;
 use crate::auth::require_token;
+use crate::grants;
 use crate::prom::{self, Counters};
 
 pub struct App {
     pub bus: Bus,
     pub options: ControlOptions,
     pub counters: Counters,
+    /// The registry gate as grants name it (`127.0.0.1:5001`), when this replica runs one.
+    pub registry_gate: Option<String>,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -31,6 +34,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/vm-pool/{lease_id}", get(lease_info).delete(release))
         .route("/api/v1/metrics", post(record_metrics))
         .route("/api/v1/p95", get(p95))
+        .route("/api/v1/registry-grants", post(grants::grant))
+        .route("/api/v1/registry-grants/{username}", delete(grants::revoke))
         .route("/metrics", get(prometheus))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
@@ -40,7 +45,7 @@ pub fn router(app: Arc<App>) -> Router {
             refuse(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route: see /api/v1/vm-pool, /api/v1/metrics, /api/v1/p95, /metrics, /healthz",
+                "no such route: see /api/v1/vm-pool, /api/v1/metrics, /api/v1/p95, /api/v1/registry-grants, /metrics, /healthz",
             )
         })
         .with_state(app)
@@ -51,12 +56,12 @@ pub fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Res
 }
 
 /// NATS trouble is the control plane's, not the caller's: 503, try again.
-fn unavailable(err: BusError) -> Response {
+pub fn unavailable(err: BusError) -> Response {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", err.to_string())
 }
 
 /// The body as a `T`, or why it is not one.
-fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
+pub fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("the body is not a valid {what}: {e}"))
 }
 

@@ -8,9 +8,16 @@
 //! Stateless: every lease lives in the JetStream key-value bucket `lian-leases` and every
 //! provider spawns idempotently by lease key, so any number of replicas can serve behind
 //! one address. Every route but `/healthz` needs the bearer token.
+//!
+//! With a registry gate (`--registry-listen`), builds get registry credentials here
+//! (`POST /api/v1/registry-grants`) that the gate, on its own listener in front of the
+//! fleet's registry, holds to the build's cache namespaces (`gate.rs`, `gate_rules.rs`).
 
 mod api;
 mod auth;
+mod gate;
+mod gate_rules;
+mod grants;
 mod prom;
 mod reaper;
 
@@ -22,7 +29,7 @@ use lian_bus::Bus;
 use lian_core::subjects;
 use lian_runner::{Providers, WarmEngine};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControlOptions {
     /// Appears in reaped records and logs.
     pub name: String,
@@ -33,28 +40,86 @@ pub struct ControlOptions {
     pub reap_every: Duration,
 }
 
+/// Never prints the token.
+impl std::fmt::Debug for ControlOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlOptions")
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("providers", &self.providers)
+            .field("reap_every", &self.reap_every)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("the control plane needs a bearer token: set control_token in lian.toml or LIAN_CONTROL_TOKEN")]
     NoToken,
     #[error("control plane server: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "the registry gate fronts a plain-HTTP registry on loopback without auth (http://127.0.0.1:PORT); `{url}` is not one"
+    )]
+    GateUpstream { url: String },
+    #[error("registry gate listener: {0}")]
+    GateListener(std::io::Error),
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// The registry gate a replica serves, when it serves one.
+#[derive(Debug)]
+pub struct RegistryGate {
+    pub listener: tokio::net::TcpListener,
+    /// The registry behind it (`[registry] url`).
+    pub upstream: String,
+}
+
+/// `host:port` of a plain-HTTP registry URL: the gate speaks HTTP only, to a registry on
+/// loopback that it alone is meant to reach.
+fn upstream_authority(url: &str) -> Result<String, ControlError> {
+    let refused = || ControlError::GateUpstream { url: url.into() };
+    let authority = url.strip_prefix("http://").ok_or_else(refused)?.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err(refused());
+    }
+    Ok(authority.to_string())
+}
+
+/// Serves the API on `listener`, and the registry gate if given, until `shutdown` resolves.
 pub async fn run(
     bus: Bus,
     options: ControlOptions,
     listener: tokio::net::TcpListener,
+    gate: Option<RegistryGate>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlError> {
     if options.token.trim().is_empty() {
         return Err(ControlError::NoToken);
     }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let gate = match gate {
+        Some(RegistryGate { listener, upstream }) => {
+            let upstream = upstream_authority(&upstream)?;
+            let addr = listener.local_addr().map_err(ControlError::GateListener)?;
+            let served = gate::router(Arc::new(gate::Gate::new(bus.clone(), upstream.clone())));
+            tracing::info!(%addr, %upstream, "registry gate serving");
+            let server = axum::serve(listener, served).with_graceful_shutdown(until_stopped(stopped.clone()));
+            Some((addr.to_string(), tokio::spawn(async move { server.await })))
+        }
+        None => None,
+    };
     let app = Arc::new(api::App {
         bus,
         options,
         counters: prom::Counters::default(),
+        registry_gate: gate.as_ref().map(|(addr, _)| addr.clone()),
     });
     let reaper = {
         let app = app.clone();
@@ -76,14 +141,41 @@ pub async fn run(
     });
     tracing::info!(addr = ?listener.local_addr().ok(), "control plane serving");
     let served = axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(until_stopped(stopped))
         .await
         .map_err(ControlError::Serve);
+    let gate_served = match gate {
+        Some((_, server)) => server
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(ControlError::Serve),
+        None => Ok(()),
+    };
     reaper.abort();
     if let (Some(pool), Some(local)) = (pool, local) {
         pool.abort();
         let _ = pool.await;
         local.drain_pool().await;
     }
-    served
+    served.and(gate_served)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_gate_fronts_plain_http_registries_only() {
+        assert_eq!(
+            super::upstream_authority("http://127.0.0.1:5000/").unwrap(),
+            "127.0.0.1:5000"
+        );
+        for bad in [
+            "https://ghcr.io",
+            "http://",
+            "http://u:p@h:1",
+            "http://h:1/prefix",
+            "127.0.0.1:5000",
+        ] {
+            assert!(super::upstream_authority(bad).is_err(), "{bad}");
+        }
+    }
 }

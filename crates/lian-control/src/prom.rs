@@ -28,6 +28,7 @@ pub struct Counters {
     pub reaped: Counter,
     pub metrics_recorded: Counter,
     pub unauthorized: Counter,
+    pub registry_grants: Counter,
 }
 
 /// The exposition: every counter, then the leases held now by provider and tier, and the
@@ -64,6 +65,11 @@ pub fn render(counters: &Counters, leases: &[Lease], warm: &[(RunnerType, usize)
             "lian_control_unauthorized_total",
             "Requests refused for a missing or wrong token.",
             &counters.unauthorized,
+        ),
+        (
+            "lian_control_registry_grants_total",
+            "Registry grants given by this replica.",
+            &counters.registry_grants,
         ),
     ] {
         let _ = writeln!(

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use lian_core::LeaseKey;
-use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseView, MetricsRecord, P95Answer};
+use lian_core::control::{
+    ApiError, Lease, LeaseRequest, LeaseView, MetricsRecord, P95Answer, RegistryGrant, RegistryGrantRequest,
+};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -147,6 +149,29 @@ impl ControlClient {
         self.call::<serde_json::Value>(Method::POST, "/api/v1/metrics", Some(record))
             .await
             .map(|_| ())
+    }
+
+    /// Registry credentials for one build, good at the control plane's registry gate for
+    /// what the build's actor may read and write. Refused (403 `cache_rule`) when the
+    /// directives ask for a namespace their actor may not have.
+    pub async fn registry_grant(&self, request: &RegistryGrantRequest) -> Result<RegistryGrant, ControlError> {
+        self.call(Method::POST, "/api/v1/registry-grants", Some(request))
+            .await?
+            .ok_or_else(|| ControlError::Unreachable {
+                what: "POST /api/v1/registry-grants".into(),
+                message: "empty answer".into(),
+            })
+    }
+
+    /// Revokes a grant (when its build ends); one that is gone already is revoked.
+    pub async fn revoke_registry_grant(&self, username: &str) -> Result<(), ControlError> {
+        self.call::<serde_json::Value>(
+            Method::DELETE,
+            &format!("/api/v1/registry-grants/{username}"),
+            None::<&()>,
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn p95(&self, workspace: &str) -> Result<P95Answer, ControlError> {
