@@ -56,6 +56,7 @@ fn each_external_system_has_one_owner() {
         ("russh", "lian-runner"),
         ("reqwest", "lian-runner"),
         ("axum", "lian-control"),
+        ("hyper-util", "lian-control"),
     ] {
         let users: Vec<&String> = deps
             .iter()

@@ -208,6 +208,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_grant_shows_its_password_only_when_serialised() {
+        let grant = RegistryGrant {
+            registry: "127.0.0.1:5001".into(),
+            username: "b1.0123456789abcdef".into(),
+            password: Secret::new("grant-pass-4321"),
+            reads: vec!["ci/ws".into()],
+            writes: vec!["ci/ws".into()],
+            expires_at: 1,
+        };
+        let shown = format!("{grant:?} {}", grant.password);
+        assert!(
+            !shown.contains("grant-pass-4321") && shown.contains("b1.0123456789abcdef"),
+            "{shown}"
+        );
+        let wire = serde_json::to_value(&grant).unwrap();
+        assert_eq!(wire["password"], "grant-pass-4321");
+    }
+
+    #[test]
     fn a_lease_request_refuses_unknown_fields_and_bad_names() {
         let ok = r#"{"lease_key":"b1-r1","provider":"docker_local","runner_type":"cax11","workspace":"ws","build_id":"b1","owner":"w1"}"#;
         assert!(serde_json::from_str::<LeaseRequest>(ok).is_ok());
