@@ -208,6 +208,14 @@ fn lian_up_serves_a_registry_and_an_s3_store_and_stops_them() {
         line.split_whitespace().nth(1).unwrap().to_string()
     };
     let (registry_url, s3_url) = (served("registry"), served("s3"));
+    // The control plane's gate fronts it, and lets nobody in without a grant.
+    let gate = served("gate");
+    let challenge = lian_test_support::http("GET", &format!("{gate}/v2/"), None, None);
+    assert_eq!(
+        (challenge.status, challenge.header("www-authenticate")),
+        (401, Some("Basic realm=\"lian-registry\"")),
+        "{challenge:?}"
+    );
 
     let repo = push_then_pull_by_digest(registry_url.trim_start_matches("http://"));
     assert!(

@@ -200,7 +200,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         );
         println!("  registry {}", stores.registry_line);
         if let Some((_, gate)) = &stores.gate {
-            println!("  registry gate http://{gate}  (builds' per-build credentials: POST /api/v1/registry-grants)");
+            println!("  gate     http://{gate}  (the registry gate: builds log in with a grant, POST /api/v1/registry-grants)");
         }
         println!("  s3       {}", stores.s3_line);
         println!("  logs     {}/logs/", state_dir.display());
