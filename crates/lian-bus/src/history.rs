@@ -114,7 +114,10 @@ impl Bus {
             ".dockerignore",
             ".build-spec.ncl",
         ];
-        let (context, uploaded) = self.upload_context(context_dir, &keep, limits, progress).await?;
+        let lineage = directives.workspace.to_string();
+        let (context, uploaded) = self
+            .upload_context(context_dir, &keep, &lineage, limits, progress)
+            .await?;
         let request = lian_core::BuildRequest {
             build_id: Some(build_id.clone()),
             directives,

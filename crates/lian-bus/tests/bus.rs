@@ -153,7 +153,7 @@ async fn an_unchanged_context_is_not_uploaded_twice() {
 }
 
 async fn upload(bus: &Bus, dir: &std::path::Path) -> (lian_core::ContextRef, lian_bus::UploadStats) {
-    bus.upload_context(dir, &["Dockerfile"], &ContextLimits::default(), &mut |_| {})
+    bus.upload_context(dir, &["Dockerfile"], "ws", &ContextLimits::default(), &mut |_| {})
         .await
         .unwrap()
 }
@@ -208,4 +208,28 @@ async fn context_reads_leave_no_server_state() {
         "no consumers, no new messages after 55 reads and 5 uploads"
     );
     assert_eq!(before.consumers, 0, "no consumer on the context stream");
+}
+
+/// Where the time of a 20,000-file context goes (run by hand: `--ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn twenty_thousand_files_upload_and_download_timing() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+    for i in 0..20_000u32 {
+        let sub = dir.path().join(format!("c{}/m{}", i % 50, i % 17));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("f{i}.rs")), format!("pub const N{i}: u32 = {i};\n")).unwrap();
+    }
+    let t = std::time::Instant::now();
+    let (ctx, _) = upload(&bus, dir.path()).await;
+    eprintln!("upload {:?}", t.elapsed());
+    let out = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    bus.download_context(&ctx, out.path(), &ContextLimits::default())
+        .await
+        .unwrap();
+    eprintln!("download {:?}", t.elapsed());
 }

@@ -187,6 +187,23 @@ impl Bus {
         Ok(())
     }
 
+    /// The value last remembered under `subject` (one message per subject), if any.
+    pub(crate) async fn read_last(&self, subject: &str) -> Result<Option<String>, BusError> {
+        let found = self.direct_batch(&[subject.to_string()], 1).await?;
+        Ok(found
+            .into_iter()
+            .next()
+            .and_then(|m| String::from_utf8(m.payload.to_vec()).ok()))
+    }
+
+    /// Remembers `value` under `subject`, replacing what was there.
+    pub(crate) async fn remember(&self, subject: &str, value: &str) -> Result<(), BusError> {
+        let ack = self
+            .publish_stored(subject.to_string(), Bytes::copy_from_slice(value.as_bytes()))
+            .await?;
+        settle(ack).await
+    }
+
     /// Every chunk of one blob of unknown size (a manifest), in order, up to `limit` bytes.
     pub(crate) async fn read_small_blob(&self, sha256: &str, limit: u64) -> Result<Vec<u8>, BusError> {
         let wildcard = [format!("lian-ctx.blob.{sha256}.*")];

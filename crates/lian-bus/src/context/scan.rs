@@ -172,7 +172,12 @@ pub(super) fn scan(
                 return Err(limits.over(LimitKind::Bytes, bytes));
             }
             let (sha256, size) = hash_file(path)?;
-            EntryKind::File { sha256, size, mode }
+            EntryKind::File {
+                sha256,
+                size,
+                mode,
+                pack: None,
+            }
         } else {
             let what = if kind.is_fifo() {
                 "a FIFO"
