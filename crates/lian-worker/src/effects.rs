@@ -345,14 +345,68 @@ impl Worker {
         provider: &DockerLocal,
         request: &BuildRequest,
         key: &LeaseKey,
-        mut invocation: BuildInvocation<'_>,
+        invocation: BuildInvocation<'_>,
         progress_subject: String,
     ) -> Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure> {
         let fail = |reason: String| BuildFailure { reason, oom: false };
-        let plan = match &self.options.registry {
-            Some(registry) => Some(warm::plan(registry, request).map_err(|e| fail(e.to_string()))?),
-            None => None,
+        let (plan, grant) = match &self.options.registry {
+            Some(registry) => {
+                let mut plan = warm::plan(registry, request).map_err(|e| fail(e.to_string()))?;
+                let grant = self.registry_grant(request).await?;
+                if let Some(grant) = &grant {
+                    plan.registry = grant.access();
+                }
+                (Some(plan), grant)
+            }
+            None => (None, None),
         };
+        let built = self
+            .build_local_with(provider, key, invocation, progress_subject, plan)
+            .await;
+        if let (Some(grant), Some(control)) = (grant, &self.options.control)
+            && let Err(err) = control.revoke_registry_grant(&grant.username).await
+        {
+            // It expires by itself; a revocation that did not arrive is only logged.
+            tracing::warn!(%err, "registry grant not revoked");
+        }
+        built
+    }
+
+    /// Credentials for this build alone from the control plane's registry gate, which
+    /// allow what the actor rules allow and nothing more; `None` when the worker leases by
+    /// itself or the control plane runs no gate (a registry with its own auth).
+    async fn registry_grant(&self, request: &BuildRequest) -> Result<Option<warm::Grant>, BuildFailure> {
+        let Some(control) = &self.options.control else {
+            return Ok(None);
+        };
+        let Some(build_id) = request.build_id.clone() else {
+            return Ok(None);
+        };
+        let asked = lian_core::control::RegistryGrantRequest {
+            build_id,
+            directives: request.directives.clone(),
+            ttl_secs: None,
+        };
+        match control.registry_grant(&asked).await {
+            Ok(grant) => Ok(Some(warm::Grant(grant))),
+            Err(ControlError::Refused { code, .. }) if code == "not_configured" => Ok(None),
+            Err(e) => Err(BuildFailure {
+                reason: e.to_string(),
+                oom: false,
+            }),
+        }
+    }
+
+    /// `build_local` once the registry plan is known.
+    async fn build_local_with(
+        &self,
+        provider: &DockerLocal,
+        key: &LeaseKey,
+        mut invocation: BuildInvocation<'_>,
+        progress_subject: String,
+        plan: Option<lian_runner::warm::CachePlan>,
+    ) -> Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure> {
+        let fail = |reason: String| BuildFailure { reason, oom: false };
         let builder = DockerBuilder {
             host: provider.docker_host(key).or_else(|| self.options.builder.host.clone()),
             config: plan.as_ref().map(|_| provider.docker_config(key)),

@@ -45,6 +45,28 @@ pub fn plan(registry: &RegistryEndpoint, request: &BuildRequest) -> Result<Cache
     })
 }
 
+/// A registry grant from the control plane's gate: credentials for one build.
+pub struct Grant(pub lian_core::control::RegistryGrant);
+
+impl std::ops::Deref for Grant {
+    type Target = lian_core::control::RegistryGrant;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Grant {
+    /// The gate, reached as the grant's user (plain HTTP: the gate listens on loopback).
+    pub fn access(&self) -> RegistryAccess {
+        RegistryAccess {
+            host: self.registry.clone(),
+            plain_http: true,
+            username: Some(self.username.clone()),
+            password: Some(self.password.expose().to_string()),
+        }
+    }
+}
+
 /// Writes the sccache settings for a build as a shell fragment a RUN step sources (mode
 /// 0600, in the lease's directory); compilation units are kept under the build's namespace,
 /// so CI and sessions never share them.
