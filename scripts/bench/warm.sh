@@ -243,8 +243,11 @@ plain_build() {
   t1=$EPOCHREALTIME
   (( rc == 0 )) || { tail -30 "$WORK/plain-$label.log" >&2; die "plain $label failed"; }
   local steps cached
-  steps=$(grep -oE '^#[0-9]+ \[[^]]*\]' "$WORK/plain-$label.log" | awk '{ print $1 }' | sort -u | wc -l)
-  cached=$(grep -E '^#[0-9]+ CACHED' "$WORK/plain-$label.log" | awk '{ print $1 }' | sort -u | wc -l)
+  # Steps as lian counts them: every "#N [...]" step ([internal] ones too), and those CACHED.
+  steps=$(awk '$1 ~ /^#[0-9]+$/ && $2 ~ /^\[/ { print $1 }' "$WORK/plain-$label.log" | sort -u)
+  cached=$(awk '$1 ~ /^#[0-9]+$/ && $2 == "CACHED" { print $1 }' "$WORK/plain-$label.log" | sort -u |
+    comm -12 - <(printf '%s\n' "$steps") | grep -c . || true)
+  steps=$(printf '%s\n' "$steps" | grep -c . || true)
   printf '%s %s %s %s %s -\n' "$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')" "$steps" "$cached" \
     "$(sccache_sum "$WORK/plain-$label.log" 'Cache hits')" "$(sccache_sum "$WORK/plain-$label.log" 'Cache misses')" \
     >"$WORK/plain-$label.res"

@@ -62,10 +62,19 @@ impl StepCounts {
         let mut steps = std::collections::BTreeSet::new();
         let mut cached = std::collections::BTreeSet::new();
         let mut counts = Self::default();
+        // Each RUN step runs its own sccache server (the step's container ends with it), so
+        // the build's counters are the sum over the steps that printed them (the last table
+        // a step printed counts for it).
+        let mut sccache: std::collections::BTreeMap<String, (Option<u64>, Option<u64>)> = Default::default();
         for line in log.lines() {
             if let Some(step) = parse_plain(line) {
                 match step.state {
-                    StepState::Started if step.name.as_deref().is_some_and(|n| n.starts_with('[')) => {
+                    StepState::Started
+                        if step
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with('[') && !n.starts_with("[internal]")) =>
+                    {
                         steps.insert(step.id);
                     }
                     StepState::Cached => {
@@ -83,16 +92,29 @@ impl StepCounts {
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|v| v.parse().ok())
             };
+            let step = line.split_whitespace().next().unwrap_or_default().to_string();
             if let Some(n) = value("Cache hits") {
-                counts.sccache_hits = Some(n);
+                sccache.entry(step.clone()).or_default().0 = Some(n);
             }
             if let Some(n) = value("Cache misses") {
-                counts.sccache_misses = Some(n);
+                sccache.entry(step).or_default().1 = Some(n);
             }
+        }
+        for (hits, misses) in sccache.values() {
+            counts.sccache_hits = sum(counts.sccache_hits, *hits);
+            counts.sccache_misses = sum(counts.sccache_misses, *misses);
         }
         counts.steps = steps.len() as u32;
         counts.cached = cached.intersection(&steps).count() as u32;
         counts
+    }
+}
+
+/// Two optional counters added; `None` only when both are.
+pub fn sum(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
     }
 }
 
@@ -328,6 +350,13 @@ mod tests {
         let counts = StepCounts::from_log(log);
         assert_eq!((counts.steps, counts.cached), (3, 2));
         assert_eq!((counts.sccache_hits, counts.sccache_misses), (Some(9), Some(3)));
+        // Two RUN steps, each with its own sccache server: their counters add up.
+        let two = format!(
+            "{log}#7 [4/4] RUN cargo build --bin b && sccache --show-stats\n\
+             #7 3.0 Cache hits                          1\n#7 3.0 Cache misses                        2\n"
+        );
+        let counts = StepCounts::from_log(&two);
+        assert_eq!((counts.sccache_hits, counts.sccache_misses), (Some(10), Some(5)));
     }
 
     #[test]

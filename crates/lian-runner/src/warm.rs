@@ -220,9 +220,9 @@ fn add(total: &mut StepCounts, more: Option<StepCounts>) {
     let Some(more) = more else { return };
     total.steps += more.steps;
     total.cached += more.cached;
-    // The last build to print sccache's counters has the totals (one server per build).
-    total.sccache_hits = more.sccache_hits.or(total.sccache_hits);
-    total.sccache_misses = more.sccache_misses.or(total.sccache_misses);
+    // One sccache server per RUN step: the cooker's build and the final one add up.
+    total.sccache_hits = crate::docker_build::sum(total.sccache_hits, more.sccache_hits);
+    total.sccache_misses = crate::docker_build::sum(total.sccache_misses, more.sccache_misses);
 }
 
 /// The Dockerfile's cooker stage, as it names it, if it has one.
