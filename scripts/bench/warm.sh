@@ -126,6 +126,10 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # ---------------------------------------------------------------------------------------
 # (a) The fleet, with its registry and S3 store, and the Rust base in the registry.
+# One binary for the whole run: a cargo build elsewhere in the tree must not swap the client
+# under a running fleet (a client and workers of different builds can disagree).
+cp "$LIAN" "$WORK/lian"
+LIAN=$WORK/lian
 : >"$WORK/lian.toml"
 log "lian up (state in $STATE_DIR)"
 (cd "$WORK" && exec "$LIAN" --config "$WORK/lian.toml" up --nats-port 0 --state-dir "$STATE_DIR" \
@@ -243,8 +247,8 @@ plain_build() {
   t1=$EPOCHREALTIME
   (( rc == 0 )) || { tail -30 "$WORK/plain-$label.log" >&2; die "plain $label failed"; }
   local steps cached
-  # Steps as lian counts them: every "#N [...]" step ([internal] ones too), and those CACHED.
-  steps=$(awk '$1 ~ /^#[0-9]+$/ && $2 ~ /^\[/ { print $1 }' "$WORK/plain-$label.log" | sort -u)
+  # Steps as lian counts them: the "#N [stage k/n] ..." steps, and those CACHED.
+  steps=$(awk '$1 ~ /^#[0-9]+$/ && $2 ~ /^\[/ && $2 != "[internal]" { print $1 }' "$WORK/plain-$label.log" | sort -u)
   cached=$(awk '$1 ~ /^#[0-9]+$/ && $2 == "CACHED" { print $1 }' "$WORK/plain-$label.log" | sort -u |
     comm -12 - <(printf '%s\n' "$steps") | grep -c . || true)
   steps=$(printf '%s\n' "$steps" | grep -c . || true)
