@@ -106,8 +106,7 @@ impl Bus {
         layer: Option<lian_core::LayerName>,
         cascade: Option<lian_core::CascadeRef>,
         build_id: &lian_core::BuildId,
-        limits: &crate::ContextLimits,
-        progress: &mut (dyn FnMut(crate::UploadProgress) + Send),
+        upload: crate::Upload<'_>,
     ) -> Result<(Appended, lian_core::ContextRef, crate::UploadStats), BusError> {
         let keep = [
             directives.artifact.dockerfile.as_str(),
@@ -116,7 +115,7 @@ impl Bus {
         ];
         let lineage = directives.workspace.to_string();
         let (context, uploaded) = self
-            .upload_context(context_dir, &keep, &lineage, limits, progress)
+            .upload_context(context_dir, &keep, &lineage, upload.limits, upload.progress)
             .await?;
         let request = lian_core::BuildRequest {
             build_id: Some(build_id.clone()),

@@ -10,7 +10,8 @@ mod topology;
 mod work;
 
 pub use context::{
-    ContextLimits, Downloaded, EntryKind, LimitKind, Manifest, ManifestEntry, StoreState, UploadProgress, UploadStats,
+    ContextLimits, Downloaded, EntryKind, LimitKind, Manifest, ManifestEntry, StoreState, Upload, UploadProgress,
+    UploadStats,
 };
 pub use error::BusError;
 pub use history::{After, Appended, Record};

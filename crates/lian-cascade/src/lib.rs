@@ -224,8 +224,10 @@ impl Service {
                 Some(layer.clone()),
                 cascade,
                 &build_id,
-                &Default::default(),
-                &mut |_| {},
+                lian_bus::Upload {
+                    limits: &Default::default(),
+                    progress: &mut |_| {},
+                },
             )
             .await
         {

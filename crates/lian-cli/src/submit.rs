@@ -67,9 +67,17 @@ pub async fn send(
     let started = std::time::Instant::now();
     let mut display = UploadDisplay::new();
     let (appended, context, uploaded) = bus
-        .submit_dir(context_dir, directives, layer, None, build_id, limits, &mut |p| {
-            display.show(p)
-        })
+        .submit_dir(
+            context_dir,
+            directives,
+            layer,
+            None,
+            build_id,
+            lian_bus::Upload {
+                limits,
+                progress: &mut |p| display.show(p),
+            },
+        )
         .await
         .with_context(|| format!("cannot submit the build context {}", context_dir.display()))?;
     display.finish();

@@ -228,6 +228,18 @@ impl fmt::Display for ImageRef {
     }
 }
 
+/// A short, fixed-length token for a name that becomes part of a path the OS limits (a unix
+/// socket has 108 bytes, 104 on some systems): the first 16 hex digits of its sha256. Every
+/// name the validators accept, however long, gives a path of the same length.
+pub fn path_token(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(name.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,16 +306,4 @@ mod tests {
         let b = BuildId::new("b1").unwrap();
         assert_eq!(LeaseKey::for_attempt(&b, 2).as_str(), "b1-r2");
     }
-}
-
-/// A short, fixed-length token for a name that becomes part of a path the OS limits (a unix
-/// socket has 108 bytes, 104 on some systems): the first 16 hex digits of its sha256. Every
-/// name the validators accept, however long, gives a path of the same length.
-pub fn path_token(name: &str) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(name.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }

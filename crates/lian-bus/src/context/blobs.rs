@@ -67,11 +67,15 @@ struct MultiLast<'a> {
     batch: usize,
 }
 
+/// A publish awaiting its acknowledgement, tagged with the blob whose chunk it carries
+/// (`None` for a marker).
+type Pending = futures::future::BoxFuture<'static, (Option<String>, Result<(), BusError>)>;
+
 /// Publishes that are in flight, each tagged with the blob it belongs to; a blob's marker
 /// goes out once its last chunk is acknowledged.
 pub struct Writer<'a> {
     bus: &'a Bus,
-    in_flight: FuturesUnordered<futures::future::BoxFuture<'static, (Option<String>, Result<(), BusError>)>>,
+    in_flight: FuturesUnordered<Pending>,
     outstanding: BTreeMap<String, u64>,
 }
 

@@ -69,6 +69,9 @@ pub struct PackRef {
     pub offset: u64,
 }
 
+/// Distinct contents of a context: sha256 -> (the first path that has it, its size).
+type Contents = BTreeMap<String, (String, u64)>;
+
 /// Files below this size travel in packs, one stored message for many files: with
 /// `sync_interval: always` every stored message costs the server an fsync (about 2 ms on
 /// this project's machines), and a blob per small file made 20,000 files 40 s of fsyncs.
@@ -83,6 +86,12 @@ pub struct UploadStats {
     pub bytes: u64,
     pub uploaded_files: u64,
     pub uploaded_bytes: u64,
+}
+
+/// How an upload is held: its abuse limits, and where its progress goes.
+pub struct Upload<'a> {
+    pub limits: &'a ContextLimits,
+    pub progress: &'a mut (dyn FnMut(UploadProgress) + Send),
 }
 
 /// Where an upload is, for a progress display.
@@ -153,8 +162,7 @@ impl Bus {
         let mut entries = scan::scan(root, keep, limits, progress)?;
         let mut stats = UploadStats::default();
         // One path per content: large contents are blobs of their own, small ones go in packs.
-        let (mut large, mut small): (BTreeMap<String, (String, u64)>, BTreeMap<String, (String, u64)>) =
-            Default::default();
+        let (mut large, mut small): (Contents, Contents) = Default::default();
         for entry in &entries {
             if let EntryKind::File { sha256, size, .. } = &entry.kind {
                 stats.files += 1;
@@ -271,11 +279,7 @@ impl Bus {
 
     /// Where the small files of `small` already are: in the packs of the lineage's previous
     /// context that the store still holds fresh.
-    async fn reusable_packs(
-        &self,
-        lineage: &str,
-        small: &BTreeMap<String, (String, u64)>,
-    ) -> Result<BTreeMap<String, PackRef>, BusError> {
+    async fn reusable_packs(&self, lineage: &str, small: &Contents) -> Result<BTreeMap<String, PackRef>, BusError> {
         let Some(previous) = self.read_last(lineage).await? else {
             return Ok(BTreeMap::new());
         };
