@@ -291,6 +291,10 @@ bump_dependency() {
     CARGO_HOME="$CACHE/cargo-home" cargo vendor --locked vendor >/dev/null) >"$WORK/bump.log" 2>&1 ||
     { mv "$WORK/cargo-config.toml" "$CTX/.cargo/config.toml"; cat "$WORK/bump.log" >&2; die "the bump failed"; }
   mv "$WORK/cargo-config.toml" "$CTX/.cargo/config.toml"
+  # crates.io packs every file with the mtime 2006-07-24, and the bumped crate's Cargo.toml
+  # keeps its size (1.0.87 -> 1.0.88): BuildKit's context transfer, which compares size and
+  # mtime, would keep the old file and the offline build would not find the new version.
+  find "$CTX/vendor/$crate" -type f -exec touch {} +
   grep -q "version = \"$version\"" "$CTX/Cargo.lock" || die "Cargo.lock does not name $crate $version"
   BUMP_FROM=$before
 }
