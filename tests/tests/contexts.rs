@@ -23,8 +23,8 @@ fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
 }
 
 /// Every entry under `ctx/` of an image's filesystem: path -> (kind, mode, size, sha256 or
-/// link target), read from `docker export` of a container created from it.
-fn image_tree(image: &str) -> BTreeMap<String, String> {
+/// link target), and each one's modification time, read from `docker export` of a container created from it.
+fn image_tree(image: &str) -> (BTreeMap<String, String>, BTreeMap<String, u64>) {
     let docker = docker_cli();
     let created = Command::new(&docker)
         .args(["create", "--entrypoint", "/none", image])
@@ -35,7 +35,7 @@ fn image_tree(image: &str) -> BTreeMap<String, String> {
     let export = Command::new(&docker).args(["export", &id]).output().unwrap();
     let _ = Command::new(&docker).args(["rm", &id]).output();
     assert!(export.status.success());
-    let mut tree = BTreeMap::new();
+    let (mut tree, mut mtimes) = (BTreeMap::new(), BTreeMap::new());
     let mut archive = tar::Archive::new(export.stdout.as_slice());
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
@@ -48,6 +48,7 @@ fn image_tree(image: &str) -> BTreeMap<String, String> {
         let Some(rel) = path.strip_prefix("ctx/") else { continue };
         let header = entry.header().clone();
         let mode = header.mode().unwrap() & 0o7777;
+        let mtime = header.mtime().unwrap();
         let what = match header.entry_type() {
             tar::EntryType::Directory => format!("dir {mode:o}"),
             tar::EntryType::Symlink => format!("symlink -> {}", header.link_name().unwrap().unwrap().display()),
@@ -59,8 +60,9 @@ fn image_tree(image: &str) -> BTreeMap<String, String> {
             }
         };
         tree.insert(rel.to_string(), what);
+        mtimes.insert(rel.to_string(), mtime);
     }
-    tree
+    (tree, mtimes)
 }
 
 fn submit_wait(fleet: &Fleet, dir: &Path, image: &str) -> String {
@@ -127,8 +129,8 @@ fn what_reaches_the_image_is_what_docker_build_sends() {
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     submit_wait(&fleet, &ctx, "lian-fidelity-lian:1");
 
-    let expected = image_tree("lian-fidelity-plain:1");
-    let got = image_tree("lian-fidelity-lian:1");
+    let (expected, _) = image_tree("lian-fidelity-plain:1");
+    let (got, got_mtimes) = image_tree("lian-fidelity-lian:1");
     for must in [
         ".cargo",
         "empty/nested",
@@ -254,7 +256,7 @@ fn a_context_over_the_limits_is_refused_before_upload_with_the_way_to_raise_them
 #[test]
 fn the_longest_accepted_identifiers_build_end_to_end() {
     let workspace = "w".repeat(63);
-    let build_id = format!("b{}", "0123456789".repeat(7))[..63].to_string();
+    let build_id = format!("b{}", "0123456789".repeat(7))[..lian_core::names::MAX_BUILD_ID].to_string();
     let fleet = Fleet::new("unused");
     let deep = fleet
         .state

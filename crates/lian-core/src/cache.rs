@@ -55,6 +55,10 @@ impl Namespaces {
     }
 }
 
+/// The catalog's shared toolchain layers (and the Rust base `lian catalog bootstrap`
+/// makes): every actor reads them, no build writes them.
+pub const SHARED: &str = "lamina";
+
 /// What the actor rules allow a request, whatever its `cache_from`/`cache_to` ask for.
 pub fn namespaces(directives: &BuildDirectives) -> Result<Namespaces, CacheRuleError> {
     let policy = &directives.cache_policy;
@@ -79,6 +83,8 @@ pub fn namespaces(directives: &BuildDirectives) -> Result<Namespaces, CacheRuleE
             (vec![ci.clone(), own], writes)
         }
     };
+    let mut reads = reads;
+    reads.push(SHARED.to_string());
     Ok(Namespaces { reads, writes })
 }
 

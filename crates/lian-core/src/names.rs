@@ -19,10 +19,25 @@ fn is_token_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_'
 }
 
-/// A lowercase token: 1-63 of `a-z 0-9 - _`, starting with a letter or digit.
+/// The longest build id: its lease keys (`<id>-r<attempt>`, attempt up to 255) stay tokens.
+pub const MAX_BUILD_ID: usize = 56;
+
+/// A lowercase token: 1-63 of `a-z 0-9 - _`, starting with a letter or digit (a build id:
+/// 1-56, see [`MAX_BUILD_ID`]).
 fn check_token(kind: &'static str, value: &str) -> Result<(), NameError> {
+    let (max, rule) = if kind == "build id" {
+        (
+            MAX_BUILD_ID,
+            "use 1-56 characters of a-z, 0-9, '-' or '_', starting with a letter or digit",
+        )
+    } else {
+        (
+            63,
+            "use 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit",
+        )
+    };
     let ok = !value.is_empty()
-        && value.len() <= 63
+        && value.len() <= max
         && value.chars().all(is_token_char)
         && value.starts_with(|c: char| c.is_ascii_alphanumeric());
     if ok {
@@ -31,7 +46,7 @@ fn check_token(kind: &'static str, value: &str) -> Result<(), NameError> {
         Err(NameError {
             kind,
             value: shorten(value),
-            rule: "use 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit",
+            rule,
         })
     }
 }
@@ -243,6 +258,16 @@ pub fn path_token(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_accepted_build_id_gives_valid_lease_and_cascade_names() {
+        let longest = BuildId::new("b".repeat(MAX_BUILD_ID)).unwrap();
+        assert!(BuildId::new("b".repeat(MAX_BUILD_ID + 1)).is_err());
+        let key = LeaseKey::for_attempt(&longest, u8::MAX);
+        assert!(LeaseKey::new(key.as_str()).is_ok(), "{key}");
+        assert_eq!(key.build(), Some(longest.clone()));
+        assert!(CascadeId::new(CascadeId::rooted_at(&longest).as_str()).is_ok());
+    }
 
     #[test]
     fn lease_keys_name_their_build() {

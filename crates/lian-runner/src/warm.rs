@@ -30,6 +30,9 @@ pub struct CachePlan {
     pub reads: Vec<String>,
     /// Where the image, its cache and its cooker go on success; `None` writes nothing.
     pub write: Option<String>,
+    /// Other hosts that name the same registry (the registry behind a gate): a parent
+    /// named with one of them is pulled from `registry`.
+    pub aliases: Vec<String>,
 }
 
 /// The repository path and tag of an image reference, without its registry host.
@@ -67,15 +70,20 @@ impl CachePlan {
     }
 
     /// Where a parent image may be found, in the order to try: `(repository path, tag)`. A
-    /// parent named in this registry is itself; another is looked for in each namespace the
-    /// build reads (where the cascade pushed it).
+    /// parent named in this registry (or an alias of it) is itself; another is looked for in
+    /// each namespace the build reads (where the cascade pushed it).
     pub fn parent_candidates(&self, parent: &str) -> Vec<(String, String)> {
         let (repo, tag) = split_image(parent);
-        if parent.starts_with(&format!("{}/", self.registry.host)) {
+        let named_here = std::iter::once(&self.registry.host)
+            .chain(&self.aliases)
+            .any(|host| parent.starts_with(&format!("{host}/")));
+        if named_here {
             return vec![(repo, tag)];
         }
         self.reads
             .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(lian_core::cache::SHARED))
             .map(|ns| (format!("{ns}/{repo}"), tag.clone()))
             .collect()
     }

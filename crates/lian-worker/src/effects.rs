@@ -354,6 +354,9 @@ impl Worker {
                 let mut plan = warm::plan(registry, request).map_err(|e| fail(e.to_string()))?;
                 let grant = self.registry_grant(request).await?;
                 if let Some(grant) = &grant {
+                    // The Dockerfile may name the registry itself; the build reaches it
+                    // through the gate.
+                    plan.aliases.push(plan.registry.host.clone());
                     plan.registry = grant.access();
                 }
                 (Some(plan), grant)

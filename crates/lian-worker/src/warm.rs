@@ -31,6 +31,8 @@ pub fn plan(registry: &RegistryEndpoint, request: &BuildRequest) -> Result<Cache
     } else {
         policy.cache_from.clone()
     };
+    // The shared toolchain layers are parents, not a cache of this build's own steps.
+    reads.retain(|ns| ns != cache::SHARED);
     // A build's own namespace first: it is the freshest cache of what it builds.
     reads.sort_by_key(|ns| Some(ns) != write.as_ref());
     Ok(CachePlan {
@@ -42,6 +44,7 @@ pub fn plan(registry: &RegistryEndpoint, request: &BuildRequest) -> Result<Cache
         },
         reads,
         write,
+        aliases: Vec::new(),
     })
 }
 

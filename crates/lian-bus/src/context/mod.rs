@@ -52,14 +52,18 @@ pub enum EntryKind {
         mode: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pack: Option<PackRef>,
+        /// Modification time, nanoseconds since the epoch: `docker build` keeps it, and
+        /// cargo's fingerprints compare it, so a rebuilt target is not stale on a runner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<u64>,
     },
     Dir {
         mode: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mtime_ns: Option<u64>,
     },
     /// A symlink whose target stays inside the context.
-    Symlink {
-        target: String,
-    },
+    Symlink { target: String },
 }
 
 /// Where a small file's content is: `offset` bytes into the pack blob `blob`.
@@ -613,6 +617,7 @@ fn finish(dest: &Path, layout: Layout, entries: &[ManifestEntry]) -> Result<(), 
             size,
             mode,
             pack,
+            mtime_ns,
         } = &entry.kind
         {
             if *size > 0
@@ -624,16 +629,26 @@ fn finish(dest: &Path, layout: Layout, entries: &[ManifestEntry]) -> Result<(), 
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
                 .map_err(BusError::io(&path))?;
+            set_mtime(&path, *mtime_ns)?;
         }
     }
     for entry in entries.iter().rev() {
-        if let EntryKind::Dir { mode } = &entry.kind {
+        if let EntryKind::Dir { mode, mtime_ns } = &entry.kind {
             let path = dest.join(&entry.path);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
                 .map_err(BusError::io(&path))?;
+            set_mtime(&path, *mtime_ns)?;
         }
     }
     Ok(())
+}
+
+fn set_mtime(path: &Path, mtime_ns: Option<u64>) -> Result<(), BusError> {
+    let Some(ns) = mtime_ns else { return Ok(()) };
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    std::fs::File::open(path)
+        .and_then(|f| f.set_modified(when))
+        .map_err(BusError::io(path))
 }
 
 /// `Some(path)` when `path` is relative and only descends.

@@ -144,8 +144,13 @@ pub(super) fn scan(
             .metadata()
             .map_err(|e| refuse(path, format!("cannot read it: {e}")))?;
         let mode = meta.permissions().mode() & 0o7777;
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_nanos()).ok());
         let entry = if kind.is_dir() {
-            EntryKind::Dir { mode }
+            EntryKind::Dir { mode, mtime_ns }
         } else if kind.is_symlink() {
             let target = std::fs::read_link(path).map_err(BusError::io(path))?;
             let resolved = Path::new(&rel).parent().unwrap_or(Path::new("")).join(&target);
@@ -177,6 +182,7 @@ pub(super) fn scan(
                 size,
                 mode,
                 pack: None,
+                mtime_ns,
             }
         } else {
             let what = if kind.is_fifo() {
