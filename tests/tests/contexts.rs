@@ -149,6 +149,11 @@ fn what_reaches_the_image_is_what_docker_build_sends() {
         got, expected,
         "the image built through lian differs from plain docker build's"
     );
+    // Modification times travel too (plain BuildKit may serve its COPY from cache with older
+    // ones, so they are checked against the source, not its image).
+    let source = std::fs::metadata(ctx.join("src/main.rs")).unwrap().modified().unwrap();
+    let source = source.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert_eq!(got_mtimes["src/main.rs"], source, "the file's mtime reached the image");
     for image in ["lian-fidelity-plain:1", "lian-fidelity-lian:1"] {
         let _ = Command::new(&docker).args(["rmi", image]).output();
     }
