@@ -51,6 +51,38 @@ pub enum Command {
     DeadLetters(DeadLettersArgs),
     /// Runner sizing: approve tier 2 (history) for a workspace, or explain a build's size.
     Sizing(SizingArgs),
+    /// The registry's build caches: evict old session caches.
+    Cache(CacheArgs),
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// Delete dev/ namespace tags (sessions' images and caches) made before a cutoff; ci/ is
+    /// never touched. Example: `lian cache gc --older-than 7d --dry-run`.
+    Gc(CacheGcArgs),
+}
+
+#[derive(Args)]
+pub struct CacheGcArgs {
+    /// Evict what was made longer ago than this (`7d`, `12h`, `0s` for everything).
+    #[arg(long, default_value = "7d")]
+    pub older_than: humantime::Duration,
+    /// The registry (its own API, not a gate); default: `[registry] url`, else the one
+    /// `lian up` runs from `--state-dir`.
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Where `lian up` keeps its state (it records its registry's URL there).
+    #[arg(long, default_value = ".lian")]
+    pub state_dir: PathBuf,
+    /// Say what would go, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args)]

@@ -2,6 +2,7 @@
 //! (`submit`, `watch`, `status`, `catalog`). This file only parses and dispatches.
 
 mod bootstrap;
+mod cache_cmd;
 mod catalog_cmd;
 mod cli;
 mod config;
@@ -59,6 +60,9 @@ fn main() -> std::process::ExitCode {
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
             Command::Sizing(args) => sizing_cmd::run(cli.global, args).await,
+            Command::Cache(args) => match args.command {
+                cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global.config, gc).await,
+            },
         }
     });
     match result {

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use reqwest::StatusCode;
+use time::OffsetDateTime;
 
 /// Manifest kinds a tag may point to; the registry answers the digest of what it stores.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -60,37 +61,144 @@ impl RegistryAccess {
         format!("{}/{path}", self.host)
     }
 
-    /// The digest `repository:tag` points to, or `None` when the tag does not exist.
-    pub async fn digest(&self, repository: &str, tag: &str) -> Result<Option<String>, RegistryError> {
+    /// A request to this registry's API, with the credentials and a 30 s bound.
+    fn request(&self, method: reqwest::Method, path: &str) -> Result<reqwest::RequestBuilder, RegistryError> {
         let scheme = if self.plain_http { "http" } else { "https" };
-        let url = format!("{scheme}://{}/v2/{repository}/manifests/{tag}", self.host);
-        let unreachable = |message: String| RegistryError::Unreachable {
-            host: self.host.clone(),
-            message,
-        };
         let http = crate::http_client()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| unreachable(e.to_string()))?;
-        let mut request = http.head(&url).header("Accept", MANIFEST_ACCEPT);
+            .map_err(|e| self.unreachable(e.to_string()))?;
+        let mut request = http.request(method, format!("{scheme}://{}{path}", self.host));
         if let Some(user) = &self.username {
             request = request.basic_auth(user, self.password.as_deref());
         }
-        let answer = request.send().await.map_err(|e| unreachable(e.to_string()))?;
+        Ok(request)
+    }
+
+    fn unreachable(&self, message: String) -> RegistryError {
+        RegistryError::Unreachable {
+            host: self.host.clone(),
+            message,
+        }
+    }
+
+    /// Sends `request`; a refusal (401/403) or another failure names `what`.
+    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<reqwest::Response, RegistryError> {
+        let answer = request.send().await.map_err(|e| self.unreachable(e.to_string()))?;
         match answer.status() {
-            StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => Ok(answer
-                .headers()
-                .get("Docker-Content-Digest")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)),
+            // Callers read these two: absent, and deletes switched off.
+            s if s.is_success() || s == StatusCode::NOT_FOUND || s == StatusCode::METHOD_NOT_ALLOWED => Ok(answer),
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => Err(RegistryError::Refused {
                 host: self.host.clone(),
-                what: format!("reading {repository}:{tag}"),
+                what: what.to_string(),
                 message: s.to_string(),
             }),
-            s => Err(unreachable(format!("{s} for {repository}:{tag}"))),
+            s => Err(self.unreachable(format!("{s} for {what}"))),
         }
+    }
+
+    /// A JSON document of the API; `None` when it is not there.
+    async fn json(&self, path: &str, accept: Option<&str>) -> Result<Option<serde_json::Value>, RegistryError> {
+        let mut request = self.request(reqwest::Method::GET, path)?;
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
+        }
+        let answer = self.send(request, &format!("GET {path}")).await?;
+        if answer.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        answer
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| self.unreachable(format!("GET {path}: {e}")))
+    }
+
+    /// The digest `repository:tag` points to, or `None` when the tag does not exist.
+    pub async fn digest(&self, repository: &str, tag: &str) -> Result<Option<String>, RegistryError> {
+        let request = self
+            .request(reqwest::Method::HEAD, &format!("/v2/{repository}/manifests/{tag}"))?
+            .header("Accept", MANIFEST_ACCEPT);
+        let answer = self.send(request, &format!("reading {repository}:{tag}")).await?;
+        if answer.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        Ok(answer
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string))
+    }
+
+    /// Every repository of the registry (distribution's catalog; a gate refuses it).
+    pub async fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+        // distribution answers at most 1,000 a page; the next page starts after the last.
+        const PAGE: usize = 1000;
+        let mut all: Vec<String> = Vec::new();
+        loop {
+            let path = match all.last() {
+                Some(last) => format!("/v2/_catalog?n={PAGE}&last={last}"),
+                None => format!("/v2/_catalog?n={PAGE}"),
+            };
+            let page = strings(&self.json(&path, None).await?.unwrap_or_default()["repositories"]);
+            let done = page.len() < PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
+        let listed = self
+            .json(&format!("/v2/{repository}/tags/list"), None)
+            .await?
+            .unwrap_or_default();
+        Ok(strings(&listed["tags"]))
+    }
+
+    /// The digest of `repository:tag` and when its image was made (its config's `created`).
+    pub async fn created(
+        &self,
+        repository: &str,
+        tag: &str,
+    ) -> Result<Option<(String, OffsetDateTime)>, RegistryError> {
+        let Some(digest) = self.digest(repository, tag).await? else {
+            return Ok(None);
+        };
+        let Some(manifest) = self
+            .json(&format!("/v2/{repository}/manifests/{digest}"), Some(MANIFEST_ACCEPT))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let Some(config) = manifest["config"]["digest"].as_str() else {
+            return Ok(None);
+        };
+        let config = self
+            .json(&format!("/v2/{repository}/blobs/{config}"), None)
+            .await?
+            .unwrap_or_default();
+        let created = config["created"]
+            .as_str()
+            .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
+        Ok(created.map(|c| (digest, c)))
+    }
+
+    /// Deletes a manifest: every tag naming it goes; its blobs stay until the registry's
+    /// own garbage collection.
+    pub async fn delete(&self, repository: &str, digest: &str) -> Result<(), RegistryError> {
+        let what = format!("deleting {repository}@{digest}");
+        let request = self.request(reqwest::Method::DELETE, &format!("/v2/{repository}/manifests/{digest}"))?;
+        let answer = self.send(request, &what).await?;
+        if answer.status() == StatusCode::METHOD_NOT_ALLOWED {
+            return Err(RegistryError::Refused {
+                host: self.host.clone(),
+                what,
+                message: "deletes are disabled: set `storage: delete: enabled: true` in its config".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Writes a Docker client config holding these credentials into `dir` (mode 0700/0600),
@@ -124,6 +232,13 @@ impl RegistryAccess {
             .map_err(err)?;
         std::io::Write::write_all(&mut file, &body).map_err(err)
     }
+}
+
+fn strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
