@@ -157,7 +157,7 @@ fn builds_reach_the_registry_through_the_gate_only_as_far_as_their_actor_may() {
         .unwrap();
     let gate = gate_line[gate_line.find("http://").unwrap() + 7..].trim().to_string();
 
-    // A ci grant: reads and writes ci/<ws> only.
+    // A ci grant: reads ci/<ws> and the catalog's shared lamina/, writes ci/<ws> only.
     let (registry_name, ci_user, ci_pass, ci_json) = grant(
         &url,
         serde_json::json!({"build_id": "b-ci", "directives": directives("ci", None, None)}),
@@ -165,7 +165,7 @@ fn builds_reach_the_registry_through_the_gate_only_as_far_as_their_actor_may() {
     assert_eq!(registry_name, gate);
     assert_eq!(
         (ci_json["reads"].clone(), ci_json["writes"].clone()),
-        (serde_json::json!(["ci/gate"]), serde_json::json!(["ci/gate"]))
+        (serde_json::json!(["ci/gate", "lamina"]), serde_json::json!(["ci/gate"]))
     );
     let ci = login(&gate, &ci_user, &ci_pass);
 
