@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::FutureExt;
 use lian_bus::{After, Bus, BusError, Job};
 use lian_core::event::Step;
 use lian_core::lifecycle::{self, Effect, Outcome, State};
@@ -145,7 +146,18 @@ impl Worker {
             self.failpoint(&effect).await;
             let every = self.options.ack_wait / 3;
             let step = effect.step();
-            match heartbeat(job, every, self.run_effect(&h.state, effect)).await {
+            // A panic in an effect is this build's failure, not the worker's: it is retried
+            // like a transient error, and the last delivery ends the build with it.
+            let effect_run = std::panic::AssertUnwindSafe(self.run_effect(&h.state, effect)).catch_unwind();
+            let ran = heartbeat(job, every, effect_run).await.unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(format!("internal error in {}: {what}", step.as_str()))
+            });
+            match ran {
                 Ok(o) => outcome = Some(o),
                 Err(why) if last_chance && h.state.failure.is_none() => {
                     outcome = Some(failed(step, format!("abandoned after {deliveries} deliveries: {why}")));
