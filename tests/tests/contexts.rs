@@ -4,65 +4,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Fleet, directives_json, lian, text};
+use common::{Fleet, directives_json, image_tree, lian, text};
 use lian_test_support::docker_cli;
-use sha2::{Digest, Sha256};
 
 fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
     let path = root.join(rel);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, content).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// Every entry under `ctx/` of an image's filesystem: path -> (kind, mode, size, sha256 or
-/// link target), and each one's modification time, read from `docker export` of a container created from it.
-fn image_tree(image: &str) -> (BTreeMap<String, String>, BTreeMap<String, u64>) {
-    let docker = docker_cli();
-    let created = Command::new(&docker)
-        .args(["create", "--entrypoint", "/none", image])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let id = String::from_utf8_lossy(&created.stdout).trim().to_string();
-    let export = Command::new(&docker).args(["export", &id]).output().unwrap();
-    let _ = Command::new(&docker).args(["rm", &id]).output();
-    assert!(export.status.success());
-    let (mut tree, mut mtimes) = (BTreeMap::new(), BTreeMap::new());
-    let mut archive = tar::Archive::new(export.stdout.as_slice());
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string();
-        let Some(rel) = path.strip_prefix("ctx/") else { continue };
-        let header = entry.header().clone();
-        let mode = header.mode().unwrap() & 0o7777;
-        let mtime = header.mtime().unwrap();
-        let what = match header.entry_type() {
-            tar::EntryType::Directory => format!("dir {mode:o}"),
-            tar::EntryType::Symlink => format!("symlink -> {}", header.link_name().unwrap().unwrap().display()),
-            _ => {
-                let mut content = Vec::new();
-                entry.read_to_end(&mut content).unwrap();
-                let sha: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
-                format!("file {mode:o} {} {sha}", content.len())
-            }
-        };
-        tree.insert(rel.to_string(), what);
-        mtimes.insert(rel.to_string(), mtime);
-    }
-    (tree, mtimes)
 }
 
 fn submit_wait(fleet: &Fleet, dir: &Path, image: &str) -> String {

@@ -5,15 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::Fleet;
+use common::{Fleet, image_tree};
 use lian_test_support::{docker_cli, workspace_root};
-use sha2::{Digest, Sha256};
 
 fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
     let path = root.join(rel);
@@ -31,46 +28,6 @@ impl Drop for Images {
             let _ = Command::new(docker_cli()).args(["rmi", "-f", image]).output();
         }
     }
-}
-
-/// Every entry under `ctx/` of an image: path -> kind, mode, size and sha256 (or link target).
-fn image_tree(image: &str) -> BTreeMap<String, String> {
-    let docker = docker_cli();
-    let created = Command::new(&docker)
-        .args(["create", "--entrypoint", "/none", image])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let id = String::from_utf8_lossy(&created.stdout).trim().to_string();
-    let export = Command::new(&docker).args(["export", &id]).output().unwrap();
-    let _ = Command::new(&docker).args(["rm", &id]).output();
-    assert!(export.status.success());
-    let mut tree = BTreeMap::new();
-    let mut archive = tar::Archive::new(export.stdout.as_slice());
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let path = entry
-            .path()
-            .unwrap()
-            .to_string_lossy()
-            .trim_end_matches('/')
-            .to_string();
-        let Some(rel) = path.strip_prefix("ctx/") else { continue };
-        let header = entry.header().clone();
-        let mode = header.mode().unwrap() & 0o7777;
-        let what = match header.entry_type() {
-            tar::EntryType::Directory => format!("dir {mode:o}"),
-            tar::EntryType::Symlink => format!("symlink -> {}", header.link_name().unwrap().unwrap().display()),
-            _ => {
-                let mut content = Vec::new();
-                entry.read_to_end(&mut content).unwrap();
-                let sha: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
-                format!("file {mode:o} {} {sha}", content.len())
-            }
-        };
-        tree.insert(rel.to_string(), what);
-    }
-    tree
 }
 
 #[test]
@@ -141,8 +98,8 @@ fn a_python_client_submits_a_build_with_a_context_from_subjects_md_alone() {
     );
     assert!(stderr.contains("resubmit: 0 of 3 objects to send, 0 bytes"), "{stderr}");
 
-    let expected = image_tree("lian-foreign-plain:1");
-    let got = image_tree("lian-foreign-py:1");
+    let (expected, _) = image_tree("lian-foreign-plain:1");
+    let (got, _) = image_tree("lian-foreign-py:1");
     for must in ["empty/nested", "empty-file", "bin/tool", "data/big.bin", "main-link"] {
         assert!(
             expected.contains_key(must),

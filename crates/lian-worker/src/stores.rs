@@ -3,35 +3,9 @@
 //! from its configuration (`[registry]`, `[sccache]`; `lian up` fills in the ones it starts),
 //! so a worker neither knows nor cares whether they are local or a user's own.
 
-use std::fmt;
-
-/// A credential held in memory: its `Debug` and `Display` never show the value, so it can
-/// sit in any struct that is logged. Read it with [`Secret::expose`] where it is used.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The value itself: for the one place that hands it on (a file, a child's stdin).
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+/// A credential held in memory, redacted in `Debug` and `Display`: one type for every
+/// secret that crosses lian's seams.
+pub use lian_core::control::Secret;
 
 /// An OCI registry (distribution, zot, harbor, ghcr, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -340,3 +340,54 @@ impl Fleet {
         format!("lian.{}.build.{build}.{kind}", self.workspace)
     }
 }
+
+/// Every entry under `ctx/` of an image's filesystem: path -> (kind, mode, size, sha256 or
+/// link target), and each one's modification time, read from `docker export` of a container created from it.
+pub fn image_tree(
+    image: &str,
+) -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, u64>,
+) {
+    let docker = lian_test_support::docker_cli();
+    let created = Command::new(&docker)
+        .args(["create", "--entrypoint", "/none", image])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let id = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    let export = Command::new(&docker).args(["export", &id]).output().unwrap();
+    let _ = Command::new(&docker).args(["rm", &id]).output();
+    assert!(export.status.success());
+    let (mut tree, mut mtimes) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let mut archive = tar::Archive::new(export.stdout.as_slice());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let Some(rel) = path.strip_prefix("ctx/") else { continue };
+        let header = entry.header().clone();
+        let mode = header.mode().unwrap() & 0o7777;
+        let mtime = header.mtime().unwrap();
+        let what = match header.entry_type() {
+            tar::EntryType::Directory => format!("dir {mode:o}"),
+            tar::EntryType::Symlink => format!("symlink -> {}", header.link_name().unwrap().unwrap().display()),
+            _ => {
+                let mut content = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
+                let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&content)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("file {mode:o} {} {sha}", content.len())
+            }
+        };
+        tree.insert(rel.to_string(), what);
+        mtimes.insert(rel.to_string(), mtime);
+    }
+    (tree, mtimes)
+}
