@@ -332,15 +332,30 @@ fn builds_reach_the_registry_through_the_gate_only_as_far_as_their_actor_may() {
     refused(docker(human.path(), &["pull", &dev_app]), "a revoked grant pulling");
 
     // Expired: a grant asked for one second is refused after it.
-    let (_, short_user, short_pass, _) = grant(
+    let (_, short_user, short_pass, short_json) = grant(
         &url,
         serde_json::json!({"build_id": "b-short", "directives": directives("ci", None, None), "ttl_secs": 1}),
     );
     assert_eq!(gate_call(&gate, "GET", "/v2/", Some((&short_user, &short_pass))).0, 200);
-    std::thread::sleep(Duration::from_millis(2100));
-    let (status, _, body) = gate_call(&gate, "GET", "/v2/", Some((&short_user, &short_pass)));
+    // Wait for the refusal itself, asking the gate until it comes (10 s at most).
+    let expires_at = short_json["expires_at"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, _, body) = gate_call(&gate, "GET", "/v2/", Some((&short_user, &short_pass)));
+        if status != 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     assert_eq!(status, 401);
     assert!(body.contains("expired"), "{body}");
+    assert!(
+        now >= expires_at,
+        "refused only once the grant expired ({now} < {expires_at})"
+    );
 
     for image in [&ci_app, &ci_other, &dev_tmp] {
         let _ = docker(ci.path(), &["rmi", image]);
