@@ -19,19 +19,23 @@ fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-fn submit_wait(fleet: &Fleet, dir: &Path, image: &str) -> String {
-    let directives = directives_json(dir.parent().unwrap(), fleet.workspace, image);
-    let out = lian(&[
+/// `lian submit` of `context` with `directives` to the fleet, plus `extra` arguments.
+fn submit(fleet: &Fleet, directives: &Path, context: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "--nats-url",
-        &fleet.server.url,
+        fleet.server.url.as_str(),
         "submit",
         directives.to_str().unwrap(),
         "--context",
-        dir.to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "300",
-    ]);
+        context.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lian(&args)
+}
+
+fn submit_wait(fleet: &Fleet, dir: &Path, image: &str) -> String {
+    let directives = directives_json(dir.parent().unwrap(), fleet.workspace, image);
+    let out = submit(fleet, &directives, dir, &["--wait", "--timeout", "300"]);
     assert!(out.status.success(), "the build through lian failed:\n{}", text(&out));
     text(&out)
 }
@@ -128,14 +132,7 @@ fn a_twenty_thousand_file_context_builds_and_small_builds_are_not_held_up() {
         write(&big, &rel, format!("pub const N{i}: u32 = {i};\n").as_bytes(), 0o644);
     }
     let directives = directives_json(outer.path(), fleet.workspace, "lian-big:1");
-    let out = lian(&[
-        "--nats-url",
-        &fleet.server.url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        big.to_str().unwrap(),
-    ]);
+    let out = submit(&fleet, &directives, &big, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let big_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
 
@@ -172,16 +169,7 @@ fn a_context_over_the_limits_is_refused_before_upload_with_the_way_to_raise_them
         write(&ctx, &format!("f{i}"), b"x", 0o644);
     }
     let directives = directives_json(outer.path(), fleet.workspace, "lian-limits:1");
-    let out = lian(&[
-        "--nats-url",
-        &fleet.server.url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        ctx.to_str().unwrap(),
-        "--max-context-files",
-        "10",
-    ]);
+    let out = submit(&fleet, &directives, &ctx, &["--max-context-files", "10"]);
     assert!(!out.status.success());
     let said = text(&out);
     assert!(
@@ -194,14 +182,7 @@ fn a_context_over_the_limits_is_refused_before_upload_with_the_way_to_raise_them
     let fifo = std::ffi::CString::new(ctx.join("pipe").to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-    let out = lian(&[
-        "--nats-url",
-        &fleet.server.url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        ctx.to_str().unwrap(),
-    ]);
+    let out = submit(&fleet, &directives, &ctx, &[]);
     let said = text(&out);
     assert!(
         !out.status.success() && said.contains("pipe") && said.contains("FIFO"),
@@ -239,19 +220,12 @@ fn the_longest_accepted_identifiers_build_end_to_end() {
     write(&ctx, "Dockerfile", b"FROM scratch\nCOPY hello /hello\n", 0o644);
     write(&ctx, "hello", b"hi\n", 0o644);
     let directives = directives_json(outer.path(), &workspace, "lian-long/app:1");
-    let out = lian(&[
-        "--nats-url",
-        &fleet.server.url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        ctx.to_str().unwrap(),
-        "--build-id",
-        &build_id,
-        "--wait",
-        "--timeout",
-        "180",
-    ]);
+    let out = submit(
+        &fleet,
+        &directives,
+        &ctx,
+        &["--build-id", &build_id, "--wait", "--timeout", "180"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(common::runners_left(&deep).is_empty(), "the lease is destroyed");
     let _ = Command::new(docker_cli()).args(["rmi", "lian-long/app:1"]).output();
