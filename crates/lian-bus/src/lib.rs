@@ -10,8 +10,7 @@ mod topology;
 mod work;
 
 pub use context::{
-    ContextLimits, Downloaded, EntryKind, LimitKind, Manifest, ManifestEntry, StoreState, Upload, UploadProgress,
-    UploadStats,
+    ContextLimits, Downloaded, EntryKind, Manifest, ManifestEntry, StoreState, Upload, UploadProgress, UploadStats,
 };
 pub use error::BusError;
 pub use history::{After, Appended, Record};

@@ -37,7 +37,7 @@ const PUBLISH_WINDOW: usize = 64;
 /// How long a read waits for the next message of a batch.
 const READ_PATIENCE: Duration = Duration::from_secs(30);
 
-pub fn chunk_subject(sha256: &str, index: u64) -> String {
+fn chunk_subject(sha256: &str, index: u64) -> String {
     format!("lian-ctx.blob.{sha256}.{index}")
 }
 

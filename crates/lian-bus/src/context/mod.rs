@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 pub use blobs::{CHUNK, RETENTION, STREAM, STREAM_SUBJECTS};
-pub use scan::{ContextLimits, LimitKind};
+pub use scan::ContextLimits;
 
 use crate::{Bus, BusError};
 

@@ -34,7 +34,7 @@ impl Default for ContextLimits {
 
 /// Which limit a context went over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitKind {
+enum LimitKind {
     Files,
     Bytes,
 }
