@@ -106,6 +106,12 @@ impl Warm {
         tags
     }
 
+    /// Removes this host's engine stores, as if the next build ran on another host.
+    fn forget_engine_stores(&self) {
+        let stores = self.fleet.state.path().join("runners/.stores");
+        std::fs::remove_dir_all(&stores).unwrap_or_else(|e| panic!("{}: {e}", stores.display()));
+    }
+
     fn digest(&self, repository: &str, tag: &str) -> Option<String> {
         let answer = http(
             "HEAD",
@@ -142,11 +148,20 @@ fn a_second_build_on_a_new_runner_reuses_the_registrys_cache() {
         "the cooker, tagged by its key"
     );
 
-    // One line of the project changes; the runner is new, its engine empty.
+    assert_eq!(
+        cache["engine_store"],
+        json!({"namespace": "ci/warm", "hit": false}),
+        "the first build's engine starts empty: {cache}"
+    );
+
+    // One line of the project changes, and the build runs as if on another host: the
+    // runner is new and this host keeps no engine store, so all it has is the registry.
+    warm.forget_engine_stores();
     project(&ctx, "v2\n", "lock v1\n", DOCKERFILE);
     let second = warm.build(&ctx, "lian-warm/app:2", ci());
     assert_eq!(second["type"], "completed", "{second}");
     let cache = &second["cache"];
+    assert_eq!(cache["engine_store"]["hit"], false, "{cache}");
     assert_eq!(cache["cooker"]["hit"], true, "the cooker is found by its key: {cache}");
     let (steps, cached) = (
         cache["steps"].as_u64().unwrap(),
@@ -159,11 +174,27 @@ fn a_second_build_on_a_new_runner_reuses_the_registrys_cache() {
         "{cached} of {steps} steps from the registry's cache: {cache}"
     );
 
-    // A dependency bump misses the cooker.
+    // A dependency bump misses the cooker; its engine is the one the second build left.
     project(&ctx, "v2\n", "lock v2\n", DOCKERFILE);
     let third = warm.build(&ctx, "lian-warm/app:3", ci());
     assert_eq!(third["cache"]["cooker"]["hit"], false, "{third}");
+    assert_eq!(
+        third["cache"]["engine_store"],
+        json!({"namespace": "ci/warm", "hit": true}),
+        "{third}"
+    );
     assert_eq!(warm.tags("ci/warm/lian-warm/app/cooker").len(), 2);
+
+    // Back to the first lock: the engine store still holds that cooker's steps.
+    project(&ctx, "v3\n", "lock v1\n", DOCKERFILE);
+    let fourth = warm.build(&ctx, "lian-warm/app:4", ci());
+    let cache = &fourth["cache"];
+    assert_eq!(cache["engine_store"]["hit"], true, "{cache}");
+    assert_eq!(
+        cache["cached_steps"].as_u64().unwrap() + 2,
+        cache["steps"].as_u64().unwrap(),
+        "all but main.txt and the last RUN from the engine store: {cache}"
+    );
 }
 
 #[test]
@@ -176,11 +207,17 @@ fn sessions_write_their_own_namespace_and_ci_never_reads_it() {
     assert_eq!(exported["type"], "completed", "{exported}");
     assert_eq!(exported["cache"]["exported_to"], "dev/jpl-ns");
     assert_eq!(exported["cache"]["imported_from"], json!(["dev/jpl-ns", "ci/ns"]));
+    assert_eq!(exported["cache"]["engine_store"]["namespace"], "dev/jpl-ns");
     assert_eq!(warm.tags("dev/jpl-ns/lian-ns/app"), ["lian-cache", "s1"]);
     assert!(warm.tags("ci/ns/lian-ns/app").is_empty(), "a session never writes ci/");
 
     // CI builds the same project: it reads ci/ only, so the session's cooker is no hit.
     let ci_build = warm.build(&ctx, "lian-ns/app:c1", ci());
+    assert_eq!(
+        ci_build["cache"]["engine_store"],
+        json!({"namespace": "ci/ns", "hit": false}),
+        "CI never starts from a session's engine: {ci_build}"
+    );
     assert_eq!(ci_build["cache"]["imported_from"], json!(["ci/ns"]), "{ci_build}");
     assert_eq!(
         ci_build["cache"]["cooker"]["hit"], false,
@@ -192,6 +229,10 @@ fn sessions_write_their_own_namespace_and_ci_never_reads_it() {
     let discarded = warm.build(&ctx, "lian-ns/app:s2", session("discard"));
     assert_eq!(discarded["type"], "completed", "{discarded}");
     assert!(discarded["cache"]["pushed"].is_null(), "{discarded}");
+    assert!(
+        discarded["cache"]["engine_store"].is_null(),
+        "a discarding session keeps no engine: {discarded}"
+    );
     assert_eq!(
         warm.tags("dev/jpl-ns/lian-ns/app"),
         ["lian-cache", "s1"],
@@ -210,6 +251,17 @@ fn sessions_write_their_own_namespace_and_ci_never_reads_it() {
         "tags move only on success"
     );
     assert_eq!(warm.tags("dev/jpl-ns/lian-ns/app"), ["lian-cache", "s1"]);
+
+    // The failed build took the session's engine store and did not give it back: the next
+    // build starts from the registry's last good state, not from the failed build's cache.
+    project(&ctx, "v4\n", "lock\n", DOCKERFILE);
+    let after = warm.build(&ctx, "lian-ns/app:s4", session("export"));
+    assert_eq!(after["type"], "completed", "{after}");
+    assert_eq!(
+        after["cache"]["engine_store"],
+        json!({"namespace": "dev/jpl-ns", "hit": false}),
+        "{after}"
+    );
 }
 
 #[test]

@@ -124,7 +124,10 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if let Err(e) = app.bus.record_lease(&lease).await {
         return unavailable(e);
     }
-    match backend.spawn(&key, lease.runner_type).await {
+    match backend
+        .spawn(&key, lease.runner_type, request.engine_store.as_deref())
+        .await
+    {
         Ok(spawned) => {
             lease.state = LeaseState::Ready;
             lease.host = spawned.host;

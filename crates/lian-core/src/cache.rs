@@ -88,6 +88,16 @@ pub fn namespaces(directives: &BuildDirectives) -> Result<Namespaces, CacheRuleE
     Ok(Namespaces { reads, writes })
 }
 
+/// The namespace a build writes its image and cache to: the first of its `cache_to`, else
+/// its actor's own; `None` for a session that discards.
+pub fn write_namespace(directives: &BuildDirectives) -> Result<Option<String>, CacheRuleError> {
+    let allowed = namespaces(directives)?;
+    Ok(match directives.cache_policy.cache_to.first() {
+        Some(ns) => Some(ns.clone()),
+        None => allowed.home().map(str::to_string),
+    })
+}
+
 /// Checks a request's cache policy against the actor rules; the first broken rule is
 /// returned with what would have been allowed.
 pub fn check(directives: &BuildDirectives) -> Result<(), CacheRuleError> {

@@ -22,6 +22,10 @@ pub struct LeaseRequest {
     pub build_id: BuildId,
     /// Who holds it (a worker's name), shown by `GET /api/v1/vm-pool`.
     pub owner: String,
+    /// The cache namespace whose engine store a docker_local runner starts from and, after
+    /// a build that succeeded, hands back to (ADR lian-044); `None`: an empty engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_store: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

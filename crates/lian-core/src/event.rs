@@ -52,12 +52,27 @@ pub struct CacheReport {
     /// References pushed on success (tags move only then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pushed: Vec<String>,
+    /// The namespace's engine store (ADR lian-044): whether the runner's engine started from
+    /// it (`hit`: the images and build cache of the namespace's last good build were already
+    /// there) or empty (`miss`); absent where the runner keeps no engine store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_store: Option<StoreUse>,
+}
+
+/// How a build's engine began, with the namespace it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreUse {
+    pub namespace: String,
+    pub hit: bool,
 }
 
 impl CacheReport {
     /// `; cache: 7/9 steps cached, cooker hit, sccache 41 hits 3 misses, from ci/ws, to ci/ws`
     pub fn summary(&self) -> String {
         let mut parts = vec![format!("{}/{} steps cached", self.cached_steps, self.steps)];
+        if let Some(store) = &self.engine_store {
+            parts.push(format!("engine store {}", if store.hit { "hit" } else { "miss" }));
+        }
         if let Some(cooker) = &self.cooker {
             parts.push(format!("cooker {}", if cooker.hit { "hit" } else { "miss" }));
         }
@@ -173,7 +188,7 @@ pub enum BuildEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mem_p95_gb: Option<f64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        cache: Option<CacheReport>,
+        cache: Option<Box<CacheReport>>,
     },
     /// A step failed; the runner (if any) is destroyed next.
     StepFailed {
@@ -205,7 +220,7 @@ pub enum BuildEvent {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         labels: BTreeMap<String, String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        cache: Option<CacheReport>,
+        cache: Option<Box<CacheReport>>,
     },
     /// Step 8, failure (also the only event of a request that could not be read).
     Failed {
@@ -293,7 +308,7 @@ impl BuildEvent {
                     "image built {image} {} in {:.1}s{}",
                     short_id(image_id),
                     *duration_ms as f64 / 1000.0,
-                    cache.as_ref().map(CacheReport::summary).unwrap_or_default()
+                    cache.as_deref().map(CacheReport::summary).unwrap_or_default()
                 )
             }
             Self::StepFailed { step, reason, oom } => {
@@ -315,7 +330,7 @@ impl BuildEvent {
             } => format!(
                 "completed {image} {}{}",
                 short_id(image_id),
-                cache.as_ref().map(CacheReport::summary).unwrap_or_default()
+                cache.as_deref().map(CacheReport::summary).unwrap_or_default()
             ),
             Self::Failed { reason, step, .. } => match step {
                 Some(s) => format!("failed at {}: {reason}", s.as_str()),

@@ -14,6 +14,6 @@ pub mod sizing;
 pub mod subjects;
 
 pub use directives::BuildDirectives;
-pub use event::{BuildEvent, CacheReport, CookerReport, Envelope, Transfer};
+pub use event::{BuildEvent, CacheReport, CookerReport, Envelope, StoreUse, Transfer};
 pub use names::{BuildId, ImageRef, LayerName, LeaseKey, NameError, SecretId, Workspace};
 pub use request::{BuildRequest, CascadeRef, ContextRef};

@@ -50,7 +50,7 @@ pub struct Built {
     pub duration_ms: u64,
     pub cpu_p95: Option<f64>,
     pub mem_p95_gb: Option<f64>,
-    pub cache: Option<CacheReport>,
+    pub cache: Option<Box<CacheReport>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,7 +157,7 @@ pub enum Outcome {
         duration_ms: u64,
         cpu_p95: Option<f64>,
         mem_p95_gb: Option<f64>,
-        cache: Option<CacheReport>,
+        cache: Option<Box<CacheReport>>,
     },
     MetricsRecorded {
         cpu_p95: Option<f64>,

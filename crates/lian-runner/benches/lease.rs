@@ -39,7 +39,7 @@ fn main() {
         for i in 0..LEASES {
             let key = LeaseKey::new(format!("bench{i}-r1")).unwrap();
             let started = Instant::now();
-            cold_pool.spawn(&key, RunnerType::Cax11).await.unwrap();
+            cold_pool.spawn(&key, RunnerType::Cax11, None).await.unwrap();
             cold.push(started.elapsed());
             cold_pool.destroy(&key).await.unwrap();
 
@@ -47,7 +47,7 @@ fn main() {
             warm_pool.maintain_pool().await.unwrap();
             let key = LeaseKey::new(format!("bench{i}-r2")).unwrap();
             let started = Instant::now();
-            let runner = warm_pool.spawn(&key, RunnerType::Cax11).await.unwrap();
+            let runner = warm_pool.spawn(&key, RunnerType::Cax11, None).await.unwrap();
             warm.push(started.elapsed());
             assert!(
                 runner.lease_id.contains("@w-cax11-"),

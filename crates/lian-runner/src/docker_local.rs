@@ -5,13 +5,17 @@
 
 use std::path::{Path, PathBuf};
 
-use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
+use lian_core::{LeaseKey, StoreUse};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::LeaseCgroup;
 use crate::engine::{LeaseEngine, parent_images};
+use crate::engine_store::EngineStores;
 use crate::{Runner, RunnerError};
+
+/// BuildKit cache an engine store keeps (beyond its images) when a build hands it back.
+pub const STORE_KEEP_BYTES: u64 = 16 << 30;
 
 #[derive(Debug, Clone)]
 pub struct DockerLocal {
@@ -38,6 +42,10 @@ pub(crate) struct LeaseRecord {
     /// kept in the lease's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// The cache namespace whose engine store the lease's data root goes back to after a
+    /// build that succeeded, and whether the engine started from that store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreUse>,
 }
 
 impl DockerLocal {
@@ -99,6 +107,50 @@ impl DockerLocal {
         self.dir(key).join(name)
     }
 
+    /// The engine stores of this host (ADR lian-044).
+    pub fn stores(&self) -> EngineStores {
+        EngineStores::at(self.root.join(".stores"))
+    }
+
+    /// How the lease's engine began, when it belongs to a namespace's engine store.
+    pub fn store_use(&self, key: &LeaseKey) -> Option<StoreUse> {
+        self.record(key)?.store
+    }
+
+    /// Called once the lease's build succeeded: prunes BuildKit's cache down to
+    /// [`STORE_KEEP_BYTES`] and unused images, and lets the lease's data root become its
+    /// namespace's store when the lease goes.
+    pub async fn keep_store(&self, key: &LeaseKey) -> Result<(), String> {
+        let Some(engine) = self.engine(key) else { return Ok(()) };
+        if self.store_use(key).is_none() {
+            return Ok(());
+        }
+        for args in [
+            vec![
+                "builder".to_string(),
+                "prune".into(),
+                "--force".into(),
+                format!("--keep-storage={STORE_KEEP_BYTES}"),
+            ],
+            vec!["image".into(), "prune".into(), "--force".into()],
+        ] {
+            let out = tokio::process::Command::new(&self.docker_cli)
+                .args(["-H", &engine.host()])
+                .args(&args)
+                .output()
+                .await
+                .map_err(|e| format!("{}: {e}", self.docker_cli.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "docker {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        EngineStores::mark_good(&self.dir(key)).map_err(|e| format!("{}: {e}", self.dir(key).display()))
+    }
+
     /// Puts the images a Dockerfile builds on into the lease's engine, from the host's;
     /// `present` (pulled from the registry already) are skipped.
     pub async fn load_parents(&self, key: &LeaseKey, dockerfile: &Path, present: &[String]) -> Result<(), String> {
@@ -136,8 +188,14 @@ impl DockerLocal {
         self.dir(key).join("context")
     }
 
-    /// Finds the runner recorded under `key`, or creates it.
-    pub async fn spawn(&self, key: &LeaseKey, runner_type: RunnerType) -> Result<Runner, RunnerError> {
+    /// Finds the runner recorded under `key`, or creates it. With `store`, its engine starts
+    /// from that namespace's engine store when one is free (else empty), and may become it.
+    pub async fn spawn(
+        &self,
+        key: &LeaseKey,
+        runner_type: RunnerType,
+        store: Option<&str>,
+    ) -> Result<Runner, RunnerError> {
         let io = |op| {
             move |source| RunnerError::Io {
                 op,
@@ -156,10 +214,30 @@ impl DockerLocal {
         tokio::fs::create_dir_all(self.workspace(key))
             .await
             .map_err(io("create"))?;
+        let store = match (store, &self.isolation) {
+            (Some(namespace), Isolation::Engine { .. }) => {
+                let own = LeaseEngine::at(&dir, key.as_str()).data_root();
+                let hit = self
+                    .stores()
+                    .take(namespace, &own)
+                    .map_err(io("take the engine store of"))?;
+                Some(StoreUse {
+                    namespace: namespace.to_string(),
+                    hit,
+                })
+            }
+            _ => None,
+        };
+        // An engine started from a store is the lease's own; an empty one may come warm.
+        let engine = match &store {
+            Some(StoreUse { hit: true, .. }) => None,
+            _ => self.claim_warm(runner_type),
+        };
         let body = serde_json::to_vec(&LeaseRecord {
             lease_key: key.clone(),
             runner_type,
-            engine: self.claim_warm(runner_type),
+            engine,
+            store,
         })
         .expect("json");
         // Written beside and renamed: a crash never leaves half a record.
@@ -199,13 +277,27 @@ impl DockerLocal {
         }
     }
 
-    /// Destroys the runner and everything in it; destroying a runner that is gone succeeds.
+    /// Destroys the runner and everything in it, but for a data root that goes back to its
+    /// namespace's engine store; destroying a runner that is gone succeeds.
     pub async fn destroy(&self, key: &LeaseKey) -> Result<(), RunnerError> {
         if let Some(engine) = self.engine(key) {
-            engine.stop().await.map_err(|message| RunnerError::Remote {
+            let clean = engine.stop().await.map_err(|message| RunnerError::Remote {
                 lease_key: key.clone(),
                 message,
             })?;
+            if let Some(store) = self.store_use(key)
+                && clean
+                && EngineStores::is_good(&self.dir(key))
+            {
+                match self.stores().give_back(&store.namespace, &engine.data_root()) {
+                    Ok(kept) => {
+                        tracing::info!(lease = %key, namespace = %store.namespace, kept, "engine store handed back")
+                    }
+                    Err(err) => {
+                        tracing::warn!(lease = %key, namespace = %store.namespace, %err, "engine store not kept")
+                    }
+                }
+            }
         }
         if let Some(slot) = self.record(key).and_then(|r| r.engine) {
             self.remove_warm(&slot).map_err(|source| RunnerError::Io {
@@ -258,9 +350,9 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let p = DockerLocal::new(root.path());
         let key = LeaseKey::new("b1-r1").unwrap();
-        let a = p.spawn(&key, RunnerType::Cax21).await.unwrap();
+        let a = p.spawn(&key, RunnerType::Cax21, None).await.unwrap();
         std::fs::write(p.workspace(&key).join("f"), "x").unwrap();
-        let b = p.spawn(&key, RunnerType::Cax41).await.unwrap();
+        let b = p.spawn(&key, RunnerType::Cax41, None).await.unwrap();
         assert_eq!(a, b, "the runner recorded under the key is found, not re-created");
         assert!(p.workspace(&key).join("f").exists());
         assert_eq!(p.leases(), vec!["b1-r1".to_string()]);

@@ -34,6 +34,11 @@ impl LeaseEngine {
         }
     }
 
+    /// Its Docker data root: images, layers, BuildKit's cache.
+    pub fn data_root(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
     fn socket_path(&self) -> PathBuf {
         Path::new(SOCKETS).join(format!("{}.sock", path_token(&self.name)))
     }
@@ -87,7 +92,7 @@ impl LeaseEngine {
         let log = std::fs::File::create(self.root.join("dockerd.log")).map_err(|e| e.to_string())?;
         let mut cmd = std::process::Command::new("dockerd");
         cmd.arg("--data-root")
-            .arg(self.root.join("data"))
+            .arg(self.data_root())
             .arg("--exec-root")
             .arg(self.exec_root())
             .arg("--pidfile")
@@ -116,8 +121,10 @@ impl LeaseEngine {
         Ok(())
     }
 
-    /// Stops the engine and removes its cgroup; stopping a stopped engine succeeds.
-    pub async fn stop(&self) -> Result<(), String> {
+    /// Stops the engine and removes its cgroup; stopping a stopped engine succeeds. `true`
+    /// when it shut down by itself (not killed): its data root is whole.
+    pub async fn stop(&self) -> Result<bool, String> {
+        let mut clean = true;
         if let Some(pid) = self.pid() {
             // SAFETY: signalling a process by pid.
             unsafe {
@@ -130,6 +137,7 @@ impl LeaseEngine {
                     unsafe {
                         libc::kill(pid, libc::SIGKILL);
                     }
+                    clean = false;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -145,7 +153,8 @@ impl LeaseEngine {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        last.map_err(|e| format!("cannot remove the lease cgroup: {e}"))
+        last.map(|()| clean)
+            .map_err(|e| format!("cannot remove the lease cgroup: {e}"))
     }
 
     /// Copies `image` from the engine at `from` to the engine at `to` (`None`: the host's).

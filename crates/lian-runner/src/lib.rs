@@ -9,6 +9,7 @@ pub mod control;
 mod docker_build;
 mod docker_local;
 mod engine;
+mod engine_store;
 pub mod hcloud;
 pub mod progress;
 pub mod proxmox;
@@ -105,8 +106,14 @@ pub enum Backend<'a> {
 
 impl Backend<'_> {
     /// Finds the runner leased under `key`, or creates it. A cloud runner is given a host
-    /// key pair generated here for the lease; its public half comes back to be pinned.
-    pub async fn spawn(&self, key: &LeaseKey, tier: RunnerType) -> Result<Runner, RunnerError> {
+    /// key pair generated here for the lease; its public half comes back to be pinned. A
+    /// docker_local engine starts from `engine_store`'s store (ADR lian-044).
+    pub async fn spawn(
+        &self,
+        key: &LeaseKey,
+        tier: RunnerType,
+        engine_store: Option<&str>,
+    ) -> Result<Runner, RunnerError> {
         let host_keys = || {
             ssh::generate_host_key(&format!("lian-runner {key}")).map_err(|source| RunnerError::Io {
                 op: "generate a host key for",
@@ -115,7 +122,7 @@ impl Backend<'_> {
             })
         };
         match self {
-            Backend::Local(p) => p.spawn(key, tier).await,
+            Backend::Local(p) => p.spawn(key, tier, engine_store).await,
             Backend::Ssh(p) => p.spawn(key, tier).await,
             Backend::Hcloud(p) => {
                 let server = p

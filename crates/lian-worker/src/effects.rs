@@ -9,7 +9,7 @@ use lian_core::directives::{Artifact, ComputeProvider};
 use lian_core::event::Step;
 use lian_core::lifecycle::{Built, Effect, Lease, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, RunnerType, SizingInputs};
-use lian_core::{BuildRequest, CacheReport, Transfer};
+use lian_core::{BuildRequest, CacheReport, Transfer, cache};
 use lian_nickel::Contract;
 use std::path::Path;
 use std::time::Duration;
@@ -69,15 +69,17 @@ type Usage = (Option<f64>, Option<f64>);
 fn build_outcome(built: Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure>) -> Outcome {
     match built {
         Ok((out, (cpu_p95, mem_p95_gb), cache)) => Outcome::ImageBuilt {
-            cache: cache.or_else(|| {
-                out.steps.map(|s| CacheReport {
-                    steps: s.steps,
-                    cached_steps: s.cached,
-                    sccache_hits: s.sccache_hits,
-                    sccache_misses: s.sccache_misses,
-                    ..CacheReport::default()
+            cache: cache
+                .or_else(|| {
+                    out.steps.map(|s| CacheReport {
+                        steps: s.steps,
+                        cached_steps: s.cached,
+                        sccache_hits: s.sccache_hits,
+                        sccache_misses: s.sccache_misses,
+                        ..CacheReport::default()
+                    })
                 })
-            }),
+                .map(Box::new),
             image_id: out.image_id,
             duration_ms: out.duration_ms,
             cpu_p95,
@@ -131,6 +133,8 @@ impl Worker {
         runner_type: RunnerType,
     ) -> Result<Outcome, String> {
         let provider = request.directives.compute_provider;
+        // Intake checked the cache rules; a request that breaks them has no store.
+        let engine_store = cache::write_namespace(&request.directives).ok().flatten();
         if let Some(control) = &self.options.control {
             let lease = LeaseRequest {
                 lease_key,
@@ -139,6 +143,7 @@ impl Worker {
                 workspace: request.directives.workspace.clone(),
                 build_id: state.build_id.clone().ok_or("a build without identity")?,
                 owner: self.options.name.clone(),
+                engine_store,
             };
             return match control.lease(&lease).await {
                 Ok(l) => Ok(Outcome::RunnerLeased {
@@ -153,7 +158,7 @@ impl Worker {
             return Ok(failed(Step::SpawnRunner, through_control(provider)));
         }
         let spawned = match self.providers.backend(provider) {
-            Ok(backend) => backend.spawn(&lease_key, runner_type).await,
+            Ok(backend) => backend.spawn(&lease_key, runner_type, engine_store.as_deref()).await,
             Err(e) => Err(e),
         };
         Ok(match spawned {
@@ -463,6 +468,14 @@ impl Worker {
         match result {
             Ok((out, report)) => {
                 provider.publish(key, invocation.image).await.map_err(fail)?;
+                if let Err(err) = provider.keep_store(key).await {
+                    // The build stands; its engine's store is only not kept.
+                    tracing::warn!(lease = %key, %err, "engine store not kept");
+                }
+                let report = report.map(|mut r| {
+                    r.engine_store = provider.store_use(key);
+                    r
+                });
                 Ok((out, usage, report))
             }
             Err(mut f) => {

@@ -22,10 +22,7 @@ pub const SCCACHE_SECRET: &str = "lian-sccache";
 pub fn plan(registry: &RegistryEndpoint, request: &BuildRequest) -> Result<CachePlan, cache::CacheRuleError> {
     let allowed = cache::namespaces(&request.directives)?;
     let policy = &request.directives.cache_policy;
-    let write = match policy.cache_to.first() {
-        Some(ns) => Some(ns.clone()),
-        None => allowed.home().map(str::to_string),
-    };
+    let write = cache::write_namespace(&request.directives)?;
     let mut reads = if policy.cache_from.is_empty() {
         allowed.reads.clone()
     } else {
