@@ -48,7 +48,9 @@ impl Record {
 }
 
 impl Bus {
-    /// Appends a value to a stream subject; `msg_id` makes the append idempotent.
+    /// Appends a value to a stream subject; `msg_id` makes the append idempotent. An event
+    /// (`lian.<ws>.build|cascade.<id>.<kind>`) goes through its append subject and reaches
+    /// `lian.>` only once the stream stored it (ADR lian-045).
     pub async fn append<T: Serialize>(&self, subject: &str, msg_id: &str, value: &T) -> Result<Appended, BusError> {
         self.publish(subject, PublishMessage::build().message_id(msg_id), value)
             .await
@@ -81,7 +83,10 @@ impl Bus {
         let payload = serde_json::to_vec(value).expect("lian values serialize");
         let ack = self
             .js
-            .send_publish(subject.to_string(), message.payload(payload.into()))
+            .send_publish(
+                subjects::append_subject(subject).into_owned(),
+                message.payload(payload.into()),
+            )
             .await
             .map_err(|e| BusError::nats("publish", e))?
             .await
@@ -136,6 +141,22 @@ impl Bus {
     ) -> Result<Appended, BusError> {
         let subject = subjects::request(&request.directives.workspace);
         self.append(&subject, build_id.as_str(), request).await
+    }
+
+    /// The stream sequence of the last event stored on `filter` (a wildcard subject), 0 when
+    /// there is none: one direct get, to check a history was not extended by someone else.
+    pub async fn head(&self, filter: &str) -> Result<u64, BusError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let stream = self
+            .js
+            .get_stream_no_info(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| BusError::nats("open events stream", e))?;
+        match stream.direct_get_last_for_subject(filter).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(BusError::nats("read the history's head", e)),
+        }
     }
 
     /// Everything stored on `filter` in the events stream, oldest first.

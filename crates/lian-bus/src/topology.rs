@@ -51,7 +51,18 @@ impl Bus {
         let events = stream::Config {
             name: subjects::EVENTS_STREAM.into(),
             description: Some("lian build and cascade histories".into()),
-            subjects: vec![subjects::ALL_BUILD_EVENTS.into(), subjects::ALL_CASCADE_EVENTS.into()],
+            // Appends come in on `_lian.append.lian.…`, are stored as `lian.…` and reach
+            // `lian.>` only once stored (ADR lian-045).
+            subjects: subjects::EVENT_APPENDS.iter().map(|s| s.to_string()).collect(),
+            subject_transform: Some(stream::SubjectTransform {
+                source: format!("{}.{}.>", subjects::APPEND_PREFIX, subjects::PREFIX),
+                destination: format!("{}.>", subjects::PREFIX),
+            }),
+            republish: Some(stream::Republish {
+                source: format!("{}.>", subjects::PREFIX),
+                destination: format!("{}.>", subjects::PREFIX),
+                headers_only: false,
+            }),
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,

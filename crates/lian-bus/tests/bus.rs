@@ -233,3 +233,79 @@ async fn twenty_thousand_files_upload_and_download_timing() {
         .unwrap();
     eprintln!("download {:?}", t.elapsed());
 }
+
+/// Fencing (ADR lian-045): of many writers racing to extend one history, one append is
+/// stored, and a subscriber of `lian.>` sees exactly what is stored: no refused append, no
+/// duplicate, ever reaches the wire.
+#[tokio::test]
+async fn only_stored_events_reach_subscribers() {
+    use futures::StreamExt;
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    let mut wire = bus.subscribe("lian.>").await.unwrap();
+    bus.flush().await.unwrap();
+    let filter = "lian.*.build.race.*".to_string();
+    let first = bus
+        .append_after(
+            "lian.ws.build.race.accepted",
+            "race.1",
+            &0,
+            &After {
+                filter: filter.clone(),
+                sequence: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let after = After {
+        filter: filter.clone(),
+        sequence: first.stream_sequence,
+    };
+    let racers = (1..=8).map(|n| {
+        let (bus, after) = (bus.clone(), after.clone());
+        async move {
+            bus.append_after("lian.ws.build.race.sized", &format!("race.2-{n}"), &n, &after)
+                .await
+        }
+    });
+    let results = futures::future::join_all(racers).await;
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "exactly one racer appends: {results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.is_ok() || matches!(r, Err(BusError::Conflict { .. }))),
+        "{results:?}"
+    );
+    // A duplicate of the stored first event: not stored again, so not on the wire again.
+    let dup = bus.append("lian.ws.build.race.accepted", "race.1", &99).await.unwrap();
+    assert!(dup.duplicate);
+    // The end marker: stored, so it is the last thing on the wire for this build.
+    bus.append("lian.ws.build.race.marker", "race.marker", &"end")
+        .await
+        .unwrap();
+
+    let stored = bus.read_all(&filter).await.unwrap();
+    assert_eq!(stored.len(), 3, "accepted, the one winner, the marker");
+    let mut seen = Vec::new();
+    while seen.len() < 16 {
+        let message = tokio::time::timeout(Duration::from_secs(10), wire.next())
+            .await
+            .expect("the stored events reach the wire")
+            .unwrap();
+        let done = message.subject.as_str() == "lian.ws.build.race.marker";
+        seen.push((message.subject.to_string(), message.payload.clone()));
+        if done {
+            break;
+        }
+    }
+    let stored: Vec<(String, bytes::Bytes)> = stored.into_iter().map(|r| (r.subject, r.payload)).collect();
+    assert_eq!(seen, stored, "the wire carries exactly the stored history, in order");
+    let last = bus.read_all(&filter).await.unwrap().last().unwrap().sequence;
+    assert_eq!(
+        bus.head(&filter).await.unwrap(),
+        last,
+        "the head is the last stored event"
+    );
+    assert_eq!(bus.head("lian.*.build.nobody.*").await.unwrap(), 0);
+}

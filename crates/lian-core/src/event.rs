@@ -209,6 +209,11 @@ pub enum BuildEvent {
     },
     /// Step 7.
     RunnerDestroyed { lease_key: LeaseKey },
+    /// A worker took the build over (a redelivery of its request) and owns it from here
+    /// (ADR lian-045): appended, against the history it folded, before its first effect, so
+    /// a worker that still thinks it owns the build has its next append refused and stops.
+    /// Changes nothing else in the state; the envelope names the worker.
+    Resumed { delivery: u64 },
     /// Step 8, success.
     Completed {
         image: ImageRef,
@@ -251,6 +256,7 @@ impl BuildEvent {
             Self::OomEscalated { .. } => "oom_escalated",
             Self::MetricsRecorded { .. } => "metrics_recorded",
             Self::RunnerDestroyed { .. } => "runner_destroyed",
+            Self::Resumed { .. } => "resumed",
             Self::Completed { .. } => "completed",
             Self::Failed { .. } => "failed",
         }
@@ -325,6 +331,7 @@ impl BuildEvent {
                 format!("metrics recorded: {:.1}s", *duration_ms as f64 / 1000.0)
             }
             Self::RunnerDestroyed { lease_key } => format!("runner destroyed {lease_key}"),
+            Self::Resumed { delivery } => format!("resumed (delivery {delivery}): this worker owns the build now"),
             Self::Completed {
                 image, image_id, cache, ..
             } => format!(

@@ -363,6 +363,7 @@ impl State {
                 }
                 _ => return bad("no such runner held"),
             },
+            BuildEvent::Resumed { .. } => {}
             BuildEvent::Completed { image_id, image, .. } => {
                 if self.built.is_none() || self.lease.is_some() || self.failure.is_some() || !self.metrics_recorded {
                     return bad("completion needs an image, metrics, and the runner destroyed");

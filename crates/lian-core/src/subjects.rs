@@ -26,6 +26,25 @@ pub const ALL_BUILD_EVENTS: &str = "lian.*.build.*.*";
 pub const ALL_CASCADE_EVENTS: &str = "lian.*.cascade.*.*";
 pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] = ["lian.*.build.*.completed", "lian.*.build.*.failed"];
 
+/// Where writers append events (ADR lian-045): `_lian.append.<event subject>`, outside
+/// `lian.>`. The events stream takes these in, stores each under its event subject (a
+/// subject transform) and, once stored, republishes it there, so `lian.>` carries exactly
+/// the stored history: an append the stream refuses (a lost expected-sequence race, a
+/// duplicate) never reaches a subscriber.
+pub const APPEND_PREFIX: &str = "_lian.append";
+/// What the events stream takes in (its `subjects`).
+pub const EVENT_APPENDS: [&str; 2] = ["_lian.append.lian.*.build.*.*", "_lian.append.lian.*.cascade.*.*"];
+
+/// The subject a writer publishes `subject` on to append it: the append subject for an
+/// event (of a build or a cascade), `subject` itself for anything else.
+pub fn append_subject(subject: &str) -> std::borrow::Cow<'_, str> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    match tokens.as_slice() {
+        [PREFIX, _, "build" | "cascade", _, _] => format!("{APPEND_PREFIX}.{subject}").into(),
+        _ => subject.into(),
+    }
+}
+
 pub fn request(ws: &Workspace) -> String {
     format!("{PREFIX}.{ws}.build.request")
 }
@@ -90,5 +109,15 @@ mod tests {
         assert_eq!(build_event(&ws, &b, "started"), "lian.ws.build.b1.started");
         assert_eq!(workspace_token("lian.ws.build.request"), Some("ws"));
         assert_eq!(workspace_token("lian.ws.build.b1.started"), None);
+        assert_eq!(
+            append_subject("lian.ws.build.b1.started"),
+            "_lian.append.lian.ws.build.b1.started"
+        );
+        assert_eq!(
+            append_subject("lian.ws.cascade.c1.done"),
+            "_lian.append.lian.ws.cascade.c1.done"
+        );
+        assert_eq!(append_subject("lian.ws.build.request"), "lian.ws.build.request");
+        assert_eq!(append_subject("lian.ws.cancel.b1"), "lian.ws.cancel.b1");
     }
 }

@@ -6,6 +6,13 @@
 //! build's last event, checked by the server on `lian.*.build.<id>.*`) and carries the
 //! `Nats-Msg-Id` `<build>.<seq>`. Of two workers racing on one build, the second append is
 //! refused and that worker stops without running another effect.
+//!
+//! Ownership (ADR lian-045): a worker runs an effect only while the history's last event is
+//! its own append. A worker that takes a build over (a redelivery) first appends `resumed`
+//! against the history it folded; before each effect it checks the history's head is still
+//! where its last append left it. A worker that lost the build (another one resumed it
+//! while it was stopped or cut off) finds out at that check or at its next append, and
+//! stops without recording or running anything more.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +54,8 @@ struct History {
     workspace: Workspace,
     state: State,
     last_sequence: u64,
+    /// The history's last event is this worker's append: it owns the build.
+    owned: bool,
 }
 
 impl Worker {
@@ -127,6 +136,7 @@ impl Worker {
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(Stop::ShuttingDown);
             }
+            self.own(&mut h, deliveries).await?;
             // Safe point: nothing is in flight. Stop here if asked to, or if this is the
             // request's last delivery (bounded redelivery: the build ends now, as failed).
             if h.state.failure.is_none() {
@@ -187,7 +197,27 @@ impl Worker {
             workspace: state.workspace.clone().unwrap_or_else(|| ws.clone()),
             state,
             last_sequence: records.last().map_or(0, |r| r.sequence),
+            owned: false,
         })
+    }
+
+    /// The fence before an effect: claims a build taken over (`resumed`, appended against
+    /// the folded history), then checks nobody appended since this worker's last append.
+    async fn own(&self, h: &mut History, delivery: i64) -> Result<(), Stop> {
+        if !h.owned {
+            let delivery = u64::try_from(delivery).unwrap_or(0);
+            self.append(h, BuildEvent::Resumed { delivery }).await?;
+        }
+        let head = self
+            .bus
+            .head(&subjects::build_history(&h.build_id))
+            .await
+            .map_err(|e| Stop::Transient(e.to_string()))?;
+        if head != h.last_sequence {
+            tracing::info!(build_id = %h.build_id, head, ours = h.last_sequence, "the history moved on: another worker owns this build");
+            return Err(Stop::LostRace);
+        }
+        Ok(())
     }
 
     async fn append(&self, h: &mut History, event: BuildEvent) -> Result<(), Stop> {
@@ -215,6 +245,7 @@ impl Worker {
         };
         h.state = next;
         h.last_sequence = appended.stream_sequence;
+        h.owned = true;
         tracing::info!(build_id = %h.build_id, seq = envelope.seq, event = envelope.event.kind(), "{}", envelope.event.summary());
         Ok(())
     }

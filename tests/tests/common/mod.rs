@@ -139,6 +139,15 @@ impl Running {
 }
 
 impl Running {
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the process.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("a running process");
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+    }
+
     /// SIGKILL: the process gets no chance to clean up, as in a crash.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {
@@ -205,8 +214,17 @@ pub fn context_with(extra: &str) -> tempfile::TempDir {
     dir
 }
 
-/// The event kinds of a build in order, as `lian status --json` reports its history.
+/// The event kinds of a build in order, as `lian status --json` reports its history, and who
+/// appended each; without the `resumed` claims of a worker taking the build over, which are
+/// ownership, not steps (`history_all` keeps them).
 pub fn history_kinds(nats_url: &str, build_id: &str) -> Vec<(String, String)> {
+    let mut all = history_all(nats_url, build_id);
+    all.retain(|(kind, _)| kind != "resumed");
+    all
+}
+
+/// Every event kind of a build in order, with who appended it.
+pub fn history_all(nats_url: &str, build_id: &str) -> Vec<(String, String)> {
     let out = lian(&["--nats-url", nats_url, "status", build_id, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
     v["history"]
