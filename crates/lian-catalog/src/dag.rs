@@ -170,6 +170,37 @@ impl Catalog {
         Ok(order)
     }
 
+    /// Each layer's depth: 0 for a layer built on no other layer, else one more than its
+    /// deepest parent (the longest path from a root). The columns of a layered drawing.
+    pub fn depths(&self) -> BTreeMap<&LayerName, usize> {
+        let order = petgraph::algo::toposort(&self.graph, None).expect("a validated catalog is acyclic");
+        let mut depth = vec![0usize; self.names.len()];
+        for n in order {
+            for child in self.graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
+                depth[child] = depth[child].max(depth[n] + 1);
+            }
+        }
+        self.names.iter().zip(depth).collect()
+    }
+
+    /// `name`, every layer it is built on (directly or not) and every layer built on it:
+    /// the part of the DAG that matters to one layer.
+    pub fn lineage(&self, name: &str) -> Result<BTreeSet<&LayerName>, CatalogError> {
+        let root = self.index(&self.get(name)?.name);
+        let mut seen = BTreeSet::from([root]);
+        for direction in [petgraph::Direction::Outgoing, petgraph::Direction::Incoming] {
+            let mut stack = vec![root];
+            while let Some(n) = stack.pop() {
+                for next in self.graph.neighbors_directed(n, direction) {
+                    if seen.insert(next) {
+                        stack.push(next);
+                    }
+                }
+            }
+        }
+        Ok(seen.into_iter().map(|i| &self.names[i]).collect())
+    }
+
     /// Parent -> child edges, sorted.
     pub fn edges(&self) -> Vec<(&LayerName, &LayerName)> {
         let mut edges: Vec<_> = self

@@ -52,6 +52,33 @@ fn the_plan_lists_descendants_after_their_parents() {
 }
 
 #[test]
+fn depths_are_longest_paths_from_a_root() {
+    let c = Catalog::new(vec![
+        layer("base", None, &[]),
+        layer("tools", Some("base"), &[]),
+        layer("deps", Some("tools"), &[]),
+        layer("app", Some("base"), &["deps"]),
+        layer("other", None, &[]),
+    ])
+    .unwrap();
+    let depths: Vec<(&str, usize)> = c.depths().into_iter().map(|(n, d)| (n.as_str(), d)).collect();
+    assert_eq!(
+        depths,
+        [("app", 3), ("base", 0), ("deps", 2), ("other", 0), ("tools", 1)]
+    );
+}
+
+#[test]
+fn a_lineage_is_the_layer_its_ancestors_and_descendants() {
+    let c = example();
+    let names = |l: &str| -> Vec<String> { c.lineage(l).unwrap().into_iter().map(|n| n.to_string()).collect() };
+    assert_eq!(names("tools"), ["app", "base", "tools"]);
+    assert_eq!(names("base"), ["app", "base", "deps", "tools"]);
+    assert_eq!(names("other"), ["other"]);
+    assert!(c.lineage("nope").is_err());
+}
+
+#[test]
 fn cycles_and_missing_bases_are_reported_together() {
     let errors = Catalog::new(vec![
         layer("a", Some("b"), &[]),
