@@ -104,10 +104,6 @@ fn a_worker_that_lost_its_build_appends_nothing_and_the_wire_is_the_history() {
     );
     let status = common::lian(&["--nats-url", &fleet.server.url, "status", &build]);
     assert!(status.status.success(), "{}", text(&status));
-    // Entries starting with '.' are the host's own (engine stores), not leases.
-    let leases: Vec<String> = common::runners_left(fleet.state.path())
-        .into_iter()
-        .filter(|name| !name.starts_with('.'))
-        .collect();
+    let leases = common::runners_left(fleet.state.path());
     assert!(leases.is_empty(), "no lease left: {leases:?}");
 }

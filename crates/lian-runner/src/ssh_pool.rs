@@ -14,7 +14,7 @@ use lian_core::sizing::RunnerType;
 use serde::{Deserialize, Serialize};
 
 use crate::docker_build::failure;
-use crate::ssh::{SshSession, SshTarget, shell_quote};
+use crate::ssh::{SshSession, SshTarget};
 use crate::sync::{SyncStats, sync_dir};
 use crate::{BuildFailure, BuildInvocation, BuildOutput, CloudRunner, DockerBuilder, Runner, RunnerError};
 
@@ -263,7 +263,7 @@ impl SshPool {
                 .map_err(|e| format!("secret {id}: cannot read {}: {e}", file.display()))?;
             let path = format!("{secret_dir}/{id}");
             let out = session
-                .exec_line(&format!("umask 077 && cat > {}", shell_quote(&path)), &value)
+                .exec(&["sh", "-c", "umask 077 && cat > \"$1\"", "sh", &path], &value)
                 .await
                 .map_err(|e| format!("secret {id}: {e}"))?;
             if out.status != 0 {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ssh::{SshError, SshSession, shell_quote};
+use crate::ssh::{SshError, SshSession};
 
 /// Where the runner keeps the manifest of the last sync, inside the synced directory.
 const MANIFEST: &str = ".lian-sync.json";
@@ -50,9 +50,19 @@ pub async fn sync_dir(session: &SshSession, local: &Path, remote_dir: &str) -> R
     let wanted = tokio::task::spawn_blocking(move || scan(&root))
         .await
         .expect("scan does not panic")?;
-    let dir = shell_quote(remote_dir);
+    // Fixed scripts; the directory travels as their `$1`, never inside the script.
+    let dir = remote_dir;
     let previous = session
-        .exec_line(&format!("cat {dir}/{MANIFEST} 2>/dev/null || true"), &[])
+        .exec(
+            &[
+                "sh",
+                "-c",
+                &format!("cat -- \"$1/{MANIFEST}\" 2>/dev/null || true"),
+                "sh",
+                dir,
+            ],
+            &[],
+        )
         .await?;
     let previous: Manifest = serde_json::from_slice(&previous.stdout).unwrap_or_default();
 
@@ -69,7 +79,7 @@ pub async fn sync_dir(session: &SshSession, local: &Path, remote_dir: &str) -> R
         // Paths go through stdin, NUL-separated: never through the command line.
         let list: Vec<u8> = gone.iter().flat_map(|p| p.bytes().chain([0u8])).collect();
         let out = session
-            .exec_line(&format!("cd {dir} && xargs -0 rm -f --"), &list)
+            .exec(&["sh", "-c", "cd -- \"$1\" && xargs -0 rm -f --", "sh", dir], &list)
             .await?;
         if out.status != 0 {
             return Err(remote("delete", &out));
@@ -89,7 +99,10 @@ pub async fn sync_dir(session: &SshSession, local: &Path, remote_dir: &str) -> R
         .await
         .expect("pack does not panic")?;
     let out = session
-        .exec_line(&format!("mkdir -p {dir} && tar -x -f - -C {dir}"), &archive)
+        .exec(
+            &["sh", "-c", "mkdir -p -- \"$1\" && tar -x -f - -C \"$1\"", "sh", dir],
+            &archive,
+        )
         .await?;
     if out.status != 0 {
         return Err(remote("unpack", &out));

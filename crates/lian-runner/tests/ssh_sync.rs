@@ -60,6 +60,59 @@ async fn exec_quotes_arguments_and_reports_exit_status() {
     session.close().await;
 }
 
+/// Hostile arguments reach the remote program byte for byte, through `exec` and through the
+/// sync's fixed scripts (the remote directory is their `$1`): nothing in them runs.
+#[tokio::test]
+async fn hostile_arguments_reach_the_remote_program_unchanged() {
+    let sshd = Sshd::start();
+    let session = SshSession::connect(&target(&sshd)).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let canary = scratch.path().join("ran");
+    let canary_str = canary.to_str().unwrap();
+    let hostile = [
+        format!("'; touch {canary_str}; '"),
+        format!("\"; touch {canary_str}; \""),
+        format!("$(touch {canary_str})"),
+        format!("`touch {canary_str}`"),
+        format!("a\ntouch {canary_str}\n"),
+        format!("x && touch {canary_str} || touch {canary_str}"),
+        "  spaces  and\ttabs ".to_string(),
+        "*".to_string(),
+        "~".to_string(),
+        "$HOME ${PATH} $1 \\ !! #comment".to_string(),
+        String::new(),
+    ];
+    for arg in &hostile {
+        let out = session.exec(&["printf", "%s", arg], &[]).await.unwrap();
+        assert_eq!(out.status, 0, "{arg:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), *arg, "{arg:?} arrived as it was");
+    }
+    let err = session.exec(&["printf", "%s", "nul\0byte"], &[]).await.unwrap_err();
+    assert!(err.to_string().contains("cannot be passed"), "{err}");
+
+    // The sync's remote directory with every kind of shell syntax in its name.
+    let local = tempfile::tempdir().unwrap();
+    write(local.path(), "Dockerfile", b"FROM scratch\n");
+    let remote_dir = scratch
+        .path()
+        .join(format!("ctx '$(touch {canary_str})' \"`touch {canary_str}`\" ; x\ny"));
+    let stats = sync_dir(&session, local.path(), remote_dir.to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stats.sent_files, 1);
+    assert_eq!(
+        tree(&remote_dir),
+        tree(local.path()),
+        "the files landed in that directory"
+    );
+    let again = sync_dir(&session, local.path(), remote_dir.to_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(again.sent_files, 0, "its manifest was read back from there");
+    assert!(!canary.exists(), "no argument ran as a command");
+    session.close().await;
+}
+
 #[tokio::test]
 async fn a_host_key_that_is_not_the_pinned_one_is_refused() {
     let sshd = Sshd::start();

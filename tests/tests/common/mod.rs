@@ -255,11 +255,13 @@ pub const STEPS: [&str; 10] = [
 ];
 
 /// The runners left under a fleet's state directory.
+/// (Entries starting with '.' are the host's own, such as its engine stores, not leases.)
 pub fn runners_left(state: &Path) -> Vec<String> {
     std::fs::read_dir(state.join("runners"))
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.'))
                 .collect()
         })
         .unwrap_or_default()
