@@ -1,19 +1,27 @@
 //! The bad-input battery. Requests come from a client that is not ours (the raw NATS
 //! protocol); each bad one ends as one `failed` event whose reason names the problem, the
-//! worker keeps serving, and `lian status` shows the reason.
+//! worker keeps serving (same PID, resident memory under `WORKER_RSS_CEILING_KIB`), `lian
+//! status` shows the reason, a good build completes after the battery with nothing of its
+//! lease left (engine, mount, cgroup), and no byte of a host file shows in any event or log.
 //!
-//! Kinds covered: invalid workspace (dot, wildcards, space, empty, too long), unknown compute
-//! and registry providers, image names with shell syntax or spaces, a Dockerfile path
-//! escaping the context, a wrong-shaped field, an unknown field, an unknown layer, a
-//! workspace that is not the subject's, a cache namespace not allowed, bytes that are not
-//! JSON, JSON without directives, an oversized request, an invalid subject workspace, JSON
-//! nested a thousand levels deep; and hostile Nickel, as a context's `.build-spec.ncl` on the
-//! worker and as a directives file given to `lian submit`: an import of an absolute host
-//! path, a relative import climbing out, a spec that never terminates, one that allocates
-//! without end, one nested deep enough to overflow the evaluator's stack, an oversized one
-//! (and, for submit, deep JSON). Each ends with one clear
-//! refusal, the worker lives on (same PID), and no byte of the host file shows anywhere.
-
+//! Kinds covered (56):
+//! - requests (29): workspace with a dot, `*`, `>`, a space, empty, too long; workspace not
+//!   the subject's; subject workspace invalid; unknown compute provider; unknown registry
+//!   provider; image with shell syntax, a space, `$(...)`, a newline, too long; Dockerfile
+//!   path climbing out, absolute; wrong-shaped context, context manifest of the wrong type;
+//!   unknown field; unknown layer; cache namespace not readable, not writable; unknown actor;
+//!   build args of the wrong type; bytes that are not JSON; JSON without directives; an
+//!   oversized request; JSON nested a thousand levels deep;
+//! - identifiers (4): build id with a dot, a wildcard, 57 characters, not a string;
+//! - specs, a context's `.build-spec.ncl` on the worker (11): import of an absolute host
+//!   path, of a relative path climbing out, of a directory; never terminating; allocating
+//!   without end; nested past the evaluator's stack; oversized; a negative time budget; an
+//!   unknown tier; an unbound name; not a record;
+//! - directives given to `lian submit` (8): import of an absolute host path, climbing out;
+//!   never terminating; allocating; nested; oversized; JSON nested deep; a workspace that is
+//!   not valid;
+//! - contexts (4): a symlink leaving the context; a FIFO; over the file-count limit; a
+//!   manifest that is not in the store (fails with its runner destroyed).
 mod common;
 
 use std::os::unix::ffi::OsStrExt;
@@ -502,4 +510,235 @@ fn submit_refuses_hostile_directives_quickly_and_quotes_no_host_file() {
             started.elapsed()
         );
     }
+}
+
+/// The worker's resident set, in KiB, from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The documented ceiling of a worker's resident memory while it refuses the battery
+/// (README, "Directives files, specs and request JSON are user input"): user documents are
+/// evaluated in `lian __eval` children, contexts are streamed, so the worker itself stays small.
+const WORKER_RSS_CEILING_KIB: u64 = 128 * 1024;
+
+/// What a lease leaves on the host if it is not destroyed: its dockerd, its mounts under
+/// the state directory, its cgroup.
+fn leaks(state: &Path, lease_keys: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let marker = state.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("dockerd") && cmdline.contains(marker) {
+            found.push(format!("engine: {cmdline}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(marker))
+            .map(|l| format!("mount: {l}")),
+    );
+    for key in lease_keys {
+        let name = format!("lian-{}", lian_core::names::path_token(key));
+        let mut places = vec![PathBuf::from("/sys/fs/cgroup").join(&name)];
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            places.extend(controllers.flatten().map(|c| c.path().join(&name)));
+        }
+        found.extend(
+            places
+                .into_iter()
+                .filter(|p| p.exists())
+                .map(|p| format!("cgroup: {}", p.display())),
+        );
+    }
+    found
+}
+
+/// The kinds the other tests of this file do not cover, then the battery's invariants over
+/// all of it: the worker keeps its PID and stays under its memory ceiling, a good build
+/// completes afterwards, nothing of a lease is left, and no host byte is in any event or log.
+#[test]
+fn more_kinds_then_a_good_build_with_the_same_worker_small_and_nothing_leaked() {
+    assert!(
+        docker_available(),
+        "this test builds an image: start a Docker engine (see .ci/run)"
+    );
+    let (_outside, secret_path, secret) = host_secret();
+    let mut b = Battery::start();
+    b.refused("lian.ws.build.request", b"{not json", |s| s.ends_with(".failed"));
+    let pid = b.worker_pid().expect("the worker runs");
+    let mut peak = rss_kib(pid);
+    let mut refused_kinds = 0;
+
+    // Requests, from a client that is not ours.
+    let long_id = "b".repeat(57);
+    let long_image = format!("example/{}:1", "x".repeat(300));
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        ("id-dot", "/build_id", json!("a.b"), "build_id"),
+        ("id-long", "/build_id", json!(long_id), "build_id"),
+        ("id-wild", "/build_id", json!("a*"), "build_id"),
+        ("id-number", "/build_id", json!(7), "build_id must be a string"),
+        (
+            "dockerfile-absolute",
+            "/directives/artifact/dockerfile",
+            json!("/etc/passwd"),
+            "must stay inside the build context",
+        ),
+        ("image-long", "/directives/artifact/image", json!(long_image), "image"),
+        ("image-newline", "/directives/artifact/image", json!("a\nb:1"), "image"),
+        (
+            "build-args",
+            "/directives/artifact/build_args",
+            json!({"A": 5}),
+            "build_args",
+        ),
+        (
+            "cache-to",
+            "/directives/cache_policy/cache_to",
+            json!(["ci/other"]),
+            "cache policy refused",
+        ),
+        ("actor", "/directives/cache_policy/actor", json!("root"), "actor"),
+        ("context-shape", "/context/manifest", json!(["x"]), "wrong shape"),
+    ];
+    for (id, pointer, value, expect) in &cases {
+        let mut payload = request(&format!("k-{id}"));
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        payload.pointer_mut(parent).unwrap_or_else(|| panic!("{pointer}"))[key] = value.clone();
+        let earlier: Vec<String> = b.client.seen.iter().map(|m| m.subject.clone()).collect();
+        let own = format!("lian.ws.build.k-{id}.failed");
+        let reason = b.refused("lian.ws.build.request", payload.to_string().as_bytes(), |s| {
+            s == own || (s.starts_with("lian.ws.build.q") && s.ends_with(".failed") && !earlier.iter().any(|e| e == s))
+        });
+        assert!(reason.contains(expect), "{id}: {reason}");
+        eprintln!("{id}: {reason}");
+        assert_eq!(b.worker_pid(), Some(pid), "{id}: the worker lives");
+        peak = peak.max(rss_kib(pid));
+        refused_kinds += 1;
+    }
+
+    // Specs, as a context's `.build-spec.ncl`.
+    let specs: Vec<(&str, String, &str)> = vec![
+        ("spec-budget", "{ time_budget_min = -1 }".into(), "time_budget_min"),
+        ("spec-tier", "{ runner_type = 'huge }".into(), "runner_type"),
+        ("spec-unbound", "{ cpu = nope }".into(), "nope"),
+        ("spec-not-a-record", "42".into(), ".build-spec.ncl"),
+        (
+            "spec-import-dir",
+            format!(
+                "{{ cpu = std.string.length (import \"{}\" as 'Text) }}",
+                secret_path.parent().unwrap().display()
+            ),
+            "refused",
+        ),
+    ];
+    for (kind, spec, expect) in &specs {
+        let (_build, reason) = b.spec_refused(spec);
+        assert!(reason.contains(expect), "{kind}: {reason}");
+        assert!(reason.contains(".build-spec.ncl"), "{kind} names the file: {reason}");
+        eprintln!("{kind}: {reason}");
+        assert_eq!(b.worker_pid(), Some(pid), "{kind}: the worker lives");
+        peak = peak.max(rss_kib(pid));
+        refused_kinds += 1;
+    }
+
+    // Contexts `lian submit` refuses by name before a byte is sent.
+    let context = context_with("");
+    let directives = directives_json(context.path(), "ws", "lian-test/bad-context:latest");
+    let fifo = context.path().join("a-fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let submit = |extra: &[&str]| {
+        let mut args = vec![
+            "--nats-url",
+            b.server.url.as_str(),
+            "submit",
+            directives.to_str().unwrap(),
+            "--context",
+            context.path().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        lian(&args)
+    };
+    let out = submit(&[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("a-fifo") && text(&out).contains("FIFO"),
+        "{}",
+        text(&out)
+    );
+    std::fs::remove_file(&fifo).unwrap();
+    let out = submit(&["--max-context-files", "2"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--max-context-files"), "{}", text(&out));
+    refused_kinds += 2;
+
+    // A context that is not in the store: the build fails naming it, its runner destroyed.
+    let mut missing = request("k-ctx-missing");
+    missing["context"] = json!({"manifest": format!("manifest-{}", "0".repeat(64))});
+    b.client
+        .publish("lian.ws.build.request", missing.to_string().as_bytes());
+    let m = b
+        .client
+        .wait_for(Duration::from_secs(90), "the missing context's end", |m| {
+            m.subject == "lian.ws.build.k-ctx-missing.failed"
+        });
+    let reason = m.json()["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("context") || reason.contains("manifest"), "{reason}");
+    eprintln!("missing context: {reason}");
+    assert_eq!(b.worker_pid(), Some(pid), "missing context: the worker lives");
+    refused_kinds += 1;
+    assert!(refused_kinds >= 19, "{refused_kinds} kinds here");
+
+    // A good build after all of it, by the same worker.
+    let good = context_with("");
+    let directives = directives_json(good.path(), "ws", "lian-test/after-everything:latest");
+    let out = lian(&[
+        "--nats-url",
+        &b.server.url,
+        "submit",
+        directives.to_str().unwrap(),
+        "--context",
+        good.path().to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "180",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let build = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    assert_eq!(b.worker_pid(), Some(pid), "the same worker built it");
+    peak = peak.max(rss_kib(pid));
+    eprintln!("worker peak RSS during the battery: {} KiB", peak);
+    assert!(
+        peak > 0 && peak < WORKER_RSS_CEILING_KIB,
+        "worker RSS {peak} KiB over the {WORKER_RSS_CEILING_KIB} KiB ceiling"
+    );
+
+    // Nothing of either lease is left: the missing context's runner, if one was leased,
+    // and the good build's.
+    let keys = [format!("{build}-r1"), "k-ctx-missing-r1".to_string()];
+    let left = leaks(b.state.path(), &keys);
+    assert!(left.is_empty(), "leaked: {left:#?}");
+
+    for m in &b.client.seen {
+        assert!(
+            !String::from_utf8_lossy(&m.payload).contains(&secret),
+            "the host file leaked on {}",
+            m.subject
+        );
+    }
+    assert!(
+        !b.worker_log().contains(&secret),
+        "the host file leaked into the worker's log"
+    );
 }
