@@ -7,6 +7,7 @@ mod context;
 mod error;
 mod history;
 mod topology;
+mod views;
 mod work;
 
 pub use context::{
@@ -15,6 +16,7 @@ pub use context::{
 pub use error::BusError;
 pub use history::{After, Appended, Record};
 pub use topology::Topology;
+pub use views::QueueDepth;
 pub use work::{Job, JobStream};
 
 use std::time::Duration;

@@ -172,6 +172,9 @@ pub struct ControlArgs {
     /// Shown in reaped records and logs.
     #[arg(long, default_value = "control")]
     pub name: String,
+    /// The catalog the web view draws (its DAG page says there is none without it).
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -116,7 +116,7 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     if args.follow {
         return follow(&bus, &build_id, args.json).await;
     }
-    let history = history(&bus, &build_id).await?;
+    let history = bus.build_history(&build_id).await?;
     if history.is_empty() {
         eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
         return Ok(ExitCode::from(4));
@@ -180,20 +180,11 @@ pub async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result
     bail!("the event stream ended before build {build_id} did")
 }
 
-/// Reads a build's history: its workspace, and whether it already ended.
-async fn history(bus: &Bus, build_id: &BuildId) -> anyhow::Result<Vec<Envelope>> {
-    let mut out = Vec::new();
-    for r in bus.read_all(&subjects::build_history(build_id)).await? {
-        out.push(r.decode::<Envelope>()?);
-    }
-    Ok(out)
-}
-
 pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let build_id = BuildId::new(args.build_id.as_str())?;
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-cancel", &settings).await?;
-    let history = history(&bus, &build_id).await?;
+    let history = bus.build_history(&build_id).await?;
     let Some(first) = history.first() else {
         eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
         return Ok(ExitCode::from(4));

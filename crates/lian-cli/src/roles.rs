@@ -55,6 +55,9 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         pause_before: std::env::var("LIAN_FAILPOINT")
             .ok()
             .and_then(|f| f.strip_prefix("pause_before:").map(String::from)),
+        fail_at: std::env::var("LIAN_FAILPOINT")
+            .ok()
+            .and_then(|f| f.strip_prefix("fail_at:").map(String::from)),
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
         ssh_hosts: settings.ssh_hosts.clone(),
         isolation: settings.isolation(),
@@ -123,8 +126,13 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
         token: settings.control_token.clone(),
         providers,
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
+        catalog: match &args.catalog {
+            Some(dir) => Some(lian_cascade::load_catalog(dir, &Schemas::embedded()?)?),
+            None => None,
+        },
     };
     println!("lian control: serving http://{addr}");
+    println!("lian control: web view http://{addr}/ (log in with the token)");
     if let Some(gate) = &gate {
         println!("lian control: registry gate http://{}", gate.listener.local_addr()?);
     }

@@ -156,7 +156,8 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             let listen = format!("127.0.0.1:{port}");
             let (token, token_file) = control_token(&settings, &state_dir)?;
-            let mut cmd = role(&["control", "--state-dir", &state, "--listen", &listen]);
+            let catalog = catalog_dir.to_string_lossy();
+            let mut cmd = role(&["control", "--state-dir", &state, "--listen", &listen, "--catalog", &catalog]);
             cmd.env("LIAN_CONTROL_TOKEN", &token);
             if let Some((upstream, gate)) = &stores.gate {
                 cmd.env("LIAN_REGISTRY_URL", upstream).args(["--registry-listen", gate]);
@@ -196,6 +197,10 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         );
         println!(
             "  control  {control_url}  (runners are leased through it; bearer token in {})",
+            token_file.display()
+        );
+        println!(
+            "  web      {control_url}/catalog  (the catalog, builds and fleet, live; log in with the token in {})",
             token_file.display()
         );
         println!("  registry {}", stores.registry_line);

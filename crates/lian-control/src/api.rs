@@ -26,6 +26,7 @@ pub struct App {
     pub counters: Counters,
     /// The registry gate as grants name it (`127.0.0.1:5001`), when this replica runs one.
     pub registry_gate: Option<String>,
+    pub web: crate::web::Web,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -36,16 +37,21 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/p95", get(p95))
         .route("/api/v1/registry-grants", post(grants::grant))
         .route("/api/v1/registry-grants/{username}", delete(grants::revoke))
+        .route("/api/v1/catalog", get(crate::web::catalog_json))
         .route("/metrics", get(prometheus))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), require_token));
+    let web = crate::web::public_routes()
+        .merge(crate::web::page_routes(app.clone()))
+        .layer(axum::middleware::from_fn(crate::web::security_headers));
     Router::new()
         .route("/healthz", get(health))
         .merge(api)
+        .merge(web)
         .fallback(|| async {
             refuse(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route: see /api/v1/vm-pool, /api/v1/metrics, /api/v1/p95, /api/v1/registry-grants, /metrics, /healthz",
+                "no such route: see /api/v1/vm-pool, /api/v1/metrics, /api/v1/p95, /api/v1/registry-grants, /api/v1/catalog, /metrics, /healthz, and the web view at /catalog",
             )
         })
         .with_state(app)

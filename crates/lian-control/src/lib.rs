@@ -12,6 +12,9 @@
 //! With a registry gate (`--registry-listen`), builds get registry credentials here
 //! (`POST /api/v1/registry-grants`) that the gate, on its own listener in front of the
 //! fleet's registry, holds to the build's cache namespaces (`gate.rs`, `gate_rules.rs`).
+//!
+//! It also serves the web view (`web/`): the catalog DAG, the builds and the fleet, live
+//! from `lian.>`, read-only, behind a login with the same token.
 
 mod api;
 mod auth;
@@ -20,6 +23,7 @@ mod gate_rules;
 mod grants;
 mod prom;
 mod reaper;
+mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +42,8 @@ pub struct ControlOptions {
     pub providers: Providers,
     /// How often the reaper looks for leases nobody will give back.
     pub reap_every: Duration,
+    /// The catalog the web view draws (`None`: its catalog page says there is none).
+    pub catalog: Option<lian_catalog::Catalog>,
 }
 
 /// Never prints the token.
@@ -48,6 +54,7 @@ impl std::fmt::Debug for ControlOptions {
             .field("token", &"<redacted>")
             .field("providers", &self.providers)
             .field("reap_every", &self.reap_every)
+            .field("catalog_layers", &self.catalog.as_ref().map(|c| c.layers().count()))
             .finish_non_exhaustive()
     }
 }
@@ -115,11 +122,20 @@ pub async fn run(
         }
         None => None,
     };
+    let web = web::Web {
+        live: Arc::new(web::Live::default()),
+        catalog: options.catalog.clone().map(|c| Arc::new(web::CatalogIndex::new(c))),
+    };
+    let feed = {
+        let (live, bus) = (web.live.clone(), bus.clone());
+        tokio::spawn(async move { live.feed(bus).await })
+    };
     let app = Arc::new(api::App {
         bus,
         options,
         counters: prom::Counters::default(),
         registry_gate: gate.as_ref().map(|(addr, _)| addr.clone()),
+        web,
     });
     let reaper = {
         let app = app.clone();
@@ -152,6 +168,7 @@ pub async fn run(
         None => Ok(()),
     };
     reaper.abort();
+    feed.abort();
     if let (Some(pool), Some(local)) = (pool, local) {
         pool.abort();
         let _ = pool.await;

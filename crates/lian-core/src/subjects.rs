@@ -24,6 +24,8 @@ pub const ALL_REAPED: &str = "lian.*.reaped.*";
 pub const ALL_REQUESTS: &str = "lian.*.build.request";
 pub const ALL_BUILD_EVENTS: &str = "lian.*.build.*.*";
 pub const ALL_CASCADE_EVENTS: &str = "lian.*.cascade.*.*";
+/// Every build's live BuildKit progress (core NATS, not stored).
+pub const ALL_PROGRESS: &str = "lian.*.progress.*";
 pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] = ["lian.*.build.*.completed", "lian.*.build.*.failed"];
 
 /// Where writers append events (ADR lian-045): `_lian.append.<event subject>`, outside

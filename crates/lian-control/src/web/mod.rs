@@ -1,0 +1,463 @@
+//! The web view: a read-only, live look at the catalog DAG, the builds and the fleet,
+//! served by the control plane next to its API. Pages are rendered here (maud templates,
+//! the DAG laid out server-side as SVG); a small script (`assets/live.js`) listens to
+//! `/events` (server-sent events fed from `lian.>`, which only the control plane reads) and
+//! redraws the page's `<main>` when something changed. Behind the API's token: a login form
+//! turns it into an HttpOnly, SameSite=Strict session cookie (`session.rs`).
+
+mod dag;
+mod live;
+mod pages;
+mod session;
+mod timeline;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Redirect, Response};
+use axum::routing::get;
+use futures::Stream;
+use lian_catalog::Catalog;
+use lian_core::BuildId;
+use maud::Markup;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+pub use live::Live;
+
+use crate::api::App;
+use pages::Tab;
+
+/// Builds per page of the list.
+const PER_PAGE: usize = 50;
+/// Past this many layers the catalog page asks for a layer instead of drawing them all.
+const DRAW_WHOLE_UP_TO: usize = 300;
+/// A lineage larger than this is drawn up to this many layers (shallowest first).
+const MAX_DRAWN: usize = 1_500;
+/// The header a live refresh sends to get only the inside of `<main>`.
+const FRAGMENT: &str = "x-lian-fragment";
+
+/// The catalog the control plane was given, with what every page needs precomputed.
+pub struct CatalogIndex {
+    pub catalog: Catalog,
+    depths: BTreeMap<String, usize>,
+}
+
+impl CatalogIndex {
+    pub fn new(catalog: Catalog) -> Self {
+        let depths = catalog.depths().into_iter().map(|(n, d)| (n.to_string(), d)).collect();
+        Self { catalog, depths }
+    }
+}
+
+/// The web view's state inside the control plane.
+pub struct Web {
+    pub live: Arc<Live>,
+    pub catalog: Option<Arc<CatalogIndex>>,
+}
+
+const CSS: &str = include_str!("assets/app.css");
+const JS: &str = include_str!("assets/live.js");
+
+/// Routes that need no session: the login form and the static assets it uses.
+pub fn public_routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/login", get(login_form).post(login))
+        .route("/logout", axum::routing::post(logout))
+        .route(
+            "/assets/app.css",
+            get(|| async { asset("text/css; charset=utf-8", CSS) }),
+        )
+        .route(
+            "/assets/live.js",
+            get(|| async { asset("text/javascript; charset=utf-8", JS) }),
+        )
+}
+
+/// The pages and the event stream, behind a session (or the bearer token).
+pub fn page_routes(app: Arc<App>) -> Router<Arc<App>> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/catalog") }))
+        .route("/catalog", get(catalog_page))
+        .route("/builds", get(builds_page))
+        .route("/builds/{id}", get(build_page))
+        .route("/fleet", get(fleet_page))
+        .route("/events", get(events))
+        .route_layer(axum::middleware::from_fn_with_state(app, require_session))
+}
+
+/// Headers every web response carries: nothing from elsewhere runs, nothing frames us.
+pub async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn html(status: StatusCode, markup: Markup) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        markup.into_string(),
+    )
+        .into_response()
+}
+
+/// Without a session: pages go to the login form (coming back here after), the event
+/// stream is refused.
+async fn require_session(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if session::authorized(request.headers(), &app.options.token) {
+        return next.run(request).await;
+    }
+    app.counters.unauthorized.inc();
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    if request.uri().path() == "/events" || request.headers().contains_key(FRAGMENT) {
+        return (StatusCode::UNAUTHORIZED, "log in at /login").into_response();
+    }
+    let query = serde_urlencoded::to_string([("next", path)]).unwrap_or_default();
+    Redirect::to(&format!("/login?{query}")).into_response()
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+async fn login_form(Query(q): Query<LoginQuery>) -> Response {
+    let next = session::safe_next(q.next.as_deref());
+    html(
+        StatusCode::OK,
+        pages::page("Log in", None, None, false, pages::login(&next, false)),
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+    next: Option<String>,
+}
+
+async fn login(State(app): State<Arc<App>>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+    let next = session::safe_next(form.next.as_deref());
+    if !crate::auth::same(form.token.trim().as_bytes(), app.options.token.trim().as_bytes()) {
+        app.counters.unauthorized.inc();
+        return html(
+            StatusCode::UNAUTHORIZED,
+            pages::page("Log in", None, None, false, pages::login(&next, true)),
+        );
+    }
+    let secure = !session::loopback_host(&headers);
+    let mut response = Redirect::to(&next).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::set_cookie(Some(&app.options.token), secure),
+    );
+    response
+}
+
+async fn logout(headers: HeaderMap) -> Response {
+    let mut response = Redirect::to("/login").into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        session::set_cookie(None, !session::loopback_host(&headers)),
+    );
+    response
+}
+
+fn fragment(headers: &HeaderMap) -> bool {
+    headers.contains_key(FRAGMENT)
+}
+
+#[derive(Deserialize, Default)]
+pub struct CatalogQuery {
+    layer: Option<String>,
+    #[serde(default)]
+    q: String,
+}
+
+/// A catalog view: the layers shown (a lineage, or all of a small catalog), laid out.
+struct CatalogView<'a> {
+    focus: Option<&'a str>,
+    matches: Vec<&'a str>,
+    layout: Option<dag::Layout>,
+    views: BTreeMap<String, live::LayerView>,
+    capped: Option<usize>,
+}
+
+fn catalog_view<'a>(index: &'a CatalogIndex, live: &Live, q: &'a CatalogQuery) -> Result<CatalogView<'a>, String> {
+    let catalog = &index.catalog;
+    let total = index.depths.len();
+    let needle = q.q.trim();
+    let matches: Vec<&str> = if needle.is_empty() {
+        Vec::new()
+    } else {
+        catalog
+            .layers()
+            .map(|l| l.name.as_str())
+            .filter(|n| n.contains(needle))
+            .take(50)
+            .collect()
+    };
+    let (focus, shown) = match q.layer.as_deref().filter(|l| !l.is_empty()) {
+        Some(layer) => {
+            let lineage = catalog.lineage(layer).map_err(|e| e.to_string())?;
+            let focus = catalog.get(layer).map_err(|e| e.to_string())?.name.as_str();
+            (
+                Some(focus),
+                Some(lineage.into_iter().map(|n| n.to_string()).collect::<BTreeSet<_>>()),
+            )
+        }
+        None => (None, None),
+    };
+    let mut capped = None;
+    let shown = match shown {
+        Some(mut s) if s.len() > MAX_DRAWN => {
+            let mut by_depth: Vec<(usize, String)> = s.iter().map(|n| (index.depths[n], n.clone())).collect();
+            by_depth.sort();
+            s = by_depth.into_iter().take(MAX_DRAWN).map(|(_, n)| n).collect();
+            capped = Some(MAX_DRAWN);
+            Some(s)
+        }
+        other => other,
+    };
+    let layout = match &shown {
+        Some(s) => Some(dag::Layout::new(catalog, &index.depths, Some(s))),
+        None if total <= DRAW_WHOLE_UP_TO => Some(dag::Layout::new(catalog, &index.depths, None)),
+        None => None,
+    };
+    let views = match &layout {
+        Some(l) => live.layers(l.nodes.iter().map(|n| n.name.as_str())),
+        None => BTreeMap::new(),
+    };
+    Ok(CatalogView {
+        focus,
+        matches,
+        layout,
+        views,
+        capped,
+    })
+}
+
+async fn catalog_page(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Query<CatalogQuery>) -> Response {
+    let frag = fragment(&headers);
+    let Some(index) = app.web.catalog.clone() else {
+        let body = pages::problem(
+            "This control plane was started without a catalog (lian control --catalog DIR; lian up passes its own).",
+        );
+        return html(
+            StatusCode::OK,
+            pages::page("Catalog", Some(Tab::Catalog), None, frag, body),
+        );
+    };
+    match catalog_view(&index, &app.web.live, &q) {
+        Ok(v) => {
+            let body = pages::catalog(&pages::CatalogPage {
+                layers: index.depths.len(),
+                focus: v.focus,
+                query: &q.q,
+                matches: v.matches,
+                layout: v.layout,
+                views: v.views,
+                capped: v.capped,
+            });
+            html(
+                StatusCode::OK,
+                pages::page("Catalog", Some(Tab::Catalog), Some("catalog"), frag, body),
+            )
+        }
+        Err(message) => html(
+            StatusCode::NOT_FOUND,
+            pages::page("Catalog", Some(Tab::Catalog), None, frag, pages::problem(&message)),
+        ),
+    }
+}
+
+/// One node of `GET /api/v1/catalog`.
+#[derive(Serialize)]
+struct NodeJson<'a> {
+    name: &'a str,
+    column: usize,
+    row: usize,
+    parents: Vec<&'a str>,
+    #[serde(flatten)]
+    view: &'a live::LayerView,
+}
+
+/// `GET /api/v1/catalog[?layer=NAME]`: the same view as the catalog page, as JSON.
+pub async fn catalog_json(State(app): State<Arc<App>>, Query(q): Query<CatalogQuery>) -> Response {
+    let Some(index) = app.web.catalog.clone() else {
+        return crate::api::refuse(
+            StatusCode::NOT_FOUND,
+            "no_catalog",
+            "this control plane was started without a catalog",
+        );
+    };
+    let v = match catalog_view(&index, &app.web.live, &q) {
+        Ok(v) => v,
+        Err(message) => return crate::api::refuse(StatusCode::NOT_FOUND, "not_found", message),
+    };
+    let Some(layout) = &v.layout else {
+        return crate::api::refuse(
+            StatusCode::BAD_REQUEST,
+            "too_large",
+            format!("the catalog has {} layers: name one with ?layer=", index.depths.len()),
+        );
+    };
+    let nodes: Vec<NodeJson> = layout
+        .nodes
+        .iter()
+        .map(|n| NodeJson {
+            name: &n.name,
+            column: n.depth,
+            row: n.row,
+            parents: layout
+                .edges
+                .iter()
+                .filter(|(_, c)| layout.nodes[*c].name == n.name)
+                .map(|(p, _)| layout.nodes[*p].name.as_str())
+                .collect(),
+            view: &v.views[&n.name],
+        })
+        .collect();
+    Json(serde_json::json!({"layers": index.depths.len(), "focus": v.focus, "nodes": nodes})).into_response()
+}
+
+#[derive(Deserialize)]
+struct BuildsQuery {
+    workspace: Option<String>,
+    state: Option<String>,
+    page: Option<usize>,
+}
+
+async fn builds_page(State(app): State<Arc<App>>, headers: HeaderMap, Query(q): Query<BuildsQuery>) -> Response {
+    let workspace = q.workspace.as_deref().filter(|w| !w.is_empty());
+    let state = q
+        .state
+        .as_deref()
+        .and_then(|s| live::BuildState::ALL.into_iter().find(|b| b.as_str() == s));
+    let page = q.page.unwrap_or(1).max(1);
+    let (rows, total) = app.web.live.builds(workspace, state, (page - 1) * PER_PAGE, PER_PAGE);
+    let body = pages::builds(&pages::BuildsPage {
+        rows,
+        total,
+        page,
+        per_page: PER_PAGE,
+        workspace,
+        state,
+        workspaces: app.web.live.workspaces(),
+        now: OffsetDateTime::now_utc(),
+    });
+    html(
+        StatusCode::OK,
+        pages::page("Builds", Some(Tab::Builds), Some("builds"), fragment(&headers), body),
+    )
+}
+
+async fn build_page(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let frag = fragment(&headers);
+    let build_id = match BuildId::new(id.as_str()) {
+        Ok(b) => b,
+        Err(e) => {
+            return html(
+                StatusCode::NOT_FOUND,
+                pages::page("Build", Some(Tab::Builds), None, frag, pages::problem(&e.to_string())),
+            );
+        }
+    };
+    let history = match app.bus.build_history(&build_id).await {
+        Ok(h) => h,
+        Err(e) => {
+            return html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pages::page("Build", Some(Tab::Builds), None, frag, pages::problem(&e.to_string())),
+            );
+        }
+    };
+    let body = pages::build(&pages::BuildPage {
+        id: build_id.as_str(),
+        row: app.web.live.build(build_id.as_str()),
+        history,
+        progress: app.web.live.progress(build_id.as_str()),
+    });
+    html(
+        StatusCode::OK,
+        pages::page(
+            &format!("Build {build_id}"),
+            Some(Tab::Builds),
+            Some("build"),
+            frag,
+            body,
+        ),
+    )
+}
+
+async fn fleet_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let (queue, leases, dead) = tokio::join!(app.bus.queue_depth(), app.bus.leases(), app.bus.dead_letters());
+    let warm = match &app.options.providers.docker_local {
+        Some(local) if local.pool_size() > 0 => local
+            .warm_engines()
+            .into_iter()
+            .map(|(t, n)| (t.as_str().to_string(), n))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (counts, events) = app.web.live.counts();
+    let body = pages::fleet(&pages::FleetPage {
+        now: OffsetDateTime::now_utc(),
+        workers: app.web.live.workers(),
+        queue: queue.map_err(|e| e.to_string()),
+        leases: leases.map_err(|e| e.to_string()),
+        warm,
+        dead_letters: dead.map_err(|e| e.to_string()),
+        counts,
+        events,
+    });
+    html(
+        StatusCode::OK,
+        pages::page("Fleet", Some(Tab::Fleet), Some("fleet"), fragment(&headers), body),
+    )
+}
+
+/// Server-sent events: one `change` per stored build or cascade event (`{build, layer,
+/// state}`), a `resync` when this browser fell behind.
+async fn events(State(app): State<Arc<App>>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = app.web.live.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        use tokio::sync::broadcast::error::RecvError;
+        let event = match rx.recv().await {
+            Ok(change) => Event::default()
+                .event("change")
+                .data(serde_json::to_string(&change).unwrap_or_default()),
+            Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
