@@ -14,8 +14,9 @@
 #          between the scenarios, sccache through the same S3 store under the prefix
 #          plain/<run>/ (so plain builds never warm lian's cache)
 #   lian   `lian submit --wait --json` to a `lian up` fleet with its registry and S3 store:
-#          a fresh docker_local lease (a new, empty dockerd) for every build; a CI build of
-#          workspace rgbench-<run> (namespace ci/rgbench-<run>, the sccache prefix too)
+#          a fresh docker_local lease (a new dockerd) for every build, which starts from the
+#          namespace's engine store when the previous build left one (ADR lian-044); a CI
+#          build of workspace rgbench-<run> (namespace ci/rgbench-<run>, the sccache prefix too)
 #
 #   scripts/bench/warm.sh [--state-dir DIR] [--warm-runs N] [--bump CRATE@VERSION]
 #       [--timeout SECS] [--cache DIR] [--out FILE]
@@ -108,7 +109,9 @@ cleanup() {
     [[ -n ${BASE:-} ]] && "$DOCKER" rmi -f "$BASE" >/dev/null 2>&1
     rm -rf "$STATE_DIR"
   else
-    : # the stores and the bootstrap cache stay for the next run
+    # The registry, the S3 store and the bootstrap cache stay for the next run; the engine
+    # stores are this run's namespace's only (ADR lian-044), useless to the next.
+    rm -rf "$STATE_DIR/runners/.stores"
   fi
   exit "$rc"
 }
@@ -272,10 +275,12 @@ lian_build() {
   fi
   jq -c '.cache // .payload.cache // empty' <<<"$done" >"$WORK/lian-$label.cache.json"
   local c=$WORK/lian-$label.cache.json
-  printf '%s %s %s %s %s %s\n' "$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')" \
+  printf '%s %s %s %s %s %s %s\n' "$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')" \
     "$(jq -r '.steps // "-"' "$c")" "$(jq -r '.cached_steps // "-"' "$c")" \
     "$(jq -r '.sccache_hits // "-"' "$c")" "$(jq -r '.sccache_misses // "-"' "$c")" \
-    "$(jq -r 'if .cooker then (if .cooker.hit then "hit" else "miss" end) else "-" end' "$c")" >"$WORK/lian-$label.res"
+    "$(jq -r 'if .cooker then (if .cooker.hit then "hit" else "miss" end) else "-" end' "$c")" \
+    "$(jq -r 'if .engine_store then (if .engine_store.hit then "hit" else "miss" end) else "-" end' "$c")" \
+    >"$WORK/lian-$label.res"
   log "lian $label: $(cat "$WORK/lian-$label.res")"
 }
 one_line_change() { # a string in ripgrep's main crate
@@ -321,12 +326,12 @@ REPORT=$WORK/report.md
 {
   echo "Command: \`scripts/bench/warm.sh $ARGS\` ($(date -u +%Y-%m-%d), $(nproc) cores, load average $LOAD_START at the start, $LOAD_END at the end; lian: $LIAN)"
   echo
-  echo "| scenario | plain \`docker build\` | lian submit --wait | lian / plain | plain steps cached | lian steps cached | lian cooker | plain sccache hits / misses | lian sccache hits / misses |"
-  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  echo "| scenario | plain \`docker build\` | lian submit --wait | lian / plain | plain steps cached | lian steps cached | lian engine store | lian cooker | plain sccache hits / misses | lian sccache hits / misses |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for s in "${SCEN[@]}"; do
     read -r ps pst pc ph pm _ <"$WORK/plain-$s.res"
-    read -r ls lst lc lh lm lk <"$WORK/lian-$s.res"
-    echo "| $s | ${ps} s | ${ls} s | $(ratio "$ls" "$ps") | $pc/$pst | $lc/$lst | $lk | $ph / $pm | $lh / $lm |"
+    read -r ls lst lc lh lm lk le <"$WORK/lian-$s.res"
+    echo "| $s | ${ps} s | ${ls} s | $(ratio "$ls" "$ps") | $pc/$pst | $lc/$lst | $le | $lk | $ph / $pm | $lh / $lm |"
   done
   echo
   echo "Bump: ${BUMP%@*} ${BUMP_FROM:-?} -> ${BUMP#*@}. Completed events' cache (lian):"

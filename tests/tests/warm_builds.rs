@@ -153,6 +153,11 @@ fn a_second_build_on_a_new_runner_reuses_the_registrys_cache() {
         json!({"namespace": "ci/warm", "hit": false}),
         "the first build's engine starts empty: {cache}"
     );
+    assert_eq!(cache["bytes_pulled"], 0, "no parent image: {cache}");
+    assert!(
+        cache["bytes_pushed"].as_u64().unwrap() > 1_000_000,
+        "busybox's layer and the rest went to the registry: {cache}"
+    );
 
     // One line of the project changes, and the build runs as if on another host: the
     // runner is new and this host keeps no engine store, so all it has is the registry.
@@ -190,6 +195,10 @@ fn a_second_build_on_a_new_runner_reuses_the_registrys_cache() {
     let fourth = warm.build(&ctx, "lian-warm/app:4", ci());
     let cache = &fourth["cache"];
     assert_eq!(cache["engine_store"]["hit"], true, "{cache}");
+    assert!(
+        cache["bytes_pushed"].as_u64().unwrap() < 100_000,
+        "busybox's layer is in the registry already: only the changed layers go: {cache}"
+    );
     assert_eq!(
         cache["cached_steps"].as_u64().unwrap() + 2,
         cache["steps"].as_u64().unwrap(),

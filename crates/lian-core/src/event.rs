@@ -52,6 +52,12 @@ pub struct CacheReport {
     /// References pushed on success (tags move only then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pushed: Vec<String>,
+    /// Compressed bytes of the parent layers pulled from the registry (those the engine did
+    /// not hold already) and of the layers pushed (those the registry did not hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_pulled: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_pushed: Option<u64>,
     /// The namespace's engine store (ADR lian-044): whether the runner's engine started from
     /// it (`hit`: the images and build cache of the namespace's last good build were already
     /// there) or empty (`miss`); absent where the runner keeps no engine store.
@@ -78,6 +84,13 @@ impl CacheReport {
         }
         if let (Some(hits), Some(misses)) = (self.sccache_hits, self.sccache_misses) {
             parts.push(format!("sccache {hits} hits {misses} misses"));
+        }
+        let mb = |b: u64| b as f64 / 1e6;
+        if let Some(pulled) = self.bytes_pulled {
+            parts.push(format!("pulled {:.1} MB", mb(pulled)));
+        }
+        if let Some(pushed) = self.bytes_pushed {
+            parts.push(format!("pushed {:.1} MB", mb(pushed)));
         }
         if !self.imported_from.is_empty() {
             parts.push(format!("from {}", self.imported_from.join(" ")));

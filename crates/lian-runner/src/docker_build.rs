@@ -232,8 +232,9 @@ impl DockerBuilder {
         cmd
     }
 
-    /// `docker <args>` on this builder's engine; the failure names what was asked.
-    async fn docker(&self, args: &[&str]) -> Result<(), BuildFailure> {
+    /// `docker <args>` on this builder's engine, its standard output; the failure names
+    /// what was asked.
+    async fn docker(&self, args: &[&str]) -> Result<String, BuildFailure> {
         let out = self
             .command()
             .args(args)
@@ -246,7 +247,7 @@ impl DockerBuilder {
                 oom: false,
             })?;
         if out.status.success() {
-            return Ok(());
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
         Err(BuildFailure {
@@ -256,17 +257,33 @@ impl DockerBuilder {
     }
 
     /// Pushes a tag: blobs first, the manifest last, so the tag never names half an image.
-    pub async fn push(&self, reference: &str) -> Result<(), BuildFailure> {
-        self.docker(&["push", reference]).await
+    /// Returns the layers it sent (not those the registry had), by short diff id.
+    pub async fn push(&self, reference: &str) -> Result<Vec<String>, BuildFailure> {
+        let out = self.docker(&["push", reference]).await?;
+        Ok(layers_with(&out, "Pushed"))
     }
 
     pub async fn tag(&self, source: &str, target: &str) -> Result<(), BuildFailure> {
-        self.docker(&["tag", source, target]).await
+        self.docker(&["tag", source, target]).await.map(drop)
     }
 
-    pub async fn pull(&self, reference: &str) -> Result<(), BuildFailure> {
-        self.docker(&["pull", "--quiet", reference]).await
+    /// Pulls a reference; returns the layers it downloaded (not those the engine had), by
+    /// short blob digest.
+    pub async fn pull(&self, reference: &str) -> Result<Vec<String>, BuildFailure> {
+        let out = self.docker(&["pull", reference]).await?;
+        Ok(layers_with(&out, "Pull complete"))
     }
+}
+
+/// The layer ids of `docker push`/`docker pull` status lines `<12 hex>: <status>` (the
+/// CLI prints one per layer when its output is not a terminal).
+fn layers_with(output: &str, status: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|line| line.trim().split_once(": "))
+        .filter(|(id, s)| s.trim() == status && id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(|(id, _)| id.to_string())
+        .collect()
 }
 
 /// The reason of a failed build: BuildKit's error lines, or the log's tail.
@@ -303,6 +320,21 @@ pub(crate) fn failure(log: &str, code: Option<i32>) -> BuildFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushed_and_pulled_layers_are_read_from_the_cli_status_lines() {
+        let push = "The push refers to repository [127.0.0.1:5000/ci/ws/app]\n\
+                    5f70bf18a086: Layer already exists\n\
+                    a1b2c3d4e5f6: Pushed\n\
+                    0123456789ab: Mounted from ci/ws/other\n\
+                    1: digest: sha256:00 size: 528\n";
+        assert_eq!(layers_with(push, "Pushed"), ["a1b2c3d4e5f6"]);
+        let pull = "bookworm: Pulling from lamina/rust-base\n\
+                    2d3f1a0b9c8e: Already exists\n\
+                    9f8e7d6c5b4a: Pull complete\n\
+                    Digest: sha256:11\nStatus: Downloaded newer image for x\n";
+        assert_eq!(layers_with(pull, "Pull complete"), ["9f8e7d6c5b4a"]);
+    }
 
     #[test]
     fn arguments_are_separate_argv_entries() {

@@ -33,6 +33,36 @@ pub enum RegistryError {
     },
 }
 
+/// One layer of an image in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// `sha256:...` of the blob (compressed), what `docker pull` names it by.
+    pub digest: String,
+    /// `sha256:...` of its content (uncompressed), what `docker push` names it by.
+    pub diff_id: String,
+    /// Bytes of the blob.
+    pub size: u64,
+}
+
+impl Layer {
+    /// Whether `short` (12 hex digits, as the docker CLI prints them) names this layer's
+    /// blob or content.
+    pub fn is(&self, short: &str) -> bool {
+        [&self.digest, &self.diff_id]
+            .iter()
+            .any(|d| d.strip_prefix("sha256:").is_some_and(|hex| hex.starts_with(short)))
+    }
+}
+
+/// Bytes of the layers among `layers` that `shorts` name.
+pub fn bytes_of(layers: &[Layer], shorts: &[String]) -> u64 {
+    layers
+        .iter()
+        .filter(|l| shorts.iter().any(|s| l.is(s)))
+        .map(|l| l.size)
+        .sum()
+}
+
 /// Where a runner pushes and pulls, and as whom.
 #[derive(Clone)]
 pub struct RegistryAccess {
@@ -183,6 +213,41 @@ impl RegistryAccess {
             .as_str()
             .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
         Ok(created.map(|c| (digest, c)))
+    }
+
+    /// The layers of the image `repository:reference` (a tag or a digest) as stored: each
+    /// blob's digest and size, with the diff id its config gives it (same order). Empty
+    /// when it is not there or is an index of several platforms.
+    pub async fn layers(&self, repository: &str, reference: &str) -> Result<Vec<Layer>, RegistryError> {
+        let Some(manifest) = self
+            .json(
+                &format!("/v2/{repository}/manifests/{reference}"),
+                Some(MANIFEST_ACCEPT),
+            )
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let Some(config) = manifest["config"]["digest"].as_str() else {
+            return Ok(Vec::new());
+        };
+        let config = self
+            .json(&format!("/v2/{repository}/blobs/{config}"), None)
+            .await?
+            .unwrap_or_default();
+        let diff_ids = strings(&config["rootfs"]["diff_ids"]);
+        let blobs = manifest["layers"].as_array().cloned().unwrap_or_default();
+        Ok(blobs
+            .iter()
+            .zip(diff_ids)
+            .filter_map(|(blob, diff_id)| {
+                Some(Layer {
+                    digest: blob["digest"].as_str()?.to_string(),
+                    diff_id,
+                    size: blob["size"].as_u64()?,
+                })
+            })
+            .collect())
     }
 
     /// Deletes a manifest: every tag naming it goes; its blobs stay until the registry's

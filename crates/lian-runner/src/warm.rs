@@ -15,12 +15,20 @@ use sha2::{Digest, Sha256};
 use crate::docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
 use crate::engine::parent_images;
 use crate::progress::StepProgress;
-use crate::registry::RegistryAccess;
+use crate::registry::{self, RegistryAccess};
 
 /// The moving tag of a repository's last good build, imported as cache by the next one.
 pub const CACHE_TAG: &str = "lian-cache";
 /// The stage built and pushed as an image of its own.
 pub const COOKER_STAGE: &str = "cooker";
+
+/// Parents pulled from the registry: `(name in the Dockerfile, reference by digest)`, and
+/// the bytes that came over the wire.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    pub parents: Vec<(String, String)>,
+    pub bytes: u64,
+}
 
 /// Which namespaces a build reads cache from and writes to, in one registry.
 #[derive(Debug, Clone)]
@@ -97,14 +105,26 @@ fn refused(e: impl std::fmt::Display) -> BuildFailure {
 }
 
 impl CachePlan {
-    /// The first of `candidates` that exists, as `repository@digest`.
-    async fn find(&self, candidates: &[(String, String)]) -> Result<Option<String>, BuildFailure> {
+    /// The first of `candidates` that exists: its repository and digest.
+    async fn find(&self, candidates: &[(String, String)]) -> Result<Option<(String, String)>, BuildFailure> {
         for (repo, tag) in candidates {
             if let Some(digest) = self.registry.digest(repo, tag).await.map_err(refused)? {
-                return Ok(Some(self.registry.reference(&format!("{repo}@{digest}"))));
+                return Ok(Some((repo.clone(), digest)));
             }
         }
         Ok(None)
+    }
+
+    /// Pushes `reference` (`repository:tag` in this registry); the bytes of the layers the
+    /// registry did not have.
+    async fn push(&self, builder: &DockerBuilder, reference: &str) -> Result<u64, BuildFailure> {
+        let sent = builder.push(reference).await?;
+        if sent.is_empty() {
+            return Ok(0);
+        }
+        let (repo, tag) = split_image(reference);
+        let layers = self.registry.layers(&repo, &tag).await.map_err(refused)?;
+        Ok(registry::bytes_of(&layers, &sent))
     }
 
     /// Every one of `candidates` that exists, as `repository:tag`, in order.
@@ -120,18 +140,20 @@ impl CachePlan {
 
     /// Pulls into the builder's engine, by digest, each parent of the Dockerfile that a
     /// namespace this build reads holds, tagged with the name the Dockerfile uses. Returns
-    /// the references pulled; parents not in the registry are left to the caller.
-    pub async fn pull_parents(
-        &self,
-        builder: &DockerBuilder,
-        dockerfile: &str,
-    ) -> Result<Vec<(String, String)>, BuildFailure> {
-        let mut pulled = Vec::new();
+    /// the references pulled and the bytes downloaded (layers the engine did not have);
+    /// parents not in the registry are left to the caller.
+    pub async fn pull_parents(&self, builder: &DockerBuilder, dockerfile: &str) -> Result<Pulled, BuildFailure> {
+        let mut pulled = Pulled::default();
         for parent in parent_images(dockerfile) {
-            if let Some(reference) = self.find(&self.parent_candidates(&parent)).await? {
-                builder.pull(&reference).await?;
+            if let Some((repo, digest)) = self.find(&self.parent_candidates(&parent)).await? {
+                let reference = self.registry.reference(&format!("{repo}@{digest}"));
+                let fetched = builder.pull(&reference).await?;
+                if !fetched.is_empty() {
+                    let layers = self.registry.layers(&repo, &digest).await.map_err(refused)?;
+                    pulled.bytes += registry::bytes_of(&layers, &fetched);
+                }
                 builder.tag(&reference, &parent).await?;
-                pulled.push((parent, reference));
+                pulled.parents.push((parent, reference));
             }
         }
         Ok(pulled)
@@ -165,6 +187,7 @@ impl CachePlan {
             ..CacheReport::default()
         };
         let mut counts = StepCounts::default();
+        let mut pushed_bytes = 0;
         if let Some(stage) = cooker_stage(&dockerfile) {
             let key = cooker_key(spec.context, &dockerfile).map_err(refused)?;
             let candidates: Vec<_> = self
@@ -190,7 +213,7 @@ impl CachePlan {
             let out = builder.build(&cooker, on_step).await?;
             add(&mut counts, out.steps);
             if self.write.is_some() {
-                builder.push(&reference).await?;
+                pushed_bytes += self.push(builder, &reference).await?;
                 report.pushed.push(reference.clone());
                 cache_from.insert(0, reference.clone());
             } else {
@@ -211,10 +234,11 @@ impl CachePlan {
         if let Some(ns) = &self.write {
             for target in [self.image_ref(ns, spec.image), self.cache_ref(ns, spec.image)] {
                 builder.tag(spec.image, &target).await?;
-                builder.push(&target).await?;
+                pushed_bytes += self.push(builder, &target).await?;
                 report.pushed.push(target);
             }
         }
+        report.bytes_pushed = self.write.is_some().then_some(pushed_bytes);
         report.steps = counts.steps;
         report.cached_steps = counts.cached;
         report.sccache_hits = counts.sccache_hits;

@@ -431,7 +431,7 @@ impl Worker {
             invocation.secrets.push((warm::SCCACHE_SECRET, &sccache_file));
         }
         let dockerfile = invocation.context.join(invocation.dockerfile);
-        let mut pulled = Vec::new();
+        let mut pulled = lian_runner::warm::Pulled::default();
         if let (Some(plan), Some(config)) = (&plan, &builder.config) {
             plan.registry
                 .write_docker_config(config)
@@ -441,7 +441,7 @@ impl Worker {
                 .map_err(|e| fail(format!("{}: {e}", dockerfile.display())))?;
             pulled = plan.pull_parents(&builder, &text).await?;
         }
-        let present: Vec<String> = pulled.iter().map(|(name, _)| name.clone()).collect();
+        let present: Vec<String> = pulled.parents.iter().map(|(name, _)| name.clone()).collect();
         provider.load_parents(key, &dockerfile, &present).await.map_err(fail)?;
         let cgroup = provider.cgroup(key);
         let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
@@ -454,7 +454,8 @@ impl Worker {
                 .build(&builder, &invocation, &mut on_step)
                 .await
                 .map(|(out, mut report)| {
-                    report.parents_pulled = pulled.iter().map(|(_, r)| r.clone()).collect();
+                    report.parents_pulled = pulled.parents.iter().map(|(_, r)| r.clone()).collect();
+                    report.bytes_pulled = Some(pulled.bytes);
                     (out, Some(report))
                 }),
             None => builder.build(&invocation, &mut on_step).await.map(|out| (out, None)),
