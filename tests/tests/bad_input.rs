@@ -28,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Running, context_with, directives_json, history_kinds, lian, text};
+use common::{Running, context_with, directives_json, history_kinds, leaks, lian, text};
 use lian_test_support::{NatsServer, RawNats, docker_available};
 use serde_json::{Value, json};
 
@@ -526,43 +526,6 @@ fn rss_kib(pid: u32) -> u64 {
 /// (README, "Directives files, specs and request JSON are user input"): user documents are
 /// evaluated in `lian __eval` children, contexts are streamed, so the worker itself stays small.
 const WORKER_RSS_CEILING_KIB: u64 = 128 * 1024;
-
-/// What a lease leaves on the host if it is not destroyed: its dockerd, its mounts under
-/// the state directory, its cgroup.
-fn leaks(state: &Path, lease_keys: &[String]) -> Vec<String> {
-    let mut found = Vec::new();
-    let marker = state.to_str().unwrap();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("dockerd") && cmdline.contains(marker) {
-            found.push(format!("engine: {cmdline}"));
-        }
-    }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    found.extend(
-        mounts
-            .lines()
-            .filter(|l| l.contains(marker))
-            .map(|l| format!("mount: {l}")),
-    );
-    for key in lease_keys {
-        let name = format!("lian-{}", lian_core::names::path_token(key));
-        let mut places = vec![PathBuf::from("/sys/fs/cgroup").join(&name)];
-        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-            places.extend(controllers.flatten().map(|c| c.path().join(&name)));
-        }
-        found.extend(
-            places
-                .into_iter()
-                .filter(|p| p.exists())
-                .map(|p| format!("cgroup: {}", p.display())),
-        );
-    }
-    found
-}
 
 /// The kinds the other tests of this file do not cover, then the battery's invariants over
 /// all of it: the worker keeps its PID and stays under its memory ceiling, a good build

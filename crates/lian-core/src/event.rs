@@ -220,8 +220,13 @@ pub enum BuildEvent {
         #[serde(default)]
         mem_p95_gb: Option<f64>,
     },
-    /// Step 7.
-    RunnerDestroyed { lease_key: LeaseKey },
+    /// Step 7. With `left_to_reaper`, the destroy kept failing (retried with backoff) and
+    /// the runner is the reaper's now: it destroys runners of ended builds.
+    RunnerDestroyed {
+        lease_key: LeaseKey,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        left_to_reaper: Option<String>,
+    },
     /// A worker took the build over (a redelivery of its request) and owns it from here
     /// (ADR lian-045): appended, against the history it folded, before its first effect, so
     /// a worker that still thinks it owns the build has its next append refused and stops.
@@ -343,7 +348,14 @@ impl BuildEvent {
             Self::MetricsRecorded { duration_ms, .. } => {
                 format!("metrics recorded: {:.1}s", *duration_ms as f64 / 1000.0)
             }
-            Self::RunnerDestroyed { lease_key } => format!("runner destroyed {lease_key}"),
+            Self::RunnerDestroyed {
+                lease_key,
+                left_to_reaper: None,
+            } => format!("runner destroyed {lease_key}"),
+            Self::RunnerDestroyed {
+                lease_key,
+                left_to_reaper: Some(why),
+            } => format!("runner {lease_key} left to the reaper: {why}"),
             Self::Resumed { delivery } => format!("resumed (delivery {delivery}): this worker owns the build now"),
             Self::Completed {
                 image, image_id, cache, ..

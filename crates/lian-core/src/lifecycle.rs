@@ -164,6 +164,10 @@ pub enum Outcome {
         mem_p95_gb: Option<f64>,
     },
     RunnerDestroyed,
+    /// The destroy kept failing: the runner is handed to the reaper and the build goes on.
+    RunnerLeftToReaper {
+        reason: String,
+    },
     StepFailed {
         step: Step,
         reason: String,
@@ -354,7 +358,7 @@ impl State {
                 }
                 self.metrics_recorded = true;
             }
-            BuildEvent::RunnerDestroyed { lease_key } => match &self.lease {
+            BuildEvent::RunnerDestroyed { lease_key, .. } => match &self.lease {
                 Some(l) if l.key == *lease_key => {
                     if self.built.is_some() && !self.metrics_recorded && self.failure.is_none() {
                         return bad("metrics are recorded before the runner that measured them goes");
@@ -603,6 +607,14 @@ fn outcome_event(state: &State, outcome: Outcome) -> Result<BuildEvent, Lifecycl
         Outcome::RunnerDestroyed => match lease {
             Some(l) => BuildEvent::RunnerDestroyed {
                 lease_key: l.key.clone(),
+                left_to_reaper: None,
+            },
+            None => return unexpected("runner_destroyed"),
+        },
+        Outcome::RunnerLeftToReaper { reason } => match lease {
+            Some(l) => BuildEvent::RunnerDestroyed {
+                lease_key: l.key.clone(),
+                left_to_reaper: Some(reason),
             },
             None => return unexpected("runner_destroyed"),
         },

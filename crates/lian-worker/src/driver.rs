@@ -158,7 +158,7 @@ impl Worker {
             let step = effect.step();
             // A panic in an effect is this build's failure, not the worker's: it is retried
             // like a transient error, and the last delivery ends the build with it.
-            let effect_run = std::panic::AssertUnwindSafe(self.run_effect(&h.state, effect)).catch_unwind();
+            let effect_run = std::panic::AssertUnwindSafe(self.run_effect_fenced(&h.state, effect)).catch_unwind();
             let ran = heartbeat(job, every, effect_run).await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()
@@ -175,6 +175,37 @@ impl Worker {
                 Err(why) => return Err(Stop::Transient(why)),
             }
         }
+    }
+
+    /// Runs one effect, with the test failpoint `fail_at`. A destroy is retried with
+    /// exponential backoff (1, 2, 4, 8 s); one that still fails (a busy mount, an engine that
+    /// will not stop, a control plane away) is left to the reaper, which destroys the runners
+    /// of ended builds, so the build can still end: every path ends with one terminal event.
+    async fn run_effect_fenced(&self, state: &State, effect: Effect) -> Result<Outcome, String> {
+        use backon::{ExponentialBuilder, Retryable};
+        let failpoint = self.options.fail_at.as_deref() == Some(effect.name());
+        let once = |effect: Effect| async move {
+            if failpoint {
+                return Err(format!("failpoint: {} fails", effect.name()));
+            }
+            self.run_effect(state, effect).await
+        };
+        if !matches!(effect, Effect::DestroyRunner { .. }) {
+            return once(effect).await;
+        }
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(1))
+            .with_max_times(4);
+        let destroyed = (|| once(effect.clone()))
+            .retry(backoff)
+            .notify(|err, wait| tracing::warn!(%err, ?wait, "destroy failed; retrying"))
+            .await;
+        Ok(destroyed.unwrap_or_else(|err| {
+            tracing::warn!(%err, "destroy kept failing; the runner is left to the reaper");
+            Outcome::RunnerLeftToReaper {
+                reason: format!("destroy failed 5 times ({err})"),
+            }
+        }))
     }
 
     async fn load(&self, build_id: &BuildId, ws: &Workspace) -> Result<History, Stop> {

@@ -44,6 +44,9 @@ pub struct WorkerOptions {
     pub catalog_layers: Option<std::collections::BTreeSet<String>>,
     /// Test hook (`LIAN_FAILPOINT=pause_before:<effect>`): pause forever before that effect.
     pub pause_before: Option<String>,
+    /// Test hook (`LIAN_FAILPOINT=fail_at:<effect>`): that effect fails, every time, without
+    /// running (a destroy that fails is retried with backoff, then left to the reaper).
+    pub fail_at: Option<String>,
     /// How often the reaper looks for runners nobody will destroy.
     pub reap_every: Duration,
     /// The hosts of the ssh_pool provider (`[[ssh_hosts]]` in lian.toml).

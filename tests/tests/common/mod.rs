@@ -267,6 +267,43 @@ pub fn runners_left(state: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What a lease leaves on the host if it is not destroyed: its dockerd, its mounts under
+/// the state directory, its cgroup.
+pub fn leaks(state: &Path, lease_keys: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let marker = state.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("dockerd") && cmdline.contains(marker) {
+            found.push(format!("engine: {cmdline}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    found.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(marker))
+            .map(|l| format!("mount: {l}")),
+    );
+    for key in lease_keys {
+        let name = format!("lian-{}", lian_core::names::path_token(key));
+        let mut places = vec![PathBuf::from("/sys/fs/cgroup").join(&name)];
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            places.extend(controllers.flatten().map(|c| c.path().join(&name)));
+        }
+        found.extend(
+            places
+                .into_iter()
+                .filter(|p| p.exists())
+                .map(|p| format!("cgroup: {}", p.display())),
+        );
+    }
+    found
+}
+
 /// A nats-server, a state directory for workers, and the workspace builds are submitted to.
 pub struct Fleet {
     pub server: lian_test_support::NatsServer,

@@ -112,7 +112,10 @@ fn metrics() -> BuildEvent {
     }
 }
 fn destroyed(n: u8) -> BuildEvent {
-    BuildEvent::RunnerDestroyed { lease_key: key(n) }
+    BuildEvent::RunnerDestroyed {
+        lease_key: key(n),
+        left_to_reaper: None,
+    }
 }
 fn oom() -> BuildEvent {
     BuildEvent::StepFailed {
