@@ -10,7 +10,7 @@ use maud::{Markup, html};
 
 use super::live::{LayerState, LayerView};
 
-pub const NODE_W: u32 = 200;
+pub const NODE_W: u32 = 230;
 pub const NODE_H: u32 = 66;
 const COL_GAP: u32 = 70;
 const ROW_GAP: u32 = 18;
@@ -156,7 +156,7 @@ pub fn svg(layout: &Layout, views: &BTreeMap<String, LayerView>, focus: Option<&
                             @match built {
                                 Some(b) => {
                                     (short_digest(&b.image_id)) " · " (human_ms(b.duration_ms))
-                                    @if let Some((hit, of)) = b.cache { " · cache " (hit) "/" (of) }
+                                    @if let Some((hit, of)) = b.cache { " · " (hit) "/" (of) " cached" }
                                 }
                                 None => "not built yet",
                             }

@@ -48,7 +48,7 @@ pub fn page(title: &str, tab: Option<Tab>, live: Option<&str>, fragment: bool, b
                     @if let Some(tab) = tab {
                         nav {
                             @for (t, href, label) in nav {
-                                a href=(href) class=[(t == tab).then_some("active")] { (label) }
+                                a.active[t == tab] href=(href) { (label) }
                             }
                         }
                         span #live-status .live-status { @if live.is_some() { "connecting…" } }
@@ -323,10 +323,10 @@ pub fn build(p: &BuildPage) -> Markup {
             h2 { "Steps" }
             ol.timeline {
                 @for s in &steps {
-                    li.step data-step=(s.number) data-duration-ms=(s.duration_ms) class=[(s.failures > 0).then_some("failed")] {
+                    li.step.failed[s.failures > 0] data-step=(s.number) data-duration-ms=(s.duration_ms) {
                         span.step-name { (s.number) ". " (s.name) }
-                        span.bar-track {
-                            span.bar style={"margin-left:" (s.start_ms * 100 / total) "%;width:" ((s.duration_ms * 100 / total).max(1)) "%"} {}
+                        svg.bar-track xmlns="http://www.w3.org/2000/svg" viewBox="0 0 1000 12" preserveAspectRatio="none" {
+                            rect.bar x=(s.start_ms * 1000 / total) width=((s.duration_ms * 1000 / total).max(3)) height="12" rx="2" {}
                         }
                         span.step-duration { (human_ms(s.duration_ms)) }
                         span.step-events { (s.events.join(" → ")) @if s.failures > 0 { " · failed ×" (s.failures) } }
