@@ -95,9 +95,8 @@ fn measure(browser: &Browser, base: &str, path: &str, api: &str, nodes: usize) -
     let (mut page, mut anchor) = (Vec::new(), Vec::new());
     for run in 0..=RUNS {
         browser.goto(&format!("{base}{path}"));
-        let load = browser.script(
-            "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;",
-        );
+        let load = browser
+            .script("const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;");
         assert_eq!(browser.attrs("svg.dag g.node", "data-layer").len(), nodes, "{path}");
         let fetched = browser.script_with(
             "const t0 = performance.now();
@@ -150,7 +149,10 @@ fn page_load_of_the_catalog_view() {
             format!("10,000-layer synthetic, lineage of {focus} ({lineage} layers)"),
             {
                 let next = format!("/catalog?layer={focus}");
-                browser.goto(&format!("{big}/login?next={}", next.replace('?', "%3F").replace('=', "%3D")));
+                browser.goto(&format!(
+                    "{big}/login?next={}",
+                    next.replace('?', "%3F").replace('=', "%3D")
+                ));
                 browser.log_in(TOKEN);
                 browser.wait_for("svg.dag", Duration::from_secs(10));
                 measure(
@@ -175,7 +177,9 @@ fn page_load_of_the_catalog_view() {
             2000.0,
         ),
     ];
-    println!("page load (Navigation Timing loadEventEnd) vs anchor (fetch + JSON.parse of /api/v1/catalog), {RUNS} runs, ms min/median/max");
+    println!(
+        "page load (Navigation Timing loadEventEnd) vs anchor (fetch + JSON.parse of /api/v1/catalog), {RUNS} runs, ms min/median/max"
+    );
     for (what, ((pmin, pmed, pmax), (amin, amed, amax)), budget) in &rows {
         println!(
             "{what}: page {pmin:.1}/{pmed:.1}/{pmax:.1}, anchor {amin:.1}/{amed:.1}/{amax:.1}, page/anchor {:.2}x (median), budget {budget} ms",
@@ -183,6 +187,9 @@ fn page_load_of_the_catalog_view() {
         );
     }
     for (what, ((_, median, _), _), budget) in &rows {
-        assert!(median < budget, "{what}: median page load {median:.1} ms over {budget} ms");
+        assert!(
+            median < budget,
+            "{what}: median page load {median:.1} ms over {budget} ms"
+        );
     }
 }

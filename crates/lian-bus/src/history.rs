@@ -202,29 +202,6 @@ impl Bus {
 
     /// Every message on `filter` in the events stream, history first, then live.
     pub async fn follow(&self, filter: &str) -> Result<impl Stream<Item = Result<Record, BusError>> + use<>, BusError> {
-        let stream = self
-            .js
-            .get_stream(subjects::EVENTS_STREAM)
-            .await
-            .map_err(|e| BusError::nats("open events stream", e))?;
-        let messages = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: filter.to_string(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("follow", e))?
-            .messages()
-            .await
-            .map_err(|e| BusError::nats("follow", e))?;
-        Ok(messages.map(|m| {
-            let m = m.map_err(|e| BusError::nats("follow", e))?;
-            Ok(Record {
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
-                sequence: m.info().map(|i| i.stream_sequence).unwrap_or(0),
-            })
-        }))
+        self.follow_many(&[filter]).await
     }
 }

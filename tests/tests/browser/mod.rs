@@ -155,4 +155,3 @@ impl Drop for Browser {
         let _ = self.driver.wait();
     }
 }
-

@@ -99,6 +99,26 @@ pub struct BuildRow {
 }
 
 impl BuildRow {
+    /// A build first seen at `at`, running, with nothing known of it yet.
+    fn new(id: &str, workspace: &str, at: OffsetDateTime, seen: u64) -> Self {
+        Self {
+            id: id.to_string(),
+            workspace: workspace.to_string(),
+            layer: None,
+            cascade: None,
+            state: BuildState::Running,
+            step: String::new(),
+            first_at: at,
+            last_at: at,
+            runner_type: None,
+            image_id: None,
+            cache: None,
+            reason: None,
+            worker: String::new(),
+            seen,
+        }
+    }
+
     pub fn ended(&self) -> bool {
         matches!(self.state, BuildState::Completed | BuildState::Failed)
     }
@@ -249,20 +269,11 @@ impl Live {
                 let id = build_id.to_string();
                 let seen = m.next_seen();
                 m.builds.entry(id.clone()).or_insert_with(|| BuildRow {
-                    id: id.clone(),
-                    workspace: e.workspace.to_string(),
                     layer: Some(layer.to_string()),
                     cascade: Some(e.cascade_id.to_string()),
                     state: BuildState::Queued,
                     step: "requested".into(),
-                    first_at: e.at,
-                    last_at: e.at,
-                    runner_type: None,
-                    image_id: None,
-                    cache: None,
-                    reason: None,
-                    worker: String::new(),
-                    seen,
+                    ..BuildRow::new(&id, e.workspace.as_str(), e.at, seen)
                 });
                 m.mark_layer(layer.as_str(), Some(&id), e.at);
                 let state = m.builds[&id].state.as_str().to_string();
@@ -290,25 +301,8 @@ impl Live {
         let id = e.build_id.to_string();
         if !m.builds.contains_key(&id) {
             let seen = m.next_seen();
-            m.builds.insert(
-                id.clone(),
-                BuildRow {
-                    id: id.clone(),
-                    workspace: e.workspace.to_string(),
-                    layer: None,
-                    cascade: None,
-                    state: BuildState::Running,
-                    step: String::new(),
-                    first_at: e.at,
-                    last_at: e.at,
-                    runner_type: None,
-                    image_id: None,
-                    cache: None,
-                    reason: None,
-                    worker: String::new(),
-                    seen,
-                },
-            );
+            m.builds
+                .insert(id.clone(), BuildRow::new(&id, e.workspace.as_str(), e.at, seen));
             m.forget_old_builds();
         }
         let worker_seen = m.workers.entry(e.worker.clone()).or_insert(e.at);
@@ -455,7 +449,7 @@ impl Live {
             .filter(|r| state.is_none_or(|s| r.state == s))
             .collect();
         let total = rows.len();
-        rows.sort_unstable_by(|a, b| b.seen.cmp(&a.seen));
+        rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.seen));
         (rows.into_iter().skip(skip).take(take).cloned().collect(), total)
     }
 
@@ -483,7 +477,7 @@ impl Live {
     pub fn workers(&self) -> Vec<(String, OffsetDateTime)> {
         let m = self.model.read().expect("web model lock");
         let mut all: Vec<_> = m.workers.iter().map(|(w, at)| (w.clone(), *at)).collect();
-        all.sort_by(|a, b| b.1.cmp(&a.1));
+        all.sort_by_key(|w| std::cmp::Reverse(w.1));
         all
     }
 
