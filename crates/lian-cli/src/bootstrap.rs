@@ -1,5 +1,7 @@
 //! `lian catalog bootstrap`: a stand-in for `rust:slim-bookworm`, made on this host without
-//! Docker Hub, pushed to the registry as `<registry>/lamina/rust-base:bookworm`.
+//! Docker Hub, pushed to the registry as `<registry>/lamina/rust-base:bookworm` and as
+//! `<registry>/lamina/hub/rust:slim-bookworm`, where builds through lian look for a Docker
+//! Hub parent they cannot pull.
 //!
 //! The image is Debian bookworm from `debootstrap --variant=minbase` (with gcc and libc6-dev,
 //! as the official image has), this host's Rust toolchain under `/usr/local/rustup` with
@@ -26,6 +28,10 @@ use crate::local_stores;
 
 /// The repository and tag the stand-in is pushed as, below the registry's host.
 pub const RUST_BASE: &str = "lamina/rust-base:bookworm";
+
+/// The same image where builds look for a stand-in of Docker Hub's `rust:slim-bookworm`
+/// (`lian_runner::warm::HUB_STAND_INS`).
+pub const HUB_RUST: &str = "lamina/hub/rust:slim-bookworm";
 
 /// Packages the official `rust:slim-bookworm` carries that a minbase bookworm lacks.
 const INCLUDE: &str = "ca-certificates,gcc,libc6-dev";
@@ -185,7 +191,9 @@ pub fn run(global: &Global, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "  a stand-in for rust:slim-bookworm (see catalog/README.md); FROM {}/lamina/rust-base@{digest}",
+        "  a stand-in for rust:slim-bookworm (see catalog/README.md); FROM {}/lamina/rust-base@{digest}, \
+         or FROM rust:slim-bookworm in a build through lian (found at {}/{HUB_RUST})",
+        registry.host(),
         registry.host()
     );
     Ok(ExitCode::SUCCESS)
@@ -291,7 +299,12 @@ fn bootstrap(
         for line in check.lines() {
             println!("  {line}");
         }
-        timed("docker push", || push(docker, registry, &image))
+        let digest = timed("docker push", || push(docker, registry, &image))?;
+        // Also where a build whose Dockerfile names `rust:slim-bookworm` finds it.
+        let hub = format!("{}/{HUB_RUST}", registry.host());
+        step("docker tag", Command::new(docker).args(["tag", &image, &hub]))?;
+        timed("docker push (Docker Hub stand-in)", || push(docker, registry, &hub))?;
+        Ok(digest)
     })();
     // The assembled tree is the cached tarball plus copies: nothing to keep.
     let _ = fs::remove_dir_all(&rootfs);

@@ -4,8 +4,9 @@
 //!
 //! Docker 20.10's embedded BuildKit exports only inline cache (the final stage's layers), so
 //! a Dockerfile's `cooker` stage (the compiled dependency graph) is built as an image of its
-//! own, tagged by the hash of what it is cooked from, and both it and the previous final
-//! image are given to the final build as `--cache-from`.
+//! own, tagged by the hash of what it is cooked from (imported with `--cache-from` when
+//! another build made it), and pushed while the final build, which finds its steps in the
+//! same engine, runs with the previous final image as `--cache-from`.
 
 use std::path::Path;
 
@@ -41,6 +42,32 @@ pub struct CachePlan {
     /// Other hosts that name the same registry (the registry behind a gate): a parent
     /// named with one of them is pulled from `registry`.
     pub aliases: Vec<String>,
+}
+
+/// Where stand-ins for Docker Hub images live in the registry: `rust:slim-bookworm` (that
+/// is `docker.io/library/rust:slim-bookworm`) at `lamina/hub/rust:slim-bookworm`. The
+/// Dockerfile keeps naming the real image.
+pub const HUB_STAND_INS: &str = "lamina/hub";
+
+/// The stand-in `(repository path, tag)` of a Docker Hub image; `None` for an image of
+/// another registry.
+pub fn hub_stand_in(image: &str) -> Option<(String, String)> {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let first = without_digest.split('/').next().unwrap_or_default();
+    let hosted_elsewhere = (first.contains('.') || first.contains(':') || first == "localhost")
+        && without_digest.contains('/')
+        && !matches!(first, "docker.io" | "index.docker.io" | "registry-1.docker.io");
+    if hosted_elsewhere {
+        return None;
+    }
+    let (repo, tag) = split_image(without_digest);
+    let repo = repo
+        .strip_prefix("docker.io/")
+        .or_else(|| repo.strip_prefix("index.docker.io/"))
+        .or_else(|| repo.strip_prefix("registry-1.docker.io/"))
+        .unwrap_or(&repo);
+    let repo = repo.strip_prefix("library/").unwrap_or(repo);
+    Some((format!("{HUB_STAND_INS}/{repo}"), tag))
 }
 
 /// The repository path and tag of an image reference, without its registry host.
@@ -79,7 +106,9 @@ impl CachePlan {
 
     /// Where a parent image may be found, in the order to try: `(repository path, tag)`. A
     /// parent named in this registry (or an alias of it) is itself; another is looked for in
-    /// each namespace the build reads (where the cascade pushed it).
+    /// each namespace the build reads (where the cascade pushed it), then among the shared
+    /// layers; a Docker Hub image last under [`HUB_STAND_INS`], where a stand-in made here
+    /// (`lian catalog bootstrap`) is kept for a host that cannot reach Docker Hub.
     pub fn parent_candidates(&self, parent: &str) -> Vec<(String, String)> {
         let (repo, tag) = split_image(parent);
         let named_here = std::iter::once(&self.registry.host)
@@ -88,12 +117,17 @@ impl CachePlan {
         if named_here {
             return vec![(repo, tag)];
         }
-        self.reads
+        let mut candidates: Vec<(String, String)> = self
+            .reads
             .iter()
             .map(String::as_str)
             .chain(std::iter::once(lian_core::cache::SHARED))
             .map(|ns| (format!("{ns}/{repo}"), tag.clone()))
-            .collect()
+            .collect();
+        if let Some(stand_in) = hub_stand_in(parent) {
+            candidates.push(stand_in);
+        }
+        candidates
     }
 }
 
@@ -188,6 +222,7 @@ impl CachePlan {
         };
         let mut counts = StepCounts::default();
         let mut pushed_bytes = 0;
+        let mut cooker_push = None;
         if let Some(stage) = cooker_stage(&dockerfile) {
             let key = cooker_key(spec.context, &dockerfile).map_err(refused)?;
             let candidates: Vec<_> = self
@@ -213,9 +248,10 @@ impl CachePlan {
             let out = builder.build(&cooker, on_step).await?;
             add(&mut counts, out.steps);
             if self.write.is_some() {
-                pushed_bytes += self.push(builder, &reference).await?;
+                // The final build finds the cooker's steps in this engine; the push, which
+                // lets other engines find them, runs beside it.
+                cooker_push = Some(reference.clone());
                 report.pushed.push(reference.clone());
-                cache_from.insert(0, reference.clone());
             } else {
                 cache_from.extend(found.iter().cloned());
             }
@@ -229,7 +265,15 @@ impl CachePlan {
             inline_cache: self.write.is_some(),
             ..spec.clone()
         };
-        let mut out = builder.build(&fin, on_step).await?;
+        let push_cooker = async {
+            match &cooker_push {
+                Some(reference) => self.push(builder, reference).await,
+                None => Ok(0),
+            }
+        };
+        let (built, cooker_pushed) = tokio::join!(builder.build(&fin, on_step), push_cooker);
+        let mut out = built?;
+        pushed_bytes += cooker_pushed?;
         add(&mut counts, out.steps);
         if let Some(ns) = &self.write {
             for target in [self.image_ref(ns, spec.image), self.cache_ref(ns, spec.image)] {
@@ -343,6 +387,22 @@ mod tests {
             ("ci/ws/app".into(), "latest".into())
         );
         assert_eq!(split_image("app"), ("app".into(), "latest".into()));
+    }
+
+    #[test]
+    fn docker_hub_parents_have_a_stand_in_place_and_others_do_not() {
+        let at = |r: &str, t: &str| Some((r.to_string(), t.to_string()));
+        assert_eq!(
+            hub_stand_in("rust:slim-bookworm"),
+            at("lamina/hub/rust", "slim-bookworm")
+        );
+        assert_eq!(
+            hub_stand_in("docker.io/library/rust:slim-bookworm"),
+            at("lamina/hub/rust", "slim-bookworm")
+        );
+        assert_eq!(hub_stand_in("bitnami/redis"), at("lamina/hub/bitnami/redis", "latest"));
+        assert_eq!(hub_stand_in("ghcr.io/owner/tool:1"), None);
+        assert_eq!(hub_stand_in("127.0.0.1:5000/lamina/rust:latest"), None);
     }
 
     #[test]
