@@ -104,15 +104,21 @@ impl Browser {
         serde_json::from_value(self.script_with(&js, css)).unwrap()
     }
 
-    /// Waits (bounded) until an element matching `css` is on the page; its text.
+    /// Waits (bounded) until an element matching `css` is on the page; its text. A
+    /// WebDriver error while the page redraws is retried within the same bound.
     pub fn wait_for(&self, css: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
         self.rt.block_on(async {
-            self.client
-                .wait()
-                .at_most(within)
-                .for_element(Locator::Css(css))
-                .await
-                .unwrap_or_else(|e| panic!("no {css} within {within:?}: {e}"));
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match self.client.wait().at_most(left).for_element(Locator::Css(css)).await {
+                    Ok(_) => return,
+                    Err(e) if left.is_zero() || matches!(e, fantoccini::error::CmdError::WaitTimeout) => {
+                        panic!("no {css} within {within:?}: {e}")
+                    }
+                    Err(e) => eprintln!("waiting for {css}: {e}; retrying"),
+                }
+            }
         });
         self.texts(css).into_iter().next().unwrap_or_default()
     }
