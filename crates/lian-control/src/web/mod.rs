@@ -461,3 +461,105 @@ async fn events(State(app): State<Arc<App>>) -> Sse<impl Stream<Item = Result<Ev
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use lian_catalog::{Base, Layer, LayerClass};
+    use lian_core::LayerName;
+
+    use super::*;
+
+    /// `n` layers in one chain: `l0000 <- l0001 <- ...`.
+    fn chain(n: usize) -> CatalogIndex {
+        let name = |i: usize| LayerName::new(format!("l{i:04}")).unwrap();
+        let layers = (0..n)
+            .map(|i| Layer {
+                name: name(i),
+                class: LayerClass::Toolchain,
+                description: String::new(),
+                build_base: match i {
+                    0 => Base::Image {
+                        image: "scratch".into(),
+                    },
+                    _ => Base::Layer { layer: name(i - 1) },
+                },
+                runtime_base: Base::Image {
+                    image: "scratch".into(),
+                },
+                donors: vec![],
+                tools_provided: vec![],
+                artifact_paths: vec![],
+                native_deps: vec![],
+            })
+            .collect();
+        CatalogIndex::new(Catalog::new(layers).unwrap())
+    }
+
+    fn query(layer: Option<&str>, q: &str) -> CatalogQuery {
+        CatalogQuery {
+            layer: layer.map(String::from),
+            q: q.into(),
+        }
+    }
+
+    #[test]
+    fn a_small_catalog_is_drawn_whole_a_large_one_asks_for_a_layer() {
+        let live = Live::default();
+        let small = chain(5);
+        let q = query(None, "");
+        let v = catalog_view(&small, &live, &q).unwrap();
+        assert_eq!(v.layout.unwrap().nodes.len(), 5);
+        let large = chain(DRAW_WHOLE_UP_TO + 1);
+        let v = catalog_view(&large, &live, &q).unwrap();
+        assert!(v.layout.is_none());
+        let q = query(None, "l000");
+        let v = catalog_view(&large, &live, &q).unwrap();
+        assert_eq!(
+            v.matches,
+            [
+                "l0000", "l0001", "l0002", "l0003", "l0004", "l0005", "l0006", "l0007", "l0008", "l0009"
+            ]
+        );
+        let q = query(Some("nope"), "");
+        assert!(catalog_view(&large, &live, &q).is_err());
+    }
+
+    #[test]
+    fn a_lineage_past_the_drawing_cap_is_drawn_shallowest_first() {
+        let live = Live::default();
+        let index = chain(MAX_DRAWN + 20);
+        let q = query(Some("l0010"), "");
+        let v = catalog_view(&index, &live, &q).unwrap();
+        let layout = v.layout.unwrap();
+        assert_eq!((layout.nodes.len(), v.capped), (MAX_DRAWN, Some(MAX_DRAWN)));
+        assert_eq!(layout.nodes[0].name, "l0000");
+        assert_eq!(v.focus, Some("l0010"));
+    }
+
+    #[test]
+    fn what_a_build_says_reaches_the_page_escaped() {
+        let at = "2026-01-01T00:00:00Z";
+        let history: Vec<lian_core::Envelope> = serde_json::from_value(serde_json::json!([
+            {"build_id": "b1", "workspace": "ws", "seq": 1, "at": at, "worker": "<b>w</b>",
+             "type": "failed", "reason": "<script>alert(1)</script> & \"quotes\"", "step": "build"}
+        ]))
+        .unwrap();
+        let html = pages::build(&pages::BuildPage {
+            id: "b1",
+            row: None,
+            history,
+            progress: vec!["#1 RUN echo '<img src=x onerror=alert(1)>' done".into()],
+        })
+        .into_string();
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quotes&quot;"),
+            "{html}"
+        );
+        assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"), "{html}");
+        assert!(html.contains("&lt;b&gt;w&lt;/b&gt;"), "{html}");
+        assert!(
+            !html.contains("<script>") && !html.contains("<img") && !html.contains("<b>"),
+            "{html}"
+        );
+    }
+}
