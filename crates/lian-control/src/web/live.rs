@@ -93,6 +93,9 @@ pub struct BuildRow {
     /// Dockerfile steps served from cache, of steps.
     pub cache: Option<(u32, u32)>,
     pub reason: Option<String>,
+    /// A newer build of the same layer that overtook this one while it had not ended: the
+    /// layer's node follows the newer one (this one still runs to its own end).
+    pub superseded_by: Option<String>,
     pub worker: String,
     /// Order of first sighting: newest builds list first.
     pub seen: u64,
@@ -114,6 +117,7 @@ impl BuildRow {
             image_id: None,
             cache: None,
             reason: None,
+            superseded_by: None,
             worker: String::new(),
             seen,
         }
@@ -504,6 +508,14 @@ impl Model {
         let mark = self.layers.entry(layer.to_string()).or_default();
         let same = build.is_some() && mark.build.as_deref() == build;
         if same || mark.at.is_none_or(|t| t <= at) {
+            let overtaken = if same { None } else { mark.build.take() };
+            if let (Some(old), Some(new)) = (overtaken, build)
+                && let Some(row) = self.builds.get_mut(&old)
+                && !row.ended()
+            {
+                row.superseded_by = Some(new.to_string());
+            }
+            let mark = self.layers.get_mut(layer).expect("inserted above");
             mark.build = build.map(String::from);
             mark.cut_off = build.is_none();
             mark.at = Some(mark.at.map_or(at, |t| if same { t } else { at }));
@@ -684,6 +696,31 @@ mod tests {
         let ids: Vec<&str> = page.iter().map(|r| r.id.as_str()).collect();
         assert_eq!((ids, total), (vec!["x2", "x1"], 5));
         assert_eq!(live.workspaces(), ["other", "ws"]);
+    }
+
+    #[test]
+    fn a_newer_build_of_a_layer_supersedes_an_unfinished_one() {
+        let live = Live::default();
+        let accepted = |id: &str, at: i64| {
+            build_event(
+                "ws",
+                id,
+                1,
+                at,
+                serde_json::json!({"type": "accepted", "request": {
+                "build_id": id,
+                "directives": {"workspace": "ws", "artifact": {"image": "x:1", "language": "other"},
+                    "compute_provider": "docker_local", "registry_provider": "zot",
+                    "cache_policy": {"actor": "ci", "cache_from": [], "cache_to": []}},
+                "context": {"manifest": "manifest-00", "files": 0, "bytes": 0, "sent_bytes": 0},
+                "layer": "tools"}}),
+            )
+        };
+        live.apply_stored("lian.ws.build.old.accepted", &accepted("old", 10));
+        live.apply_stored("lian.ws.build.new.accepted", &accepted("new", 20));
+        assert_eq!(live.build("old").unwrap().superseded_by.as_deref(), Some("new"));
+        assert_eq!(live.build("new").unwrap().superseded_by, None);
+        assert_eq!(live.layer("tools").build.as_deref(), Some("new"));
     }
 
     #[test]

@@ -233,7 +233,10 @@ pub fn builds(p: &BuildsPage) -> Markup {
                         td { a href={"/builds/" (r.id)} { (r.id) } }
                         td { (r.workspace) }
                         td { @if let Some(l) = &r.layer { a href={"/catalog?layer=" (l)} { (l) } } @else { "-" } }
-                        td { (state_badge(r.state.as_str())) }
+                        td {
+                            (state_badge(r.state.as_str()))
+                            @if let Some(by) = &r.superseded_by { " " a.badge.s-superseded href={"/builds/" (by)} title="a newer build of its layer" { "superseded" } }
+                        }
                         td { (r.step) }
                         td { (r.runner_type.as_deref().unwrap_or("-")) }
                         td { (human_ms(r.duration(p.now).as_millis() as u64)) }
@@ -311,6 +314,7 @@ pub fn build(p: &BuildPage) -> Markup {
                 @if let Some(l) = &r.layer { " · layer " a href={"/catalog?layer=" (l)} { (l) } }
                 @if let Some(c) = &r.cascade { " · cascade " span.mono { (c) } }
                 @if !r.worker.is_empty() { " · last worker " (r.worker) }
+                @if let Some(by) = &r.superseded_by { " · superseded by " a href={"/builds/" (by)} { (by) } }
             }
         }
         @if let Some((reason, step)) = &failure {
