@@ -88,16 +88,29 @@ fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
     (ms[0], ms[ms.len() / 2], ms[ms.len() - 1])
 }
 
+/// One load of `url`: Navigation Timing's `loadEventEnd` in ms, after checking the page
+/// drew `count` elements matching `css`.
+fn load(browser: &Browser, url: &str, css: &str, count: usize) -> f64 {
+    browser.goto(url);
+    let ms =
+        browser.script("const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;");
+    assert_eq!(browser.attrs(css, "class").len(), count, "{url}: {css}");
+    ms.as_f64().unwrap()
+}
+
+/// `RUNS` loads of `url` after one warm-up: min/median/max ms.
+fn loads(browser: &Browser, url: &str, css: &str, count: usize) -> (f64, f64, f64) {
+    load(browser, url, css, count);
+    stats((0..RUNS).map(|_| load(browser, url, css, count)).collect())
+}
+
 /// Loads `path` `RUNS` times (after one warm-up) and fetches `api` as many times from
 /// the loaded page: (page load, anchor) in ms, each min/median/max; checks the page drew
 /// `nodes` layers.
 fn measure(browser: &Browser, base: &str, path: &str, api: &str, nodes: usize) -> ((f64, f64, f64), (f64, f64, f64)) {
     let (mut page, mut anchor) = (Vec::new(), Vec::new());
     for run in 0..=RUNS {
-        browser.goto(&format!("{base}{path}"));
-        let load = browser
-            .script("const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;");
-        assert_eq!(browser.attrs("svg.dag g.node", "data-layer").len(), nodes, "{path}");
+        let ms = load(browser, &format!("{base}{path}"), "svg.dag g.node", nodes);
         let fetched = browser.script_with(
             "const t0 = performance.now();
              return fetch(arguments[0], {headers: {Authorization: 'Bearer bench-token'}})
@@ -107,11 +120,42 @@ fn measure(browser: &Browser, base: &str, path: &str, api: &str, nodes: usize) -
         );
         assert_eq!(fetched[1].as_u64(), Some(nodes as u64), "{api}");
         if run > 0 {
-            page.push(load.as_f64().unwrap());
+            page.push(ms);
             anchor.push(fetched[0].as_f64().unwrap());
         }
     }
     (stats(page), stats(anchor))
+}
+
+/// `n` builds in workspace `bench`, each `started` then `completed` (every tenth `failed`),
+/// appended to the events stream as workers append them.
+fn record_builds(rt: &tokio::runtime::Runtime, nats_url: &str, n: usize) {
+    rt.block_on(async {
+        let bus = lian_bus::Bus::connect(nats_url, "bench-builds", Duration::from_secs(10))
+            .await
+            .unwrap();
+        let at = "2026-01-01T00:00:00Z";
+        for i in 0..n {
+            let id = format!("bench-{i:04}");
+            let envelope = |seq: u32, event: serde_json::Value| {
+                let mut v = serde_json::json!({"build_id": id, "workspace": "bench", "seq": seq, "at": at, "worker": "bench"});
+                v.as_object_mut().unwrap().extend(event.as_object().unwrap().clone());
+                v
+            };
+            let started = envelope(1, serde_json::json!({"type": "started", "runner_type": "cax11"}));
+            let end = if i % 10 == 0 {
+                envelope(2, serde_json::json!({"type": "failed", "reason": "bench: failed on purpose"}))
+            } else {
+                envelope(2, serde_json::json!({"type": "completed", "image": "bench/x:1", "image_id": format!("sha256:{i:064}")}))
+            };
+            for (seq, value) in [(1, started), (2, end)] {
+                let kind = value["type"].as_str().unwrap().to_string();
+                bus.append(&format!("lian.bench.build.{id}.{kind}"), &format!("{id}.{seq}"), &value)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
 }
 
 #[test]
@@ -177,6 +221,27 @@ fn page_load_of_the_catalog_view() {
             2000.0,
         ),
     ];
+    // 1,000 builds in the history: the builds list, paged by 50.
+    const BUILDS: usize = 1_000;
+    record_builds(&rt, &nats.url, BUILDS);
+    browser.goto(&format!("{small}/builds"));
+    browser.wait_for(&format!(r#"p.summary[data-total="{BUILDS}"]"#), Duration::from_secs(60));
+    let builds = [
+        ("builds list, 1,000 builds, page 1", "/builds", 50),
+        ("builds list, 1,000 builds, page 20", "/builds?page=20", 50),
+        (
+            "builds list, 1,000 builds, failed only (100)",
+            "/builds?state=failed",
+            50,
+        ),
+    ]
+    .map(|(what, path, rows)| {
+        (
+            what,
+            loads(&browser, &format!("{small}{path}"), "table.builds tbody tr", rows),
+        )
+    });
+
     println!(
         "page load (Navigation Timing loadEventEnd) vs anchor (fetch + JSON.parse of /api/v1/catalog), {RUNS} runs, ms min/median/max"
     );
@@ -185,6 +250,12 @@ fn page_load_of_the_catalog_view() {
             "{what}: page {pmin:.1}/{pmed:.1}/{pmax:.1}, anchor {amin:.1}/{amed:.1}/{amax:.1}, page/anchor {:.2}x (median), budget {budget} ms",
             pmed / amed
         );
+    }
+    for (what, (min, median, max)) in &builds {
+        println!("{what}: page {min:.1}/{median:.1}/{max:.1}, budget 2000 ms");
+    }
+    for (what, (_, median, _)) in &builds {
+        assert!(*median < 2000.0, "{what}: median page load {median:.1} ms");
     }
     for (what, ((_, median, _), _), budget) in &rows {
         assert!(

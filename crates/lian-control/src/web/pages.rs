@@ -224,7 +224,7 @@ pub fn builds(p: &BuildsPage) -> Markup {
             }
             button type="submit" { "Filter" }
         }
-        p.summary { (p.total) " builds · page " (p.page) " of " (pages) }
+        p.summary data-total=(p.total) { (p.total) " builds · page " (p.page) " of " (pages) }
         table.builds {
             thead { tr { th { "build" } th { "workspace" } th { "layer" } th { "state" } th { "step" } th { "tier" } th { "duration" } th { "started" } } }
             tbody {
