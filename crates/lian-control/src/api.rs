@@ -13,6 +13,7 @@ use axum::routing::{delete, get, post};
 use lian_bus::{Bus, BusError};
 use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseState, LeaseView, MetricsRecord, P95Answer};
 use lian_core::{LeaseKey, Workspace};
+use lian_runner::Held;
 use serde::de::DeserializeOwned;
 
 use crate::ControlOptions;
@@ -67,7 +68,7 @@ pub fn unavailable(err: BusError) -> Response {
 }
 
 /// The body as a `T`, or why it is not one.
-pub fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("the body is not a valid {what}: {e}"))
 }
 
@@ -99,7 +100,7 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
             "owner must name the worker holding the lease (1 to 128 characters)",
         );
     }
-    let backend = match app.options.providers.backend(request.provider) {
+    let provider = match app.options.providers.get(request.provider) {
         Ok(b) => b,
         Err(e) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, "not_configured", e.to_string()),
     };
@@ -117,9 +118,9 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
         lease_id: key.clone(),
         provider: request.provider,
         runner_type: request.runner_type,
-        workspace: request.workspace,
-        build_id: request.build_id,
-        owner: request.owner,
+        workspace: request.workspace.clone(),
+        build_id: request.build_id.clone(),
+        owner: request.owner.clone(),
         state: LeaseState::Creating,
         host: String::new(),
         provider_id: String::new(),
@@ -130,10 +131,12 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
     if let Err(e) = app.bus.record_lease(&lease).await {
         return unavailable(e);
     }
-    match backend
-        .spawn(&key, lease.runner_type, request.engine_store.as_deref())
-        .await
-    {
+    // A lease recorded before keeps its tier.
+    let ask = LeaseRequest {
+        runner_type: lease.runner_type,
+        ..request
+    };
+    match provider.lease(&ask).await {
         Ok(spawned) => {
             lease.state = LeaseState::Ready;
             lease.host = spawned.host;
@@ -150,7 +153,12 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Err(err) => {
             app.counters.lease_failures.inc();
             // Whatever the provider got to is taken down: a failed lease leaves nothing.
-            if let Err(e) = backend.destroy(&key, lease.runner_type, None).await {
+            let held = Held {
+                key: &key,
+                runner_type: lease.runner_type,
+                host: None,
+            };
+            if let Err(e) = provider.release(held).await {
                 tracing::warn!(lease = %key, err = %e, "a failed lease could not be cleaned up; the reaper will retry");
             } else if let Err(e) = app.bus.forget_lease(&key).await {
                 return unavailable(e);
@@ -162,16 +170,14 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
 }
 
 /// Destroys a lease's runner and forgets the lease.
-pub async fn destroy(app: &App, lease: &Lease) -> Result<(), String> {
-    let backend = app
-        .options
-        .providers
-        .backend(lease.provider)
-        .map_err(|e| e.to_string())?;
-    backend
-        .destroy(&lease.lease_id, lease.runner_type, Some(&lease.host))
-        .await
-        .map_err(|e| e.to_string())?;
+pub(crate) async fn destroy(app: &App, lease: &Lease) -> Result<(), String> {
+    let provider = app.options.providers.get(lease.provider).map_err(|e| e.to_string())?;
+    let held = Held {
+        key: &lease.lease_id,
+        runner_type: lease.runner_type,
+        host: Some(&lease.host),
+    };
+    provider.release(held).await.map_err(|e| e.to_string())?;
     app.bus.forget_lease(&lease.lease_id).await.map_err(|e| e.to_string())
 }
 

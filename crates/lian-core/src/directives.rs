@@ -62,6 +62,9 @@ pub enum ComputeProvider {
 }
 
 impl ComputeProvider {
+    /// Every provider a build can name.
+    pub const ALL: [ComputeProvider; 4] = [Self::DockerLocal, Self::SshPool, Self::Hcloud, Self::Proxmox];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DockerLocal => "docker_local",

@@ -58,7 +58,7 @@ impl CloudRunner {
     pub fn from_lease(lease: &Lease, client_key: &Path, staging_root: &Path) -> Result<Self, RunnerError> {
         let key = lease.lease_id.clone();
         let (Some(host_key), Some(port)) = (lease.host_key.as_deref(), lease.ssh_port) else {
-            return Err(RunnerError::Remote {
+            return Err(RunnerError::Failed {
                 lease_key: key,
                 message: format!(
                     "the {} lease has no pinned host key or SSH port: it is not a cloud runner ready to be reached",
@@ -67,7 +67,7 @@ impl CloudRunner {
             });
         };
         if lease.host.is_empty() {
-            return Err(RunnerError::Remote {
+            return Err(RunnerError::Failed {
                 lease_key: key,
                 message: "the lease has no address yet".into(),
             });

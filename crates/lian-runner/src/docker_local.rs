@@ -9,10 +9,16 @@ use lian_core::sizing::RunnerType;
 use lian_core::{LeaseKey, StoreUse};
 use serde::{Deserialize, Serialize};
 
+use async_trait::async_trait;
+use lian_core::control::LeaseRequest;
+use lian_core::directives::ComputeProvider;
+
 use crate::cgroup::LeaseCgroup;
 use crate::engine::{LeaseEngine, parent_images};
 use crate::engine_store::EngineStores;
-use crate::{Runner, RunnerError};
+use crate::provider::{Built, Held, OnStep, Provider, RunnerHandle};
+use crate::warm::{CachePlan, Pulled};
+use crate::{BuildFailure, BuildInvocation, DockerBuilder, Runner, RunnerError, Sampler};
 
 /// BuildKit cache an engine store keeps (beyond its images) when a build hands it back.
 pub const STORE_KEEP_BYTES: u64 = 16 << 30;
@@ -22,6 +28,9 @@ pub struct DockerLocal {
     pub(crate) root: PathBuf,
     pub(crate) isolation: Isolation,
     pub(crate) docker_cli: PathBuf,
+    /// How builds on this host's runners run (`None`: this host only leases, as the control
+    /// plane does).
+    pub(crate) builder: Option<DockerBuilder>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +68,14 @@ impl DockerLocal {
             root: root.into(),
             isolation,
             docker_cli: docker_cli.into(),
+            builder: None,
         }
+    }
+
+    /// The same provider, building on its runners with `builder` (a worker's).
+    pub fn with_builder(mut self, builder: DockerBuilder) -> Self {
+        self.builder = Some(builder);
+        self
     }
 
     fn engine(&self, key: &LeaseKey) -> Option<LeaseEngine> {
@@ -88,22 +104,22 @@ impl DockerLocal {
     }
 
     /// `DOCKER_HOST` for builds on this lease, when it has an engine of its own.
-    pub fn docker_host(&self, key: &LeaseKey) -> Option<String> {
+    pub(crate) fn docker_host(&self, key: &LeaseKey) -> Option<String> {
         self.engine(key).map(|e| e.host())
     }
 
     /// The lease's cgroup, when it has one: its counters measure the build.
-    pub fn cgroup(&self, key: &LeaseKey) -> Option<LeaseCgroup> {
+    pub(crate) fn cgroup(&self, key: &LeaseKey) -> Option<LeaseCgroup> {
         self.engine(key).map(|e| e.cgroup)
     }
 
     /// The lease's Docker client config (its registry credentials), beside its context.
-    pub fn docker_config(&self, key: &LeaseKey) -> PathBuf {
+    pub(crate) fn docker_config(&self, key: &LeaseKey) -> PathBuf {
         self.dir(key).join("docker-config")
     }
 
     /// A private file of the lease's, removed with it.
-    pub fn private_file(&self, key: &LeaseKey, name: &str) -> PathBuf {
+    pub(crate) fn private_file(&self, key: &LeaseKey, name: &str) -> PathBuf {
         self.dir(key).join(name)
     }
 
@@ -113,14 +129,14 @@ impl DockerLocal {
     }
 
     /// How the lease's engine began, when it belongs to a namespace's engine store.
-    pub fn store_use(&self, key: &LeaseKey) -> Option<StoreUse> {
+    pub(crate) fn store_use(&self, key: &LeaseKey) -> Option<StoreUse> {
         self.record(key)?.store
     }
 
     /// Called once the lease's build succeeded: prunes BuildKit's cache down to
     /// [`STORE_KEEP_BYTES`] and unused images, and lets the lease's data root become its
     /// namespace's store when the lease goes.
-    pub async fn keep_store(&self, key: &LeaseKey) -> Result<(), String> {
+    pub(crate) async fn keep_store(&self, key: &LeaseKey) -> Result<(), String> {
         let Some(engine) = self.engine(key) else { return Ok(()) };
         if self.store_use(key).is_none() {
             return Ok(());
@@ -153,7 +169,12 @@ impl DockerLocal {
 
     /// Puts the images a Dockerfile builds on into the lease's engine, from the host's;
     /// `present` (pulled from the registry already) are skipped.
-    pub async fn load_parents(&self, key: &LeaseKey, dockerfile: &Path, present: &[String]) -> Result<(), String> {
+    pub(crate) async fn load_parents(
+        &self,
+        key: &LeaseKey,
+        dockerfile: &Path,
+        present: &[String],
+    ) -> Result<(), String> {
         let Some(engine) = self.engine(key) else { return Ok(()) };
         let text = tokio::fs::read_to_string(dockerfile)
             .await
@@ -174,7 +195,7 @@ impl DockerLocal {
     }
 
     /// Copies the built image from the lease's engine to the host's, before the lease goes.
-    pub async fn publish(&self, key: &LeaseKey, image: &str) -> Result<(), String> {
+    pub(crate) async fn publish(&self, key: &LeaseKey, image: &str) -> Result<(), String> {
         let Some(engine) = self.engine(key) else { return Ok(()) };
         LeaseEngine::copy_image(&self.docker_cli, image, Some(&engine.host()), None).await
     }
@@ -184,7 +205,7 @@ impl DockerLocal {
     }
 
     /// The directory the build context is put in.
-    pub fn workspace(&self, key: &LeaseKey) -> PathBuf {
+    pub(crate) fn workspace(&self, key: &LeaseKey) -> PathBuf {
         self.dir(key).join("context")
     }
 
@@ -256,7 +277,7 @@ impl DockerLocal {
         engine
             .start(&self.docker_cli, memory, cpus)
             .await
-            .map_err(|message| RunnerError::Remote {
+            .map_err(|message| RunnerError::Failed {
                 lease_key: key.clone(),
                 message,
             })
@@ -281,7 +302,7 @@ impl DockerLocal {
     /// namespace's engine store; destroying a runner that is gone succeeds.
     pub async fn destroy(&self, key: &LeaseKey) -> Result<(), RunnerError> {
         if let Some(engine) = self.engine(key) {
-            let clean = engine.stop().await.map_err(|message| RunnerError::Remote {
+            let clean = engine.stop().await.map_err(|message| RunnerError::Failed {
                 lease_key: key.clone(),
                 message,
             })?;
@@ -326,6 +347,133 @@ impl DockerLocal {
     /// The lease keys of every runner that exists now.
     pub fn leases(&self) -> Vec<String> {
         list_dirs(&self.root)
+    }
+}
+
+#[async_trait]
+impl Provider for DockerLocal {
+    fn kind(&self) -> ComputeProvider {
+        ComputeProvider::DockerLocal
+    }
+
+    async fn lease(&self, ask: &LeaseRequest) -> Result<Runner, RunnerError> {
+        self.spawn(&ask.lease_key, ask.runner_type, ask.engine_store.as_deref())
+            .await
+    }
+
+    async fn reach(&self, lease: Held<'_>) -> Result<Box<dyn RunnerHandle>, RunnerError> {
+        Ok(Box::new(LocalRunner {
+            context: self.workspace(lease.key),
+            provider: self.clone(),
+            key: lease.key.clone(),
+        }))
+    }
+
+    async fn release(&self, lease: Held<'_>) -> Result<(), RunnerError> {
+        self.destroy(lease.key).await
+    }
+}
+
+/// A docker_local lease, reached on this host.
+struct LocalRunner {
+    provider: DockerLocal,
+    key: LeaseKey,
+    context: PathBuf,
+}
+
+#[async_trait]
+impl RunnerHandle for LocalRunner {
+    fn context_dir(&self) -> &Path {
+        &self.context
+    }
+
+    fn builds_warm(&self) -> bool {
+        true
+    }
+
+    fn private_file(&self, name: &str) -> Option<PathBuf> {
+        Some(self.provider.private_file(&self.key, name))
+    }
+
+    /// Parents into the lease's engine (from the registry by digest, else from the host's
+    /// engine), the build warm from the registry's caches where `plan` names them, usage
+    /// sampled from its cgroup, the image back to the host's engine. Out of memory is what
+    /// the cgroup says; the exit code 137 / "Killed" is the signal only where there is no
+    /// cgroup.
+    async fn build(
+        &self,
+        invocation: &BuildInvocation<'_>,
+        plan: Option<CachePlan>,
+        on_step: OnStep<'_>,
+    ) -> Result<Built, BuildFailure> {
+        let (provider, key) = (&self.provider, &self.key);
+        let fail = |reason: String| BuildFailure { reason, oom: false };
+        let base = provider
+            .builder
+            .clone()
+            .ok_or_else(|| fail("this host leases docker_local runners but does not build on them".into()))?;
+        let builder = DockerBuilder {
+            host: provider.docker_host(key).or_else(|| base.host.clone()),
+            config: plan.as_ref().map(|_| provider.docker_config(key)),
+            ..base
+        };
+        let dockerfile = invocation.context.join(invocation.dockerfile);
+        let mut pulled = Pulled::default();
+        if let (Some(plan), Some(config)) = (&plan, &builder.config) {
+            plan.registry
+                .write_docker_config(config)
+                .map_err(|e| fail(e.to_string()))?;
+            let text = tokio::fs::read_to_string(&dockerfile)
+                .await
+                .map_err(|e| fail(format!("{}: {e}", dockerfile.display())))?;
+            pulled = plan.pull_parents(&builder, &text).await?;
+        }
+        let present: Vec<String> = pulled.parents.iter().map(|(name, _)| name.clone()).collect();
+        provider.load_parents(key, &dockerfile, &present).await.map_err(fail)?;
+        let cgroup = provider.cgroup(key);
+        let sampler = cgroup
+            .clone()
+            .map(|cg| Sampler::start(cg, std::time::Duration::from_secs(1)));
+        let result = match &plan {
+            Some(plan) => plan
+                .build(&builder, invocation, on_step)
+                .await
+                .map(|(out, mut report)| {
+                    report.parents_pulled = pulled.parents.iter().map(|(_, r)| r.clone()).collect();
+                    report.bytes_pulled = Some(pulled.bytes);
+                    (out, Some(report))
+                }),
+            None => builder.build(invocation, on_step).await.map(|out| (out, None)),
+        };
+        let (cpu_p95, mem_p95_gb) = match sampler {
+            Some(s) => s.finish().await,
+            None => (None, None),
+        };
+        match result {
+            Ok((output, report)) => {
+                provider.publish(key, invocation.image).await.map_err(fail)?;
+                if let Err(err) = provider.keep_store(key).await {
+                    // The build stands; its engine's store is only not kept.
+                    tracing::warn!(lease = %key, %err, "engine store not kept");
+                }
+                let cache = report.map(|mut r| {
+                    r.engine_store = provider.store_use(key);
+                    r
+                });
+                Ok(Built {
+                    output,
+                    cpu_p95,
+                    mem_p95_gb,
+                    cache,
+                })
+            }
+            Err(mut f) => {
+                if let Some(cg) = &cgroup {
+                    f.oom = cg.hit_memory_limit();
+                }
+                Err(f)
+            }
+        }
     }
 }
 

@@ -81,7 +81,7 @@ impl LeaseEngine {
     }
 
     /// Starts the engine unless it runs already; returns once it answers.
-    pub async fn start(&self, cli: &Path, memory_bytes: u64, cpus: u32) -> Result<(), String> {
+    pub(crate) async fn start(&self, cli: &Path, memory_bytes: u64, cpus: u32) -> Result<(), String> {
         if self.pid().is_some_and(Self::alive) && self.answers(cli).await {
             return Ok(());
         }
@@ -123,7 +123,7 @@ impl LeaseEngine {
 
     /// Stops the engine and removes its cgroup; stopping a stopped engine succeeds. `true`
     /// when it shut down by itself (not killed): its data root is whole.
-    pub async fn stop(&self) -> Result<bool, String> {
+    pub(crate) async fn stop(&self) -> Result<bool, String> {
         let mut clean = true;
         if let Some(pid) = self.pid() {
             // SAFETY: signalling a process by pid.
@@ -173,7 +173,12 @@ impl LeaseEngine {
     }
 
     /// Copies `image` from the engine at `from` to the engine at `to` (`None`: the host's).
-    pub async fn copy_image(cli: &Path, image: &str, from: Option<&str>, to: Option<&str>) -> Result<(), String> {
+    pub(crate) async fn copy_image(
+        cli: &Path,
+        image: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<(), String> {
         let with_host = |host: Option<&str>| {
             let mut c = tokio::process::Command::new(cli);
             if let Some(h) = host {

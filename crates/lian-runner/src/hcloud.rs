@@ -466,6 +466,49 @@ impl Hcloud {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::Provider for Hcloud {
+    fn kind(&self) -> lian_core::directives::ComputeProvider {
+        lian_core::directives::ComputeProvider::Hcloud
+    }
+
+    /// A server with a host key pair generated here for the lease; its public half comes
+    /// back to be pinned.
+    async fn lease(&self, ask: &lian_core::control::LeaseRequest) -> Result<crate::Runner, crate::RunnerError> {
+        let key = &ask.lease_key;
+        let server = self
+            .spawn(key, ask.runner_type, &crate::lease_host_key(key)?)
+            .await
+            .map_err(|e| fault(key, e))?;
+        Ok(crate::Runner {
+            lease_key: key.clone(),
+            lease_id: format!("hcloud:{}", server.id),
+            host: server.ip,
+            runner_type: ask.runner_type,
+            host_key: server.host_key,
+            ssh_port: Some(self.ssh_port()),
+        })
+    }
+
+    async fn reach(&self, _: crate::Held<'_>) -> Result<Box<dyn crate::RunnerHandle>, crate::RunnerError> {
+        Err(crate::RunnerError::ReachedByWorkers { provider: "hcloud" })
+    }
+
+    async fn release(&self, lease: crate::Held<'_>) -> Result<(), crate::RunnerError> {
+        self.destroy(lease.key).await.map_err(|e| fault(lease.key, e))
+    }
+}
+
+/// The API not answering is worth another try; anything it answered is not.
+fn fault(key: &LeaseKey, e: HcloudError) -> crate::RunnerError {
+    let message = e.to_string();
+    let lease_key = key.clone();
+    match e {
+        HcloudError::Transport { .. } => crate::RunnerError::Remote { lease_key, message },
+        _ => crate::RunnerError::Failed { lease_key, message },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ mod engine;
 mod engine_store;
 pub mod hcloud;
 pub mod progress;
+mod provider;
 pub mod proxmox;
 pub mod registry;
 pub mod ssh;
@@ -27,10 +28,13 @@ pub use control::{ControlClient, ControlError};
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
 pub use docker_local::{DockerLocal, Isolation};
 pub use hcloud::{Hcloud, HcloudConfig};
+pub use provider::{Built, CloudRunners, Held, OnStep, Provider, RunnerHandle, Unconfigured, ViaControl};
 pub use proxmox::{Proxmox, ProxmoxConfig};
 pub use ssh_pool::{HostBuilder, SshHost, SshPool};
 pub use usage::Sampler;
 pub use warm_pool::WarmEngine;
+
+use std::sync::Arc;
 
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;
@@ -58,10 +62,35 @@ pub struct Runner {
     pub ssh_port: Option<u16>,
 }
 
+/// How a runner error is to be taken: the lifecycle decides from this whether to try the
+/// step again on another delivery or to fail the build with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Something could not be reached or answered nonsense (a network or SSH hiccup, the
+    /// control plane restarting): the same step may work on another delivery.
+    Transient,
+    /// The provider tried and failed (an engine that would not start, an API that said no).
+    Permanent,
+    /// Refused before anything was tried: configuration or policy (a provider this host
+    /// does not have, a host key that does not match); asking again meets the same answer.
+    Refused,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     #[error("compute provider {provider} is not configured on this worker: {hint}")]
     NotConfigured { provider: &'static str, hint: &'static str },
+    /// Only the control plane leases this provider's runners (it alone holds their tokens).
+    #[error("{provider} runners are leased through the control plane: set control_url and control_token")]
+    LeasedElsewhere { provider: &'static str },
+    /// Runners of this provider are reached by workers, not by the control plane.
+    #[error("{provider} runners are reached by workers over SSH, not by the control plane")]
+    ReachedByWorkers { provider: &'static str },
+    #[error(
+        "{provider} runners are reached over SSH with the worker's client key: set runner_ssh_key in lian.toml \
+         (the private half of authorized_key in the control plane's [{provider}])"
+    )]
+    NoClientKey { provider: &'static str },
     #[error("{op} runner {lease_key}: {source}")]
     Io {
         op: &'static str,
@@ -70,24 +99,53 @@ pub enum RunnerError {
     },
     #[error("no ssh pool host serves tier {tier} (hosts: {hosts}): add one to ssh_hosts or ask for a smaller runner")]
     NoHost { tier: &'static str, hosts: String },
+    /// The runner's host could not be reached or the connection broke.
     #[error("runner {lease_key}: {message}")]
     Remote { lease_key: LeaseKey, message: String },
+    /// The runner's host (or provider) was reached and what was asked of it failed.
+    #[error("runner {lease_key}: {message}")]
+    Failed { lease_key: LeaseKey, message: String },
     #[error("compute provider {provider} is misconfigured: {message}")]
     Misconfigured { provider: &'static str, message: String },
     /// The runner did not show the host key pinned for its lease: nothing was sent to it.
     #[error("runner {lease_key}: {message}")]
     HostKey { lease_key: LeaseKey, message: String },
+    /// A warm pool engine could not be set up (or cleared away).
+    #[error("warm pool: {message}")]
+    Pool { message: String },
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
-fn remote(key: &LeaseKey) -> impl FnOnce(String) -> RunnerError + '_ {
-    move |message| RunnerError::Remote {
-        lease_key: key.clone(),
-        message,
+impl RunnerError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RunnerError::Remote { .. } | RunnerError::Control(ControlError::Unreachable { .. }) => ErrorKind::Transient,
+            RunnerError::Io { .. } | RunnerError::Failed { .. } | RunnerError::Pool { .. } => ErrorKind::Permanent,
+            RunnerError::NotConfigured { .. }
+            | RunnerError::LeasedElsewhere { .. }
+            | RunnerError::ReachedByWorkers { .. }
+            | RunnerError::NoClientKey { .. }
+            | RunnerError::NoHost { .. }
+            | RunnerError::Misconfigured { .. }
+            | RunnerError::HostKey { .. }
+            | RunnerError::Control(ControlError::Refused { .. }) => ErrorKind::Refused,
+        }
     }
 }
 
-/// The providers this worker (or control plane) can lease from. Only the control plane
-/// has hcloud and proxmox: it alone holds their credentials.
+/// A host key pair generated for a cloud lease: the runner gets the private half, the
+/// public half is pinned.
+pub(crate) fn lease_host_key(key: &LeaseKey) -> Result<ssh::HostKeyPair, RunnerError> {
+    ssh::generate_host_key(&format!("lian-runner {key}")).map_err(|source| RunnerError::Io {
+        op: "generate a host key for",
+        lease_key: key.clone(),
+        source,
+    })
+}
+
+/// The registry of providers: the ones this worker (or control plane) can lease from. Only
+/// the control plane has hcloud and proxmox: it alone holds their credentials.
 #[derive(Debug, Clone)]
 pub struct Providers {
     pub docker_local: Option<DockerLocal>,
@@ -96,82 +154,38 @@ pub struct Providers {
     pub proxmox: Option<Proxmox>,
 }
 
-/// One provider, seen through what the lifecycle asks of every provider.
-pub enum Backend<'a> {
-    Local(&'a DockerLocal),
-    Ssh(&'a SshPool),
-    Hcloud(&'a Hcloud),
-    Proxmox(&'a Proxmox),
-}
-
-impl Backend<'_> {
-    /// Finds the runner leased under `key`, or creates it. A cloud runner is given a host
-    /// key pair generated here for the lease; its public half comes back to be pinned. A
-    /// docker_local engine starts from `engine_store`'s store (ADR lian-044).
-    pub async fn spawn(
-        &self,
-        key: &LeaseKey,
-        tier: RunnerType,
-        engine_store: Option<&str>,
-    ) -> Result<Runner, RunnerError> {
-        let host_keys = || {
-            ssh::generate_host_key(&format!("lian-runner {key}")).map_err(|source| RunnerError::Io {
-                op: "generate a host key for",
-                lease_key: key.clone(),
-                source,
-            })
-        };
-        match self {
-            Backend::Local(p) => p.spawn(key, tier, engine_store).await,
-            Backend::Ssh(p) => p.spawn(key, tier).await,
-            Backend::Hcloud(p) => {
-                let server = p
-                    .spawn(key, tier, &host_keys()?)
-                    .await
-                    .map_err(|e| remote(key)(e.to_string()))?;
-                Ok(Runner {
-                    lease_key: key.clone(),
-                    lease_id: format!("hcloud:{}", server.id),
-                    host: server.ip,
-                    runner_type: tier,
-                    host_key: server.host_key,
-                    ssh_port: Some(p.ssh_port()),
-                })
-            }
-            Backend::Proxmox(p) => {
-                let pair = host_keys()?;
-                let vm = p
-                    .spawn(key, tier, &pair)
-                    .await
-                    .map_err(|e| remote(key)(e.to_string()))?;
-                Ok(Runner {
-                    lease_key: key.clone(),
-                    lease_id: format!("proxmox:{}/{}", vm.node, vm.vmid),
-                    host: vm.ip,
-                    runner_type: tier,
-                    host_key: Some(pair.public_key),
-                    ssh_port: Some(p.ssh_port()),
-                })
-            }
+/// How to configure a provider this host does not have.
+fn hint(provider: ComputeProvider) -> &'static str {
+    match provider {
+        ComputeProvider::DockerLocal => "start the worker with a runner directory (`lian worker --state-dir DIR`)",
+        ComputeProvider::SshPool => "list the pool's hosts as [[ssh_hosts]] in lian.toml",
+        ComputeProvider::Hcloud => {
+            "hcloud runners are leased through the control plane: configure [hcloud] in its lian.toml \
+             (the token in LIAN_HCLOUD_TOKEN)"
+        }
+        ComputeProvider::Proxmox => {
+            "proxmox runners are leased through the control plane: configure [proxmox] in its \
+             lian.toml (the token secret in LIAN_PROXMOX_TOKEN_SECRET)"
         }
     }
+}
 
-    /// Destroys the runner leased under `key`; `host` is where the lease said it was (an
-    /// ssh_pool lease whose spawn was never recorded is on the host its key maps to).
-    /// Destroying a runner that is gone succeeds.
-    pub async fn destroy(&self, key: &LeaseKey, tier: RunnerType, host: Option<&str>) -> Result<(), RunnerError> {
-        match self {
-            Backend::Local(p) => p.destroy(key).await,
-            Backend::Ssh(p) => {
-                let host = match host.filter(|h| !h.is_empty()) {
-                    Some(h) => h.to_string(),
-                    None => p.host_for(key, tier)?.name.clone(),
-                };
-                p.destroy(key, &host).await
-            }
-            Backend::Hcloud(p) => p.destroy(key).await.map_err(|e| remote(key)(e.to_string())),
-            Backend::Proxmox(p) => p.destroy(key).await.map_err(|e| remote(key)(e.to_string())),
-        }
+/// Every provider a build can name, each seen through [`Provider`]: what a worker's effects
+/// call. Built from a host's [`Providers`] by [`Providers::for_worker`].
+#[derive(Debug, Clone)]
+pub struct Registry {
+    providers: Vec<Arc<dyn Provider>>,
+}
+
+impl Registry {
+    /// The provider a build names; one this host does not have refuses every ask, naming
+    /// how to configure it.
+    pub fn get(&self, kind: ComputeProvider) -> &dyn Provider {
+        self.providers
+            .iter()
+            .find(|p| p.kind() == kind)
+            .map(|p| p.as_ref())
+            .expect("for_worker registers every ComputeProvider")
     }
 }
 
@@ -231,44 +245,63 @@ impl Providers {
         Ok(self)
     }
 
-    pub fn backend(&self, provider: ComputeProvider) -> Result<Backend<'_>, RunnerError> {
-        match provider {
-            ComputeProvider::DockerLocal => {
-                self.docker_local
-                    .as_ref()
-                    .map(Backend::Local)
-                    .ok_or(RunnerError::NotConfigured {
-                        provider: "docker_local",
-                        hint: "start the worker with a runner directory (`lian worker --state-dir DIR`)",
-                    })
-            }
+    /// The provider `kind` on this host, or the refusal naming how to configure it.
+    pub fn get(&self, kind: ComputeProvider) -> Result<&dyn Provider, RunnerError> {
+        let found: Option<&dyn Provider> = match kind {
+            ComputeProvider::DockerLocal => self.docker_local.as_ref().map(|p| p as &dyn Provider),
             ComputeProvider::SshPool => self
                 .ssh_pool
                 .as_ref()
                 .filter(|p| !p.is_empty())
-                .map(Backend::Ssh)
-                .ok_or(RunnerError::NotConfigured {
-                    provider: "ssh_pool",
-                    hint: "list the pool's hosts as [[ssh_hosts]] in lian.toml",
+                .map(|p| p as &dyn Provider),
+            ComputeProvider::Hcloud => self.hcloud.as_ref().map(|p| p as &dyn Provider),
+            ComputeProvider::Proxmox => self.proxmox.as_ref().map(|p| p as &dyn Provider),
+        };
+        found.ok_or(RunnerError::NotConfigured {
+            provider: kind.as_str(),
+            hint: hint(kind),
+        })
+    }
+
+    /// What a worker leases from: this host's providers, building with `builder`; cloud
+    /// runners reached with `client_key` over SSH (their contexts staged under
+    /// `cloud_staging`); and, with a control plane, every lease taken and given back
+    /// through it.
+    pub fn for_worker(
+        &self,
+        builder: &DockerBuilder,
+        control: Option<&ControlClient>,
+        client_key: Option<&std::path::Path>,
+        cloud_staging: &std::path::Path,
+    ) -> Registry {
+        let here = |kind: ComputeProvider| -> Arc<dyn Provider> {
+            match kind {
+                ComputeProvider::DockerLocal => match &self.docker_local {
+                    Some(p) => Arc::new(p.clone().with_builder(builder.clone())),
+                    None => Arc::new(Unconfigured { kind, hint: hint(kind) }),
+                },
+                ComputeProvider::SshPool => match self.ssh_pool.as_ref().filter(|p| !p.is_empty()) {
+                    Some(p) => Arc::new(p.clone()),
+                    None => Arc::new(Unconfigured { kind, hint: hint(kind) }),
+                },
+                ComputeProvider::Hcloud | ComputeProvider::Proxmox => Arc::new(CloudRunners {
+                    kind,
+                    control: control.cloned(),
+                    client_key: client_key.map(std::path::Path::to_path_buf),
+                    staging: cloud_staging.to_path_buf(),
                 }),
-            ComputeProvider::Hcloud => self
-                .hcloud
-                .as_ref()
-                .map(Backend::Hcloud)
-                .ok_or(RunnerError::NotConfigured {
-                    provider: "hcloud",
-                    hint: "hcloud runners are leased through the control plane: configure [hcloud] in its lian.toml \
-                       (the token in LIAN_HCLOUD_TOKEN)",
-                }),
-            ComputeProvider::Proxmox => self
-                .proxmox
-                .as_ref()
-                .map(Backend::Proxmox)
-                .ok_or(RunnerError::NotConfigured {
-                    provider: "proxmox",
-                    hint: "proxmox runners are leased through the control plane: configure [proxmox] in its \
-                               lian.toml (the token secret in LIAN_PROXMOX_TOKEN_SECRET)",
-                }),
-        }
+            }
+        };
+        let providers = ComputeProvider::ALL
+            .iter()
+            .map(|&kind| match control {
+                Some(control) => Arc::new(ViaControl {
+                    control: control.clone(),
+                    here: here(kind),
+                }) as Arc<dyn Provider>,
+                None => here(kind),
+            })
+            .collect();
+        Registry { providers }
     }
 }

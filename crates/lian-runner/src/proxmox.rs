@@ -799,3 +799,47 @@ impl Proxmox {
         }
     }
 }
+
+#[async_trait::async_trait]
+impl crate::Provider for Proxmox {
+    fn kind(&self) -> lian_core::directives::ComputeProvider {
+        lian_core::directives::ComputeProvider::Proxmox
+    }
+
+    /// A VM given a host key pair generated here for the lease; its public half is the
+    /// one to pin.
+    async fn lease(&self, ask: &lian_core::control::LeaseRequest) -> Result<crate::Runner, crate::RunnerError> {
+        let key = &ask.lease_key;
+        let pair = crate::lease_host_key(key)?;
+        let vm = self
+            .spawn(key, ask.runner_type, &pair)
+            .await
+            .map_err(|e| fault(key, e))?;
+        Ok(crate::Runner {
+            lease_key: key.clone(),
+            lease_id: format!("proxmox:{}/{}", vm.node, vm.vmid),
+            host: vm.ip,
+            runner_type: ask.runner_type,
+            host_key: Some(pair.public_key),
+            ssh_port: Some(self.ssh_port()),
+        })
+    }
+
+    async fn reach(&self, _: crate::Held<'_>) -> Result<Box<dyn crate::RunnerHandle>, crate::RunnerError> {
+        Err(crate::RunnerError::ReachedByWorkers { provider: "proxmox" })
+    }
+
+    async fn release(&self, lease: crate::Held<'_>) -> Result<(), crate::RunnerError> {
+        self.destroy(lease.key).await.map_err(|e| fault(lease.key, e))
+    }
+}
+
+/// The API not answering is worth another try; anything it answered is not.
+fn fault(key: &LeaseKey, e: ProxmoxError) -> crate::RunnerError {
+    let message = e.to_string();
+    let lease_key = key.clone();
+    match e {
+        ProxmoxError::Transport { .. } => crate::RunnerError::Remote { lease_key, message },
+        _ => crate::RunnerError::Failed { lease_key, message },
+    }
+}

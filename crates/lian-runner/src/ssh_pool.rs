@@ -9,13 +9,18 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use lian_core::LeaseKey;
+use lian_core::control::LeaseRequest;
+use lian_core::directives::ComputeProvider;
 use lian_core::sizing::RunnerType;
 use serde::{Deserialize, Serialize};
 
 use crate::docker_build::failure;
+use crate::provider::{Built, Held, OnStep, Provider, RunnerHandle};
 use crate::ssh::{SshSession, SshTarget};
 use crate::sync::{SyncStats, sync_dir};
+use crate::warm::CachePlan;
 use crate::{BuildFailure, BuildInvocation, BuildOutput, CloudRunner, DockerBuilder, Runner, RunnerError};
 
 /// One host of the pool, as configured (`[[ssh_hosts]]` in lian.toml).
@@ -132,7 +137,7 @@ impl SshPool {
             .map_err(remote(key))?;
         session.close().await;
         if out.status != 0 {
-            return Err(RunnerError::Remote {
+            return Err(RunnerError::Failed {
                 lease_key: key.clone(),
                 message: format!("mkdir failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
             });
@@ -285,12 +290,75 @@ impl SshPool {
         session.close().await;
         let _ = tokio::fs::remove_dir_all(self.staging(key)).await;
         if out.status != 0 {
-            return Err(RunnerError::Remote {
+            return Err(RunnerError::Failed {
                 lease_key: key.clone(),
                 message: format!("rm failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
             });
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for SshPool {
+    fn kind(&self) -> ComputeProvider {
+        ComputeProvider::SshPool
+    }
+
+    async fn lease(&self, ask: &LeaseRequest) -> Result<Runner, RunnerError> {
+        self.spawn(&ask.lease_key, ask.runner_type).await
+    }
+
+    async fn reach(&self, lease: Held<'_>) -> Result<Box<dyn RunnerHandle>, RunnerError> {
+        Ok(Box::new(PoolRunner {
+            context: self.staging(lease.key),
+            pool: self.clone(),
+            key: lease.key.clone(),
+            host: lease.host.unwrap_or_default().to_string(),
+        }))
+    }
+
+    /// An ssh_pool lease whose spawn was never recorded is on the host its key maps to.
+    async fn release(&self, lease: Held<'_>) -> Result<(), RunnerError> {
+        let host = match lease.host.filter(|h| !h.is_empty()) {
+            Some(h) => h.to_string(),
+            None => self.host_for(lease.key, lease.runner_type)?.name.clone(),
+        };
+        self.destroy(lease.key, &host).await
+    }
+}
+
+/// An ssh_pool lease, reached from this host: the context is staged here, then synced.
+struct PoolRunner {
+    pool: SshPool,
+    key: LeaseKey,
+    host: String,
+    context: PathBuf,
+}
+
+#[async_trait]
+impl RunnerHandle for PoolRunner {
+    fn context_dir(&self) -> &std::path::Path {
+        &self.context
+    }
+
+    async fn forward_context(&self) -> Result<u64, RunnerError> {
+        let stats = self.pool.sync(&self.key, &self.host).await?;
+        tracing::info!(lease = %self.key, host = %self.host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
+        Ok(stats.sent_bytes)
+    }
+
+    async fn build(
+        &self,
+        invocation: &BuildInvocation<'_>,
+        _plan: Option<CachePlan>,
+        _on_step: OnStep<'_>,
+    ) -> Result<Built, BuildFailure> {
+        // Step progress is not streamed from a pool host's docker build.
+        self.pool
+            .build(&self.key, &self.host, invocation)
+            .await
+            .map(Built::from)
     }
 }
 

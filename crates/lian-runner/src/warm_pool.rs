@@ -136,7 +136,13 @@ impl DockerLocal {
     /// One pass: stops engines nobody holds (dead ones, and taken ones whose lease was
     /// never recorded), then starts engines until every tier has `warm_pool` ready.
     /// Returns the engines it started.
-    pub async fn maintain_pool(&self) -> Result<Vec<WarmEngine>, String> {
+    pub async fn maintain_pool(&self) -> Result<Vec<WarmEngine>, crate::RunnerError> {
+        self.maintain()
+            .await
+            .map_err(|message| crate::RunnerError::Pool { message })
+    }
+
+    async fn maintain(&self) -> Result<Vec<WarmEngine>, String> {
         let mut started = Vec::new();
         let size = self.pool_size() as usize;
         if size == 0 {

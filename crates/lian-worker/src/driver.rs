@@ -23,7 +23,7 @@ use lian_bus::{After, Bus, BusError, Job};
 use lian_core::event::Step;
 use lian_core::lifecycle::{self, Effect, Outcome, State};
 use lian_core::{BuildEvent, BuildId, Envelope, Workspace, subjects};
-use lian_runner::Providers;
+use lian_runner::{Providers, Registry};
 use time::OffsetDateTime;
 
 use crate::WorkerOptions;
@@ -31,7 +31,10 @@ use crate::intake::{self, Intake};
 
 pub struct Worker {
     pub bus: Bus,
+    /// This host's providers (the reaper and the warm pool look after its docker_local runners).
     pub providers: Providers,
+    /// Every provider a build can name, as the effects call it.
+    pub runners: Registry,
     pub options: WorkerOptions,
     pub stopping: Arc<AtomicBool>,
 }

@@ -5,20 +5,18 @@
 
 use lian_bus::Downloaded;
 use lian_core::control::{LeaseRequest, MetricsRecord};
-use lian_core::directives::{Artifact, ComputeProvider};
+use lian_core::directives::Artifact;
 use lian_core::event::Step;
 use lian_core::lifecycle::{Built, Effect, Lease, Outcome, State};
 use lian_core::sizing::{self, BuildSpec, RunnerType, SizingInputs};
 use lian_core::{BuildRequest, CacheReport, Transfer, cache};
 use lian_nickel::Contract;
 use std::path::Path;
-use std::time::Duration;
 
 use lian_core::{LeaseKey, subjects};
 use lian_runner::progress::StepProgress;
 use lian_runner::{
-    Backend, BuildFailure, BuildInvocation, BuildOutput, CloudRunner, ControlError, DockerBuilder, DockerLocal,
-    RunnerError, Sampler,
+    BuildFailure, BuildInvocation, Built as RunnerBuilt, ControlError, ErrorKind, Held, RunnerError, RunnerHandle,
 };
 
 use crate::driver::Worker;
@@ -49,26 +47,25 @@ fn failed(step: Step, reason: impl Into<String>) -> Outcome {
     }
 }
 
-/// Providers whose runners only the control plane leases (it alone holds their tokens).
-fn is_cloud(provider: ComputeProvider) -> bool {
-    matches!(provider, ComputeProvider::Hcloud | ComputeProvider::Proxmox)
+/// A runner error met at `step`: one worth another delivery hands the build back to the
+/// queue (the last delivery ends it, naming the step); any other fails the build with it.
+fn settle(step: Step, e: RunnerError) -> Result<Outcome, String> {
+    match e.kind() {
+        ErrorKind::Transient => Err(e.to_string()),
+        ErrorKind::Permanent | ErrorKind::Refused => Ok(failed(step, e.to_string())),
+    }
 }
-
-fn through_control(provider: ComputeProvider) -> String {
-    format!(
-        "{} runners are leased through the control plane: set control_url and control_token",
-        provider.as_str()
-    )
-}
-
-/// A build's measured cpu and memory (GB) P95, where its runner's cgroup could be sampled.
-type Usage = (Option<f64>, Option<f64>);
 
 /// The outcome of a build: its image, measured usage and what it reused, or why it failed.
 /// A build without a registry plan still reports its steps and sccache counters.
-fn build_outcome(built: Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure>) -> Outcome {
+fn build_outcome(built: Result<RunnerBuilt, BuildFailure>) -> Outcome {
     match built {
-        Ok((out, (cpu_p95, mem_p95_gb), cache)) => Outcome::ImageBuilt {
+        Ok(RunnerBuilt {
+            output: out,
+            cpu_p95,
+            mem_p95_gb,
+            cache,
+        }) => Outcome::ImageBuilt {
             cache: cache
                 .or_else(|| {
                     out.steps.map(|s| CacheReport {
@@ -133,91 +130,43 @@ impl Worker {
         runner_type: RunnerType,
     ) -> Result<Outcome, String> {
         let provider = request.directives.compute_provider;
-        // Intake checked the cache rules; a request that breaks them has no store.
-        let engine_store = cache::write_namespace(&request.directives).ok().flatten();
-        if let Some(control) = &self.options.control {
-            let lease = LeaseRequest {
-                lease_key,
-                provider,
-                runner_type,
-                workspace: request.directives.workspace.clone(),
-                build_id: state.build_id.clone().ok_or("a build without identity")?,
-                owner: self.options.name.clone(),
-                engine_store,
-            };
-            return match control.lease(&lease).await {
-                Ok(l) => Ok(Outcome::RunnerLeased {
-                    lease_id: l.provider_id,
-                    host: l.host,
-                }),
-                Err(e @ ControlError::Refused { .. }) => Ok(failed(Step::SpawnRunner, e.to_string())),
-                Err(e) => Err(e.to_string()),
-            };
-        }
-        if is_cloud(provider) {
-            return Ok(failed(Step::SpawnRunner, through_control(provider)));
-        }
-        let spawned = match self.providers.backend(provider) {
-            Ok(backend) => backend.spawn(&lease_key, runner_type, engine_store.as_deref()).await,
-            Err(e) => Err(e),
+        let ask = LeaseRequest {
+            lease_key,
+            provider,
+            runner_type,
+            workspace: request.directives.workspace.clone(),
+            build_id: state.build_id.clone().ok_or("a build without identity")?,
+            owner: self.options.name.clone(),
+            // Intake checked the cache rules; a request that breaks them has no store.
+            engine_store: cache::write_namespace(&request.directives).ok().flatten(),
         };
-        Ok(match spawned {
-            Ok(s) => Outcome::RunnerLeased {
-                lease_id: s.lease_id,
-                host: s.host,
-            },
-            Err(e) => failed(Step::SpawnRunner, e.to_string()),
-        })
+        match self.runners.get(provider).lease(&ask).await {
+            Ok(runner) => Ok(Outcome::RunnerLeased {
+                lease_id: runner.lease_id,
+                host: runner.host,
+            }),
+            Err(e) => settle(Step::SpawnRunner, e),
+        }
     }
 
     async fn sync_context(&self, request: &BuildRequest, lease: &Lease) -> Result<Outcome, String> {
-        if is_cloud(request.directives.compute_provider) {
-            let runner = match self.cloud_runner(request, &lease.key, Step::SyncContext).await? {
-                Ok(r) => r,
-                Err(outcome) => return Ok(outcome),
-            };
-            let started = std::time::Instant::now();
-            let staged = match self.stage_context(request, runner.staging()).await? {
-                Ok(staged) => staged,
-                Err(outcome) => return Ok(outcome),
-            };
-            let stats = match runner.sync().await {
-                Ok(stats) => stats,
-                // Another try meets the same key: the build fails, loudly.
-                Err(e @ RunnerError::HostKey { .. }) => return Ok(failed(Step::SyncContext, e.to_string())),
-                Err(e) => return Err(e.to_string()),
-            };
-            tracing::info!(lease = %lease.key, host = %runner.ssh_host().target.address, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced to a cloud runner");
-            return Ok(synced(request, staged, stats.sent_bytes, started));
-        }
-        let backend = self.backend(request)?;
-        let dest = match backend {
-            Backend::Local(p) => p.workspace(&lease.key),
-            Backend::Ssh(p) => p.staging(&lease.key),
-            Backend::Hcloud(_) | Backend::Proxmox(_) => {
-                return Ok(failed(
-                    Step::SyncContext,
-                    through_control(request.directives.compute_provider),
-                ));
-            }
+        let runner = match self.reach(request, lease).await {
+            Ok(runner) => runner,
+            Err(e) => return settle(Step::SyncContext, e),
         };
         let started = std::time::Instant::now();
-        let staged = match self.stage_context(request, &dest).await? {
+        let staged = match self.stage_context(request, runner.context_dir()).await? {
             Ok(staged) => staged,
             Err(outcome) => return Ok(outcome),
         };
-        let mut forwarded = 0;
-        if let Backend::Ssh(p) = backend {
-            let host = lease.host.as_deref().unwrap_or_default();
-            let stats = p.sync(&lease.key, host).await.map_err(|e| e.to_string())?;
-            tracing::info!(lease = %lease.key, host, sent_files = stats.sent_files, sent_bytes = stats.sent_bytes, "context synced over ssh");
-            forwarded = stats.sent_bytes;
-        }
+        let forwarded = match runner.forward_context().await {
+            Ok(bytes) => bytes,
+            Err(e) => return settle(Step::SyncContext, e),
+        };
         Ok(synced(request, staged, forwarded, started))
     }
 
     async fn run_build(&self, state: &State, request: &BuildRequest, lease: &Lease) -> Result<Outcome, String> {
-        let cloud = is_cloud(request.directives.compute_provider);
         let artifact = &request.directives.artifact;
         let mut secrets = Vec::with_capacity(artifact.secrets.len());
         for id in &artifact.secrets {
@@ -230,57 +179,60 @@ impl Worker {
                 }
             }
         }
-        if cloud {
-            if !secrets.is_empty() {
-                return Ok(failed(
-                    Step::Build,
-                    "secrets are not supported on hcloud and proxmox runners yet: build on docker_local or ssh_pool",
-                ));
-            }
-            let runner = match self.cloud_runner(request, &lease.key, Step::Build).await? {
-                Ok(r) => r,
-                Err(outcome) => return Ok(outcome),
-            };
-            let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
-                return Err("a build without identity".into());
-            };
-            let (tx, forward) = self.forward_progress(subjects::progress(ws, id));
-            let built = runner
-                .build(&invocation(artifact, runner.staging(), Vec::new()), &mut |step| {
-                    let _ = tx.send(step);
-                })
-                .await;
-            drop(tx);
-            let _ = forward.await;
-            // A cloud runner's usage is not sampled (no cgroup of ours there).
-            return Ok(build_outcome(built.map(|out| (out, (None, None), None))));
-        }
-        let backend = self.backend(request)?;
-        let context = match backend {
-            Backend::Local(p) => p.workspace(&lease.key),
-            Backend::Ssh(p) => p.staging(&lease.key),
-            Backend::Hcloud(_) | Backend::Proxmox(_) => {
-                return Ok(failed(
-                    Step::Build,
-                    through_control(request.directives.compute_provider),
-                ));
-            }
+        let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
+            return Err("a build without identity".into());
         };
-        let invocation = invocation(artifact, &context, secrets);
-        let built = match backend {
-            Backend::Local(p) => {
-                let (Some(ws), Some(id)) = (&state.workspace, &state.build_id) else {
-                    return Err("a build without identity".into());
+        let runner = match self.reach(request, lease).await {
+            Ok(runner) => runner,
+            Err(e) => return settle(Step::Build, e),
+        };
+        let mut invocation = invocation(artifact, runner.context_dir(), secrets);
+        let (plan, grant) = match (&self.options.registry, runner.builds_warm()) {
+            (Some(registry), true) => {
+                let mut plan = match warm::plan(registry, request) {
+                    Ok(plan) => plan,
+                    Err(e) => return Ok(failed(Step::Build, e.to_string())),
                 };
-                self.build_local(p, request, &lease.key, invocation, subjects::progress(ws, id))
-                    .await
+                let grant = match self.registry_grant(request).await {
+                    Ok(grant) => grant,
+                    Err(f) => return Ok(build_outcome(Err(f))),
+                };
+                if let Some(grant) = &grant {
+                    // The Dockerfile may name the registry itself; the build reaches it
+                    // through the gate.
+                    plan.aliases.push(plan.registry.host.clone());
+                    plan.registry = grant.access();
+                }
+                (Some(plan), grant)
             }
-            Backend::Ssh(p) => p
-                .build(&lease.key, lease.host.as_deref().unwrap_or_default(), &invocation)
-                .await
-                .map(|out| (out, (None, None), None)),
-            Backend::Hcloud(_) | Backend::Proxmox(_) => unreachable!("refused above"),
+            _ => (None, None),
         };
+        let sccache_file = runner.private_file("sccache.env");
+        if let (Some(s3), Some(plan), Some(file)) = (&self.options.sccache, &plan, &sccache_file) {
+            let namespace = plan
+                .write
+                .as_deref()
+                .or(plan.reads.first().map(String::as_str))
+                .unwrap_or("shared");
+            if let Err(reason) = warm::write_sccache_secret(s3, namespace, file) {
+                return Ok(failed(Step::Build, reason));
+            }
+            invocation.secrets.push((warm::SCCACHE_SECRET, file));
+        }
+        let (tx, forward) = self.forward_progress(subjects::progress(ws, id));
+        let built = runner
+            .build(&invocation, plan, &mut |step| {
+                let _ = tx.send(step);
+            })
+            .await;
+        drop(tx);
+        let _ = forward.await;
+        if let (Some(grant), Some(control)) = (grant, &self.options.control)
+            && let Err(err) = control.revoke_registry_grant(&grant.username).await
+        {
+            // It expires by itself; a revocation that did not arrive is only logged.
+            tracing::warn!(%err, "registry grant not revoked");
+        }
         Ok(build_outcome(built))
     }
 
@@ -320,64 +272,28 @@ impl Worker {
         request: &BuildRequest,
         lease_key: LeaseKey,
     ) -> Result<Outcome, String> {
-        if let Some(control) = &self.options.control {
-            control.release(&lease_key).await.map_err(|e| e.to_string())?;
-            if is_cloud(request.directives.compute_provider) {
-                let staged = self.options.runners_dir.join("cloud-staging").join(lease_key.as_str());
-                let _ = tokio::fs::remove_dir_all(staged).await;
-            }
-            return Ok(Outcome::RunnerDestroyed);
-        }
-        let lease = state
-            .lease
-            .as_ref()
-            .filter(|l| l.key == lease_key)
-            .ok_or("destroying a runner the build does not hold")?;
-        self.backend(request)?
-            .destroy(&lease_key, lease.runner_type, lease.host.as_deref())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Outcome::RunnerDestroyed)
-    }
-
-    /// A build on a docker_local runner: parents into the lease's engine (from the registry
-    /// by digest, else from the host's engine), the build warm from the registry's caches
-    /// where the fleet has one, usage sampled from its cgroup, the image back to the host's
-    /// engine. Out of memory is what the cgroup says; the exit code 137 / "Killed" is the
-    /// signal only where there is no cgroup.
-    async fn build_local(
-        &self,
-        provider: &DockerLocal,
-        request: &BuildRequest,
-        key: &LeaseKey,
-        invocation: BuildInvocation<'_>,
-        progress_subject: String,
-    ) -> Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure> {
-        let fail = |reason: String| BuildFailure { reason, oom: false };
-        let (plan, grant) = match &self.options.registry {
-            Some(registry) => {
-                let mut plan = warm::plan(registry, request).map_err(|e| fail(e.to_string()))?;
-                let grant = self.registry_grant(request).await?;
-                if let Some(grant) = &grant {
-                    // The Dockerfile may name the registry itself; the build reaches it
-                    // through the gate.
-                    plan.aliases.push(plan.registry.host.clone());
-                    plan.registry = grant.access();
-                }
-                (Some(plan), grant)
-            }
-            None => (None, None),
+        let provider = self.runners.get(request.directives.compute_provider);
+        // Through the control plane the lease is given back by key alone (it holds the
+        // record); by itself the worker needs the lease the history holds.
+        let lease = match (
+            &self.options.control,
+            state.lease.as_ref().filter(|l| l.key == lease_key),
+        ) {
+            (_, Some(lease)) => Held {
+                key: &lease.key,
+                runner_type: lease.runner_type,
+                host: lease.host.as_deref(),
+            },
+            (Some(_), None) => Held {
+                key: &lease_key,
+                // The control plane reads the tier from its own record.
+                runner_type: state.runner_type.unwrap_or(RunnerType::Cax11),
+                host: None,
+            },
+            (None, None) => return Err("destroying a runner the build does not hold".into()),
         };
-        let built = self
-            .build_local_with(provider, key, invocation, progress_subject, plan)
-            .await;
-        if let (Some(grant), Some(control)) = (grant, &self.options.control)
-            && let Err(err) = control.revoke_registry_grant(&grant.username).await
-        {
-            // It expires by itself; a revocation that did not arrive is only logged.
-            tracing::warn!(%err, "registry grant not revoked");
-        }
-        built
+        provider.release(lease).await.map_err(|e| e.to_string())?;
+        Ok(Outcome::RunnerDestroyed)
     }
 
     /// Credentials for this build alone from the control plane's registry gate, which
@@ -402,89 +318,6 @@ impl Worker {
                 reason: e.to_string(),
                 oom: false,
             }),
-        }
-    }
-
-    /// `build_local` once the registry plan is known.
-    async fn build_local_with(
-        &self,
-        provider: &DockerLocal,
-        key: &LeaseKey,
-        mut invocation: BuildInvocation<'_>,
-        progress_subject: String,
-        plan: Option<lian_runner::warm::CachePlan>,
-    ) -> Result<(BuildOutput, Usage, Option<CacheReport>), BuildFailure> {
-        let fail = |reason: String| BuildFailure { reason, oom: false };
-        let builder = DockerBuilder {
-            host: provider.docker_host(key).or_else(|| self.options.builder.host.clone()),
-            config: plan.as_ref().map(|_| provider.docker_config(key)),
-            ..self.options.builder.clone()
-        };
-        let sccache_file = provider.private_file(key, "sccache.env");
-        if let (Some(s3), Some(plan)) = (&self.options.sccache, &plan) {
-            let namespace = plan
-                .write
-                .as_deref()
-                .or(plan.reads.first().map(String::as_str))
-                .unwrap_or("shared");
-            warm::write_sccache_secret(s3, namespace, &sccache_file).map_err(fail)?;
-            invocation.secrets.push((warm::SCCACHE_SECRET, &sccache_file));
-        }
-        let dockerfile = invocation.context.join(invocation.dockerfile);
-        let mut pulled = lian_runner::warm::Pulled::default();
-        if let (Some(plan), Some(config)) = (&plan, &builder.config) {
-            plan.registry
-                .write_docker_config(config)
-                .map_err(|e| fail(e.to_string()))?;
-            let text = tokio::fs::read_to_string(&dockerfile)
-                .await
-                .map_err(|e| fail(format!("{}: {e}", dockerfile.display())))?;
-            pulled = plan.pull_parents(&builder, &text).await?;
-        }
-        let present: Vec<String> = pulled.parents.iter().map(|(name, _)| name.clone()).collect();
-        provider.load_parents(key, &dockerfile, &present).await.map_err(fail)?;
-        let cgroup = provider.cgroup(key);
-        let sampler = cgroup.clone().map(|cg| Sampler::start(cg, Duration::from_secs(1)));
-        let (tx, forward) = self.forward_progress(progress_subject);
-        let mut on_step = |step| {
-            let _ = tx.send(step);
-        };
-        let result = match &plan {
-            Some(plan) => plan
-                .build(&builder, &invocation, &mut on_step)
-                .await
-                .map(|(out, mut report)| {
-                    report.parents_pulled = pulled.parents.iter().map(|(_, r)| r.clone()).collect();
-                    report.bytes_pulled = Some(pulled.bytes);
-                    (out, Some(report))
-                }),
-            None => builder.build(&invocation, &mut on_step).await.map(|out| (out, None)),
-        };
-        drop(tx);
-        let _ = forward.await;
-        let usage = match sampler {
-            Some(s) => s.finish().await,
-            None => (None, None),
-        };
-        match result {
-            Ok((out, report)) => {
-                provider.publish(key, invocation.image).await.map_err(fail)?;
-                if let Err(err) = provider.keep_store(key).await {
-                    // The build stands; its engine's store is only not kept.
-                    tracing::warn!(lease = %key, %err, "engine store not kept");
-                }
-                let report = report.map(|mut r| {
-                    r.engine_store = provider.store_use(key);
-                    r
-                });
-                Ok((out, usage, report))
-            }
-            Err(mut f) => {
-                if let Some(cg) = &cgroup {
-                    f.oom = cg.hit_memory_limit();
-                }
-                Err(f)
-            }
         }
     }
 
@@ -517,43 +350,14 @@ impl Worker {
         }
     }
 
-    /// The cloud runner leased under `key`, as the control plane recorded it (address, SSH
-    /// port, the host key to pin), reached with this worker's `runner_ssh_key`; or the
-    /// outcome of `step` failing because it cannot be reached from here.
-    async fn cloud_runner(
-        &self,
-        request: &BuildRequest,
-        key: &LeaseKey,
-        step: Step,
-    ) -> Result<Result<CloudRunner, Outcome>, String> {
-        let provider = request.directives.compute_provider;
-        let Some(control) = &self.options.control else {
-            return Ok(Err(failed(step, through_control(provider))));
+    /// The runner of the lease the build holds, reached from this worker.
+    async fn reach(&self, request: &BuildRequest, lease: &Lease) -> Result<Box<dyn RunnerHandle>, RunnerError> {
+        let held = Held {
+            key: &lease.key,
+            runner_type: lease.runner_type,
+            host: lease.host.as_deref(),
         };
-        let Some(client_key) = &self.options.runner_ssh_key else {
-            return Ok(Err(failed(
-                step,
-                format!(
-                    "{} runners are reached over SSH with the worker's client key: set runner_ssh_key in lian.toml \
-                     (the private half of authorized_key in the control plane's [{}])",
-                    provider.as_str(),
-                    provider.as_str()
-                ),
-            )));
-        };
-        let lease = match control.lease_info(key).await {
-            Ok(lease) => lease,
-            Err(e @ ControlError::Refused { .. }) => return Ok(Err(failed(step, e.to_string()))),
-            Err(e) => return Err(e.to_string()),
-        };
-        let staging = self.options.runners_dir.join("cloud-staging");
-        Ok(CloudRunner::from_lease(&lease, client_key, &staging).map_err(|e| failed(step, e.to_string())))
-    }
-
-    fn backend(&self, request: &BuildRequest) -> Result<Backend<'_>, String> {
-        self.providers
-            .backend(request.directives.compute_provider)
-            .map_err(|e| e.to_string())
+        self.runners.get(request.directives.compute_provider).reach(held).await
     }
 
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {

@@ -81,15 +81,23 @@ pub enum WorkerError {
 /// at its last recorded step and handed back to the queue for another worker.
 pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
     let stopping = Arc::new(AtomicBool::new(false));
+    let providers = Providers::on_host(
+        &options.runners_dir,
+        options.isolation.clone(),
+        &options.builder.cli,
+        options.ssh_hosts.clone(),
+        &options.builder.network,
+    );
+    let runners = providers.for_worker(
+        &options.builder,
+        options.control.as_ref(),
+        options.runner_ssh_key.as_deref(),
+        &options.runners_dir.join("cloud-staging"),
+    );
     let worker = Arc::new(driver::Worker {
         bus: bus.clone(),
-        providers: Providers::on_host(
-            &options.runners_dir,
-            options.isolation.clone(),
-            &options.builder.cli,
-            options.ssh_hosts.clone(),
-            &options.builder.network,
-        ),
+        providers,
+        runners,
         options,
         stopping: stopping.clone(),
     });

@@ -70,7 +70,7 @@ impl Grant {
 /// Writes the sccache settings for a build as a shell fragment a RUN step sources (mode
 /// 0600, in the lease's directory); compilation units are kept under the build's namespace,
 /// so CI and sessions never share them.
-pub fn write_sccache_secret(s3: &S3Endpoint, namespace: &str, file: &Path) -> Result<(), String> {
+pub(crate) fn write_sccache_secret(s3: &S3Endpoint, namespace: &str, file: &Path) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let vars = [
         ("SCCACHE_BUCKET", s3.bucket.as_str()),
