@@ -15,9 +15,9 @@ pub use context::{
 };
 pub use error::BusError;
 pub use history::{After, Appended, Record};
-pub use topology::Topology;
+pub use topology::{ReplicaState, StreamStatus, Topology};
 pub use views::QueueDepth;
-pub use work::{Job, JobStream};
+pub use work::{ExpiredRequests, Job, JobStream};
 
 use std::time::Duration;
 
@@ -30,9 +30,39 @@ pub struct Bus {
     js: jetstream::Context,
 }
 
+/// The servers a NATS URL names: one URL, or a comma-separated list of seeds of one cluster
+/// (`nats://a:4222,nats://b:4222`), as the NATS tools take them. Blanks around commas are
+/// ignored.
+pub fn seed_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 impl Bus {
-    /// Connects, retrying for `patience` so a fleet can start before its server is ready.
+    /// Connects to the first seed that answers (`url`: one URL or a comma-separated list, see
+    /// [`seed_urls`]), retrying for `patience` so a fleet can start before its server is
+    /// ready. Once connected, the client follows the cluster: it learns the other members
+    /// from the server and reconnects to any of them, for ever.
     pub async fn connect(url: &str, name: &str, patience: Duration) -> Result<Self, BusError> {
+        let seeds = seed_urls(url);
+        if seeds.is_empty() {
+            return Err(BusError::Connect {
+                url: url.to_string(),
+                message: "no server URL given".into(),
+            });
+        }
+        if let Some((seed, err)) = seeds
+            .iter()
+            .find_map(|s| s.parse::<async_nats::ServerAddr>().err().map(|e| (s, e)))
+        {
+            return Err(BusError::Connect {
+                url: url.to_string(),
+                message: format!("{seed:?} is not a NATS URL: {err}"),
+            });
+        }
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let options = async_nats::ConnectOptions::new()
@@ -41,7 +71,7 @@ impl Bus {
                 // After the first connection, keep retrying forever: a NATS restart must not
                 // take the fleet down.
                 .max_reconnects(None);
-            match options.connect(url).await {
+            match options.connect(seeds.as_slice()).await {
                 Ok(client) => {
                     let js = jetstream::new(client.clone());
                     return Ok(Self { client, js });

@@ -20,8 +20,46 @@ pub struct Topology {
     pub duplicate_window: Duration,
     /// Largest request payload accepted.
     pub max_request_bytes: i32,
+    /// Copies of every stream and bucket the topology creates; 0 means as many as the
+    /// cluster has servers up, up to 3 (1 for a lone server), and never fewer than a stream
+    /// has already (a node that is down must not shrink the streams). Streams that exist
+    /// with fewer are raised (and the change logged).
     pub replicas: usize,
 }
+
+/// One stream (a key-value bucket is the stream `KV_<bucket>`) as the cluster holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamStatus {
+    pub stream: String,
+    /// Copies asked for.
+    pub replicas: usize,
+    /// The server leading it (empty on a lone server, or while the cluster elects one).
+    pub leader: String,
+    /// The other copies.
+    pub followers: Vec<ReplicaState>,
+    pub messages: u64,
+}
+
+/// A follower copy of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaState {
+    pub server: String,
+    /// Caught up with the leader.
+    pub current: bool,
+    /// Operations behind the leader.
+    pub lag: u64,
+    /// Not heard from (a server that is down).
+    pub offline: bool,
+}
+
+/// The key-value buckets the topology creates.
+const BUCKETS: [&str; 5] = [
+    subjects::METRICS_BUCKET,
+    subjects::DEAD_LETTER_BUCKET,
+    subjects::SIZING_BUCKET,
+    subjects::LEASE_BUCKET,
+    subjects::REGISTRY_GRANT_BUCKET,
+];
 
 impl Default for Topology {
     fn default() -> Self {
@@ -36,7 +74,44 @@ impl Default for Topology {
 }
 
 impl Bus {
+    /// Servers in the cluster this connection reached (1 for a lone server), as the server
+    /// advertises them to clients.
+    pub fn cluster_size(&self) -> usize {
+        let info = self.client.server_info();
+        match info.cluster {
+            Some(_) => info.connect_urls.len().max(1),
+            None => 1,
+        }
+    }
+
+    /// The replica count `t` asks for a stream that has `existing` copies: its own, or (0)
+    /// min(3, cluster size) but never fewer than it has.
+    pub fn replicas_for(&self, t: &Topology, existing: Option<usize>) -> usize {
+        match t.replicas {
+            0 => self.cluster_size().min(3).max(existing.unwrap_or(0)),
+            n => n,
+        }
+    }
+
+    /// Creates (or updates) the topology. A clustered server that is still electing its
+    /// JetStream leader answers "temporarily unavailable": that is retried for up to 30 s,
+    /// so a fleet can start together with its cluster.
     pub async fn ensure_topology(&self, t: &Topology) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_ensure_topology(t).await {
+                Err(BusError::Nats { message, .. })
+                    if tokio::time::Instant::now() < deadline && retryable(&message) =>
+                {
+                    tracing::debug!(%message, "JetStream not ready yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_ensure_topology(&self, t: &Topology) -> Result<(), BusError> {
         let requests = stream::Config {
             name: subjects::REQUESTS_STREAM.into(),
             description: Some("lian build requests: a work queue shared by all workers".into()),
@@ -45,7 +120,6 @@ impl Bus {
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
             max_message_size: t.max_request_bytes,
-            num_replicas: t.replicas,
             ..Default::default()
         };
         let events = stream::Config {
@@ -67,7 +141,6 @@ impl Bus {
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
             allow_direct: true,
-            num_replicas: t.replicas,
             ..Default::default()
         };
         let control = stream::Config {
@@ -79,7 +152,6 @@ impl Bus {
             max_messages_per_subject: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
             allow_direct: true,
-            num_replicas: t.replicas,
             ..Default::default()
         };
         let contexts = stream::Config {
@@ -92,14 +164,18 @@ impl Bus {
             max_messages_per_subject: 1,
             max_age: crate::context::RETENTION,
             allow_direct: true,
-            num_replicas: t.replicas,
             ..Default::default()
         };
-        for config in [requests, events, control, contexts] {
+        for mut config in [requests, events, control, contexts] {
+            let before = self.stream_replicas(&config.name).await?;
+            let replicas = self.replicas_for(t, before);
+            config.num_replicas = replicas;
+            let name = config.name.clone();
             self.js
                 .create_or_update_stream(config)
                 .await
                 .map_err(|e| BusError::nats("create stream", e))?;
+            report_raised(&name, before, replicas);
         }
         self.js
             .create_consumer_on_stream(
@@ -153,13 +229,15 @@ impl Bus {
             "the registry gate's grants, keyed <username>; they expire with their grant",
             Duration::from_secs(lian_core::control::REGISTRY_GRANT_MAX_SECS),
         )]) {
-            if self.js.get_key_value(bucket).await.is_err() {
+            let before = self.stream_replicas(&format!("KV_{bucket}")).await?;
+            let replicas = self.replicas_for(t, before);
+            if before != Some(replicas) {
                 self.js
-                    .create_key_value(jetstream::kv::Config {
+                    .create_or_update_key_value(jetstream::kv::Config {
                         bucket: bucket.into(),
                         description: description.into(),
                         storage: stream::StorageType::File,
-                        num_replicas: t.replicas,
+                        num_replicas: replicas,
                         history: 1,
                         // Zero keeps entries for ever.
                         max_age,
@@ -167,9 +245,72 @@ impl Bus {
                     })
                     .await
                     .map_err(|e| BusError::nats("create key-value bucket", e))?;
+                report_raised(bucket, before, replicas);
             }
         }
         Ok(())
+    }
+
+    /// The replica count of a stream that exists, `None` if it does not. Any other failure
+    /// (a cluster electing a leader times out) is an error, never "absent": taking it for
+    /// absent would create the stream anew with the replicas of the servers up right now.
+    async fn stream_replicas(&self, name: &str) -> Result<Option<usize>, BusError> {
+        use async_nats::jetstream::ErrorCode;
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        match self.js.get_stream(name).await {
+            Ok(mut stream) => {
+                let info = stream.info().await.map_err(|e| BusError::nats("stream info", e))?;
+                Ok(Some(info.config.num_replicas))
+            }
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => Ok(None),
+                _ => Err(BusError::nats("stream info", e)),
+            },
+        }
+    }
+
+    /// Every stream and bucket of the topology: copies, leader, followers and how far each
+    /// is behind; for `lian nats status` and for finding a leader to fail over.
+    pub async fn topology_status(&self) -> Result<Vec<StreamStatus>, BusError> {
+        let names = [
+            subjects::REQUESTS_STREAM,
+            subjects::EVENTS_STREAM,
+            subjects::CONTROL_STREAM,
+            crate::context::STREAM,
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(BUCKETS.iter().map(|b| format!("KV_{b}")));
+        let mut out = Vec::new();
+        for name in names {
+            let mut stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| BusError::nats("open stream", e))?;
+            let info = stream.info().await.map_err(|e| BusError::nats("stream info", e))?;
+            let cluster = info.cluster.clone();
+            out.push(StreamStatus {
+                stream: name,
+                replicas: info.config.num_replicas,
+                leader: cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default(),
+                followers: cluster
+                    .map(|c| {
+                        c.replicas
+                            .into_iter()
+                            .map(|r| ReplicaState {
+                                server: r.name,
+                                current: r.current,
+                                lag: r.lag.unwrap_or(0),
+                                offline: r.offline,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                messages: info.state.messages,
+            });
+        }
+        Ok(out)
     }
 
     /// Records one build's metrics (step 6), keyed `<workspace>.<build-id>`.
@@ -359,5 +500,36 @@ impl Bus {
             Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(BusError::nats("read control", e)),
         }
+    }
+}
+
+/// A JetStream answer that means "not yet" on a cluster electing its leaders.
+fn retryable(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("temporarily unavailable")
+        || m.contains("no suitable peers")
+        || m.contains("timed out")
+        || m.contains("timeout")
+}
+
+fn report_raised(name: &str, before: Option<usize>, replicas: usize) {
+    match before {
+        Some(b) if b < replicas => {
+            tracing::warn!(
+                stream = name,
+                from = b,
+                to = replicas,
+                "stream had fewer replicas than configured: raised"
+            )
+        }
+        Some(b) if b > replicas => {
+            tracing::warn!(
+                stream = name,
+                from = b,
+                to = replicas,
+                "stream lowered to the configured replicas"
+            )
+        }
+        _ => {}
     }
 }

@@ -17,7 +17,8 @@ pub struct Cli {
 
 #[derive(Args, Clone)]
 pub struct Global {
-    /// NATS server with JetStream.
+    /// NATS server with JetStream; a comma-separated list of seeds for a cluster
+    /// (`nats://a:4222,nats://b:4222`).
     #[arg(long, global = true, env = "LIAN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Config file (TOML); settings also come from LIAN_* environment variables.
@@ -53,6 +54,23 @@ pub enum Command {
     Sizing(SizingArgs),
     /// The registry's build caches: evict old session caches.
     Cache(CacheArgs),
+    /// The NATS side of the fleet: every stream and bucket with its copies and leader.
+    Nats(NatsArgs),
+}
+
+#[derive(Args)]
+pub struct NatsArgs {
+    #[command(subcommand)]
+    pub command: NatsCommand,
+}
+
+#[derive(Subcommand)]
+pub enum NatsCommand {
+    /// Every stream and bucket: replicas, leader, followers (current, lag, offline).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]

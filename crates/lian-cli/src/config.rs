@@ -20,6 +20,9 @@ pub struct Settings {
     pub ack_wait_secs: u64,
     /// Deliveries of a request before it is given up.
     pub max_deliver: i64,
+    /// Copies of every stream and bucket: 0 (the default) is as many as the cluster has
+    /// servers, up to 3 (1 on a lone server).
+    pub nats_replicas: usize,
     /// Seconds between reaper passes over this host's runners.
     pub reap_every_secs: u64,
     /// docker_local runners: "shared" (the host's engine, no limits) or "engine" (an engine
@@ -189,6 +192,7 @@ impl std::fmt::Debug for Settings {
             .field("build_network", &self.build_network)
             .field("ack_wait_secs", &self.ack_wait_secs)
             .field("max_deliver", &self.max_deliver)
+            .field("nats_replicas", &self.nats_replicas)
             .field("reap_every_secs", &self.reap_every_secs)
             .field("runner_isolation", &self.runner_isolation)
             .field("memory_scale", &self.memory_scale)
@@ -215,6 +219,7 @@ impl Default for Settings {
             build_network: "host".into(),
             ack_wait_secs: 30,
             max_deliver: 5,
+            nats_replicas: 0,
             reap_every_secs: 60,
             ssh_hosts: Vec::new(),
             runner_isolation: "engine".into(),
@@ -411,6 +416,7 @@ impl Settings {
         lian_bus::Topology {
             ack_wait: Duration::from_secs(self.ack_wait_secs.max(1)),
             max_deliver: self.max_deliver,
+            replicas: self.nats_replicas,
             ..Default::default()
         }
     }

@@ -59,6 +59,7 @@ fn main() -> std::process::ExitCode {
             Command::Catalog(args) => catalog_cmd::run(args),
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
+            Command::Nats(args) => output::nats(cli.global, args).await,
             Command::Sizing(args) => sizing_cmd::run(cli.global, args).await,
             Command::Cache(args) => match args.command {
                 cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global.config, gc).await,

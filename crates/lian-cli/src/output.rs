@@ -225,6 +225,40 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// `lian nats status`: what the cluster holds of the topology (created as configured on
+/// connect, so this also raises streams that have fewer copies than `nats_replicas`).
+pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<ExitCode> {
+    let crate::cli::NatsCommand::Status { json } = args.command;
+    let settings = Settings::load(&global.config)?;
+    let bus = crate::roles::connect(&global, "lian-nats-status", &settings).await?;
+    let streams = bus.topology_status().await?;
+    if json {
+        println!("{}", serde_json::to_string(&streams)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("cluster of {} server(s)", bus.cluster_size());
+    for s in streams {
+        let followers: Vec<String> = s
+            .followers
+            .iter()
+            .map(|f| match (f.offline, f.current) {
+                (true, _) => format!("{} offline", f.server),
+                (false, true) => format!("{} current", f.server),
+                (false, false) => format!("{} {} behind", f.server, f.lag),
+            })
+            .collect();
+        println!(
+            "{:<26} R{} leader {:<10} {:>8} msgs  {}",
+            s.stream,
+            s.replicas,
+            if s.leader.is_empty() { "-" } else { &s.leader },
+            s.messages,
+            followers.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&global.config)?;
     let Some(control) = settings.control()? else {

@@ -39,6 +39,9 @@ pub struct Worker {
     pub stopping: Arc<AtomicBool>,
 }
 
+/// Attempts at an expired request (see `lian_bus::Bus::expired_requests`) before it is left.
+const EXPIRED_TRIES: u32 = 5;
+
 /// Why the driver stopped before the build ended.
 enum Stop {
     /// Another worker appended first: it owns the build now.
@@ -85,7 +88,14 @@ impl Worker {
                 (build_id, workspace, failed)
             }
         };
-        let result = self.drive(&job, &build_id, &workspace, first).await;
+        let mut result = self.drive(&job, &build_id, &workspace, first.clone()).await;
+        // An expired request has no redelivery to fall back on: a hiccup is retried here.
+        let mut tries = 1;
+        while job.is_expired() && matches!(result, Err(Stop::Transient(_))) && tries < EXPIRED_TRIES {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tries += 1;
+            result = self.drive(&job, &build_id, &workspace, first.clone()).await;
+        }
         let settle = match result {
             Ok(()) => job.ack().await,
             Err(Stop::LostRace) => {
@@ -110,15 +120,20 @@ impl Worker {
 
     async fn drive(&self, job: &Job, build_id: &BuildId, ws: &Workspace, first: BuildEvent) -> Result<(), Stop> {
         let mut h = self.load(build_id, ws).await?;
+        if job.is_expired() && h.state.is_terminal() {
+            // Its last worker ended it and died before settling the request.
+            return Ok(());
+        }
         if h.state.len == 0 {
             self.append(&mut h, first).await?;
-        } else if job.delivered() == 1 && !h.state.is_terminal() {
+        } else if job.delivered() == 1 && !job.is_expired() && !h.state.is_terminal() {
             // A fresh delivery of a build with a history is a repeated submit of a build in
             // flight: its owner holds the original delivery.
             return Ok(());
         }
         let deliveries = job.delivered();
-        let last_chance = deliveries >= self.options.max_deliver;
+        // An expired request is never delivered again, whatever the count says.
+        let last_chance = job.is_expired() || deliveries >= self.options.max_deliver;
         let mut outcome = None;
         loop {
             let decision = lifecycle::decide(&h.state, outcome.take(), OffsetDateTime::now_utc())
@@ -156,12 +171,17 @@ impl Worker {
                     continue;
                 }
             }
-            self.failpoint(&effect).await;
             let every = self.options.ack_wait / 3;
             let step = effect.step();
+            let state = &h.state;
             // A panic in an effect is this build's failure, not the worker's: it is retried
-            // like a transient error, and the last delivery ends the build with it.
-            let effect_run = std::panic::AssertUnwindSafe(self.run_effect_fenced(&h.state, effect)).catch_unwind();
+            // like a transient error, and the last delivery ends the build with it. A paused
+            // failpoint is an effect that hangs: the worker heartbeats through it.
+            let effect_run = std::panic::AssertUnwindSafe(async move {
+                self.failpoint(&effect).await;
+                self.run_effect_fenced(state, effect).await
+            })
+            .catch_unwind();
             let ran = heartbeat(job, every, effect_run).await.unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<&str>()

@@ -128,12 +128,15 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
         _ => None,
     };
     let mut jobs = bus.requests().await?;
+    let mut expired = bus.expired_requests().await?;
     tracing::info!(worker = %worker.options.name, "serving build requests");
     tokio::pin!(shutdown);
     loop {
         let job = tokio::select! {
             () = &mut shutdown => break,
             job = jobs.next() => job,
+            // A request whose last delivery died with its worker: this worker ends it.
+            job = expired.next() => job,
         };
         let Some(job) = job else { break };
         let job = match job {

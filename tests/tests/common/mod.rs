@@ -375,21 +375,7 @@ impl Fleet {
     /// Submits a build of `image` whose Dockerfile ends with `extra`; returns its id and
     /// its context (kept alive by the caller).
     pub fn submit(&self, image: &str, extra: &str, env: &[(&str, &str)]) -> (String, tempfile::TempDir) {
-        let context = context_with(extra);
-        let directives = directives_json(context.path(), self.workspace, image);
-        let out = lian_with(
-            &[
-                "--nats-url",
-                &self.server.url,
-                "submit",
-                directives.to_str().unwrap(),
-                "--context",
-                context.path().to_str().unwrap(),
-            ],
-            env,
-        );
-        assert!(out.status.success(), "{}", text(&out));
-        (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
+        submit_to(&self.server.url, self.workspace, image, extra, env)
     }
 
     /// The subject of one event of a build.
@@ -447,4 +433,39 @@ pub fn image_tree(
         mtimes.insert(rel.to_string(), mtime);
     }
     (tree, mtimes)
+}
+
+/// Submits, through the NATS at `url` (one URL or seeds), a build in `workspace` of `image`
+/// whose Dockerfile ends with `extra`; returns its id and its context (kept alive by the
+/// caller).
+pub fn submit_to(
+    url: &str,
+    workspace: &str,
+    image: &str,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> (String, tempfile::TempDir) {
+    let context = context_with(extra);
+    let directives = directives_json(context.path(), workspace, image);
+    let out = lian_with(
+        &[
+            "--nats-url",
+            url,
+            "submit",
+            directives.to_str().unwrap(),
+            "--context",
+            context.path().to_str().unwrap(),
+        ],
+        env,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
+}
+
+/// `lian nats status --json`: every stream and bucket with its copies, leader, followers
+/// and message count.
+pub fn nats_streams(url: &str) -> Vec<serde_json::Value> {
+    let out = lian(&["--nats-url", url, "nats", "status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("nats status --json")
 }
