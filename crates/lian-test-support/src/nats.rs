@@ -107,6 +107,17 @@ pub struct NatsCluster {
     pub nodes: Vec<ClusterNode>,
 }
 
+/// What a member's config must say: see [`NatsCluster::start_with`].
+pub struct Member {
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: u16,
+    /// The JetStream store directory.
+    pub store: std::path::PathBuf,
+    /// `nats://127.0.0.1:<cluster port>` of every member, this one included.
+    pub routes: Vec<String>,
+}
+
 pub struct ClusterNode {
     pub name: String,
     pub port: u16,
@@ -121,29 +132,51 @@ impl NatsCluster {
     /// clients (the routes are up); JetStream may still be electing its leader, which
     /// `lian` waits for itself.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, |member| {
+            format!(
+                "server_name: {}\nlisten: \"127.0.0.1:{}\"\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
+                 cluster {{\n  name: lian\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                member.name,
+                member.port,
+                member.store.display(),
+                member.cluster_port,
+                member
+                    .routes
+                    .iter()
+                    .map(|r| format!("\"{r}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// Starts `n` servers whose config texts `config` writes for each member (its name, free
+    /// ports, store and the routes to every member), e.g. a shipped config rewritten to
+    /// this test's ports; returns as [`NatsCluster::start`] does.
+    pub fn start_with(n: usize, config: impl Fn(&Member) -> String) -> Self {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, cluster)| format!("\"nats://127.0.0.1:{cluster}\""))
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
             .collect();
         let nodes = ports
             .iter()
             .enumerate()
             .map(|(i, (port, cluster))| {
                 let store = tempfile::tempdir().expect("temp dir");
-                let name = format!("n{}", i + 1);
+                let member = Member {
+                    name: format!("n{}", i + 1),
+                    port: *port,
+                    cluster_port: *cluster,
+                    store: store.path().join("js"),
+                    routes: routes.clone(),
+                };
                 let conf = store.path().join("server.conf");
-                let text = format!(
-                    "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\n\
-                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
-                     cluster {{\n  name: lian\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{}]\n}}\n",
-                    store.path().join("js").display(),
-                    routes.join(", ")
-                );
-                std::fs::write(&conf, text).expect("write the server config");
+                std::fs::write(&conf, config(&member)).expect("write the server config");
                 let (child, ready) = spawn_watched(&conf);
                 let node = ClusterNode {
-                    name,
+                    name: member.name,
                     port: *port,
                     url: format!("nats://127.0.0.1:{port}"),
                     child: Some(child),
