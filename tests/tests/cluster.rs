@@ -30,7 +30,7 @@ fn a_build_completes_once_after_the_event_stream_leader_is_killed() {
 
     // The topology, as any `lian` command creates it: three copies of everything.
     let before = nats_streams(&seeds);
-    assert_eq!(before.len(), 9, "{before:?}");
+    assert_eq!(before.len(), 10, "{before:?}");
     for s in &before {
         assert_eq!(s["replicas"], 3, "{s}");
         assert_eq!(s["followers"].as_array().unwrap().len(), 2, "{s}");

@@ -109,7 +109,7 @@ fn the_shipped_cluster_members_form_one_cluster_with_three_copies_of_everything(
         )
     });
     let streams = nats_streams(&cluster.seeds());
-    assert_eq!(streams.len(), 9, "{streams:?}");
+    assert_eq!(streams.len(), 10, "{streams:?}");
     for s in &streams {
         assert_eq!(s["replicas"], 3, "{s}");
         assert_eq!(s["followers"].as_array().unwrap().len(), 2, "{s}");

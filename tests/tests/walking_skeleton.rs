@@ -45,26 +45,29 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     let mut events = RawNats::subscribe(port, "lian.>");
 
     let root = catalog.path().join("base");
-    let submitted = lian(&[
-        "--nats-url",
-        &nats_url,
-        "submit",
-        root.join("build_directives.ncl").to_str().unwrap(),
-        "--context",
-        root.to_str().unwrap(),
-        "--layer",
-        "base",
-        "--wait",
-        "--timeout",
-        "120",
-    ]);
-    assert!(submitted.status.success(), "submit --wait: {}", text(&submitted));
-    let build_id = String::from_utf8_lossy(&submitted.stdout)
-        .lines()
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
+    let submit_root = || {
+        let submitted = lian(&[
+            "--nats-url",
+            &nats_url,
+            "submit",
+            root.join("build_directives.ncl").to_str().unwrap(),
+            "--context",
+            root.to_str().unwrap(),
+            "--layer",
+            "base",
+            "--wait",
+            "--timeout",
+            "120",
+        ]);
+        assert!(submitted.status.success(), "submit --wait: {}", text(&submitted));
+        String::from_utf8_lossy(&submitted.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let build_id = submit_root();
 
     let cascade = format!("c-{build_id}");
     let end = events.wait_for(Duration::from_secs(120), "the cascade's end", |m| {
@@ -184,4 +187,45 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     let status = lian(&["--nats-url", &nats_url, "status", &build_id]);
     assert!(status.status.success());
     assert!(text(&status).contains("state: completed"), "{}", text(&status));
+    let rebuilt = end.json();
+    assert!(rebuilt.get("cut_off").is_none(), "nothing was built before: {rebuilt}");
+
+    // Early cutoff: the root built again, unchanged, gives the image it had; nothing below
+    // it is rebuilt, and the cascade says which layers it cut off and why.
+    let again = submit_root();
+    let mut root_image = |build: &str| {
+        let done = format!("lian.examples.build.{build}.completed");
+        let m = events.wait_for(Duration::from_secs(30), "the root's completion", |m| m.subject == done);
+        m.json()["image_id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        root_image(&again),
+        root_image(&build_id),
+        "an unchanged rebuild, the same image"
+    );
+    let second = format!("c-{again}");
+    let end = events.wait_for(Duration::from_secs(60), "the second cascade's end", |m| {
+        m.subject.contains(&format!(".cascade.{second}.")) && matches!(kind(m), "completed" | "failed")
+    });
+    let ended = end.json();
+    assert_eq!(kind(&end), "completed", "{ended}");
+    assert_eq!(ended["built"], serde_json::json!([]), "{ended}");
+    assert_eq!(ended["cut_off"], serde_json::json!(["deps", "tools", "app"]), "{ended}");
+    let of_second: Vec<serde_json::Value> = events
+        .seen
+        .iter()
+        .filter(|m| m.subject.contains(&format!(".cascade.{second}.")))
+        .map(|m| m.json())
+        .collect();
+    assert_eq!(of_second[0]["type"], "started", "{of_second:?}");
+    assert_eq!(of_second[0]["root_unchanged"], true, "{of_second:?}");
+    assert!(
+        of_second.iter().all(|e| e["type"] != "layer_requested"),
+        "nothing rebuilt: {of_second:?}"
+    );
+    let tools = of_second
+        .iter()
+        .find(|e| e["type"] == "layer_cut_off" && e["layer"] == "tools")
+        .unwrap_or_else(|| panic!("tools cut off: {of_second:?}"));
+    assert_eq!(tools["because"], serde_json::json!(["base"]));
 }

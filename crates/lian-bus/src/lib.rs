@@ -6,6 +6,7 @@
 mod context;
 mod error;
 mod history;
+mod layers;
 mod topology;
 mod views;
 mod work;
@@ -15,6 +16,7 @@ pub use context::{
 };
 pub use error::BusError;
 pub use history::{After, Appended, Record};
+pub use layers::LayerImage;
 pub use topology::{ReplicaState, StreamStatus, Topology};
 pub use views::QueueDepth;
 pub use work::{ExpiredRequests, Job, JobStream};

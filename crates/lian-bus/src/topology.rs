@@ -53,12 +53,13 @@ pub struct ReplicaState {
 }
 
 /// The key-value buckets the topology creates.
-const BUCKETS: [&str; 5] = [
+const BUCKETS: [&str; 6] = [
     subjects::METRICS_BUCKET,
     subjects::DEAD_LETTER_BUCKET,
     subjects::SIZING_BUCKET,
     subjects::LEASE_BUCKET,
     subjects::REGISTRY_GRANT_BUCKET,
+    subjects::LAYER_BUCKET,
 ];
 
 impl Default for Topology {
@@ -220,6 +221,10 @@ impl Bus {
             (
                 subjects::LEASE_BUCKET,
                 "the control plane's runner leases, keyed <lease-key>",
+            ),
+            (
+                subjects::LAYER_BUCKET,
+                "each catalog layer's latest completed image, keyed <layer>",
             ),
         ]
         .into_iter()
@@ -446,7 +451,7 @@ impl Bus {
             .map_err(|e| BusError::nats("revoke registry grant", e))
     }
 
-    async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store, BusError> {
+    pub(crate) async fn kv(&self, bucket: &str) -> Result<jetstream::kv::Store, BusError> {
         self.js
             .get_key_value(bucket)
             .await
@@ -454,7 +459,11 @@ impl Bus {
     }
 
     /// The entries of a bucket whose key starts with `prefix`, in key order.
-    async fn kv_entries(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, BusError> {
+    pub(crate) async fn kv_entries(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, serde_json::Value)>, BusError> {
         use futures::StreamExt;
         let kv = self.kv(bucket).await?;
         let mut keys: Vec<String> = kv

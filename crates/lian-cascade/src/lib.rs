@@ -102,6 +102,7 @@ impl Service {
             _ => return Ok(()),
         };
         let Some(layer) = layer else { return Ok(()) };
+        let unchanged = self.record_image(&envelope, layer).await?;
         let (id, root_started) = match cascade_ref {
             Some(c) => (c.id.clone(), None),
             // A catalog layer built on its own starts a cascade; a failed one does not.
@@ -114,6 +115,7 @@ impl Service {
                         root: layer.clone(),
                         root_build: envelope.build_id.clone(),
                         plan,
+                        root_unchanged: unchanged,
                     }),
                 )
             }
@@ -132,6 +134,7 @@ impl Service {
                 CascadeEvent::LayerCompleted {
                     layer: layer.clone(),
                     build_id: build,
+                    unchanged,
                 }
             } else {
                 CascadeEvent::LayerFailed {
@@ -156,6 +159,29 @@ impl Service {
             }
         }
         self.advance(&mut state, &mut seq, &id, ws).await
+    }
+
+    /// Records a completed build of a catalog layer as the layer's latest image; whether
+    /// it came out as the layer's previous image (early cutoff). `false` for anything else.
+    async fn record_image(&self, envelope: &Envelope, layer: &LayerName) -> Result<bool, BusError> {
+        let BuildEvent::Completed { image, image_id, .. } = &envelope.event else {
+            return Ok(false);
+        };
+        if self.catalog.get(layer.as_str()).is_err() {
+            return Ok(false);
+        }
+        let record = self
+            .bus
+            .record_layer_image(lian_bus::LayerImage {
+                layer: layer.to_string(),
+                build_id: envelope.build_id.to_string(),
+                image: image.to_string(),
+                image_id: image_id.clone(),
+                previous_image_id: None,
+                at: envelope.at.unix_timestamp(),
+            })
+            .await?;
+        Ok(record.unchanged())
     }
 
     /// Appends what `decide` proposes and publishes the requested builds, until quiet.

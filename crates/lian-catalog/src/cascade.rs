@@ -2,11 +2,18 @@
 //! events, decide which layers are ready (every parent inside this cascade completed), and
 //! name their builds. A failed layer blocks every layer below it, and says so.
 //!
-//! | state                                             | events appended                   |
-//! |---------------------------------------------------|-----------------------------------|
-//! | a layer of the plan has a failed or blocked parent| layer_blocked                     |
-//! | a layer's parents in the cascade all completed    | layer_requested (then its request)|
-//! | every layer completed, failed or blocked          | completed, or failed              |
+//! Early cutoff (Bazel, Buck2): a layer whose rebuild came out with the image it had before
+//! (the same image id: the config digest, which covers the rootfs diff ids) is `unchanged`;
+//! a layer whose every parent in the cascade (the root included) is unchanged or cut off is
+//! not rebuilt but `layer_cut_off`, naming those parents. A root that came out unchanged cuts
+//! off its whole plan.
+//!
+//! | state                                                        | events appended                   |
+//! |--------------------------------------------------------------|-----------------------------------|
+//! | a layer of the plan has a failed or blocked parent           | layer_blocked                     |
+//! | a layer's parents all settled, and one of them changed       | layer_requested (then its request)|
+//! | a layer's parents all settled, none changed                  | layer_cut_off                     |
+//! | every layer completed, cut off, failed or blocked            | completed, or failed              |
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,6 +43,9 @@ pub enum CascadeEvent {
         root: LayerName,
         root_build: BuildId,
         plan: Vec<LayerName>,
+        /// The root's build gave the image the root had before: nothing below it changes.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        root_unchanged: bool,
     },
     LayerRequested {
         layer: LayerName,
@@ -44,6 +54,9 @@ pub enum CascadeEvent {
     LayerCompleted {
         layer: LayerName,
         build_id: BuildId,
+        /// Its image is the one the layer had before this build.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unchanged: bool,
     },
     LayerFailed {
         layer: LayerName,
@@ -55,8 +68,16 @@ pub enum CascadeEvent {
         layer: LayerName,
         because: LayerName,
     },
+    /// Not rebuilt: every layer it is built on in this cascade came out unchanged (or was
+    /// cut off itself), so its own image would be the one it has.
+    LayerCutOff {
+        layer: LayerName,
+        because: Vec<LayerName>,
+    },
     Completed {
         built: Vec<LayerName>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        cut_off: Vec<LayerName>,
     },
     Failed {
         failed: Vec<LayerName>,
@@ -72,6 +93,7 @@ impl CascadeEvent {
             Self::LayerCompleted { .. } => "layer_completed",
             Self::LayerFailed { .. } => "layer_failed",
             Self::LayerBlocked { .. } => "layer_blocked",
+            Self::LayerCutOff { .. } => "layer_cut_off",
             Self::Completed { .. } => "completed",
             Self::Failed { .. } => "failed",
         }
@@ -80,16 +102,36 @@ impl CascadeEvent {
     pub fn summary(&self) -> String {
         let list = |v: &[LayerName]| v.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ");
         match self {
+            Self::Started {
+                root,
+                plan,
+                root_unchanged: true,
+                ..
+            } => format!(
+                "started by {root}, which came out unchanged: cutting off [{}]",
+                list(plan)
+            ),
             Self::Started { root, plan, .. } => {
                 format!("started by {root}: rebuilding [{}]", list(plan))
             }
             Self::LayerRequested { layer, build_id } => {
                 format!("requested {layer} as build {build_id}")
             }
+            Self::LayerCompleted {
+                layer, unchanged: true, ..
+            } => format!("{layer} completed, unchanged"),
             Self::LayerCompleted { layer, .. } => format!("{layer} completed"),
             Self::LayerFailed { layer, reason, .. } => format!("{layer} failed: {reason}"),
             Self::LayerBlocked { layer, because } => format!("{layer} blocked: {because} failed"),
-            Self::Completed { built } => format!("completed: rebuilt [{}]", list(built)),
+            Self::LayerCutOff { layer, because } => {
+                format!("{layer} cut off: [{}] came out unchanged", list(because))
+            }
+            Self::Completed { built, cut_off } if cut_off.is_empty() => {
+                format!("completed: rebuilt [{}]", list(built))
+            }
+            Self::Completed { built, cut_off } => {
+                format!("completed: rebuilt [{}], cut off [{}]", list(built), list(cut_off))
+            }
             Self::Failed { failed, blocked } => {
                 format!("failed: [{}] failed, [{}] blocked", list(failed), list(blocked))
             }
@@ -100,14 +142,30 @@ impl CascadeEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerStatus {
     Requested(BuildId),
-    Completed,
+    /// Rebuilt; `changed` is false when the image came out as it was.
+    Completed {
+        changed: bool,
+    },
+    CutOff,
     Failed,
     Blocked,
+}
+
+impl LayerStatus {
+    /// Settled without failing: its children may go on.
+    fn went_well(&self) -> bool {
+        matches!(self, Self::Completed { .. } | Self::CutOff)
+    }
+
+    fn changed(&self) -> bool {
+        matches!(self, Self::Completed { changed: true })
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CascadeState {
     pub root: Option<LayerName>,
+    pub root_unchanged: bool,
     pub plan: Vec<LayerName>,
     pub layers: BTreeMap<LayerName, LayerStatus>,
     pub finished: bool,
@@ -142,11 +200,17 @@ impl CascadeState {
         }
         let in_plan = |l: &LayerName| self.plan.contains(l);
         match event {
-            CascadeEvent::Started { root, plan, .. } => {
+            CascadeEvent::Started {
+                root,
+                plan,
+                root_unchanged,
+                ..
+            } => {
                 if self.root.is_some() {
                     return bad("started twice");
                 }
                 self.root = Some(root.clone());
+                self.root_unchanged = *root_unchanged;
                 self.plan = plan.clone();
             }
             CascadeEvent::LayerRequested { layer, build_id } => {
@@ -160,18 +224,21 @@ impl CascadeState {
                 if !matches!(self.layers.get(layer), Some(LayerStatus::Requested(_))) {
                     return bad("only a requested layer completes or fails");
                 }
-                let status = if matches!(event, CascadeEvent::LayerCompleted { .. }) {
-                    LayerStatus::Completed
-                } else {
-                    LayerStatus::Failed
+                let status = match event {
+                    CascadeEvent::LayerCompleted { unchanged, .. } => LayerStatus::Completed { changed: !unchanged },
+                    _ => LayerStatus::Failed,
                 };
                 self.layers.insert(layer.clone(), status);
             }
-            CascadeEvent::LayerBlocked { layer, .. } => {
+            CascadeEvent::LayerBlocked { layer, .. } | CascadeEvent::LayerCutOff { layer, .. } => {
                 if !in_plan(layer) || self.layers.contains_key(layer) {
-                    return bad("a layer is blocked once, before it is requested");
+                    return bad("a layer is blocked or cut off once, before it is requested");
                 }
-                self.layers.insert(layer.clone(), LayerStatus::Blocked);
+                let status = match event {
+                    CascadeEvent::LayerBlocked { .. } => LayerStatus::Blocked,
+                    _ => LayerStatus::CutOff,
+                };
+                self.layers.insert(layer.clone(), status);
             }
             CascadeEvent::Completed { .. } | CascadeEvent::Failed { .. } => self.finished = true,
         }
@@ -231,48 +298,65 @@ pub fn decide(state: &CascadeState, catalog: &Catalog, cascade: &CascadeId) -> V
         let Ok(spec) = catalog.get(layer.as_str()) else {
             continue;
         };
+        let on_root = spec.parents().any(|p| Some(p) == state.root.as_ref());
         let parents: Vec<&LayerName> = spec.parents().filter(|p| in_plan.contains(p)).collect();
         let dead = parents
             .iter()
             .find(|p| matches!(next.layers.get(**p), Some(LayerStatus::Failed | LayerStatus::Blocked)));
+        let settled = parents
+            .iter()
+            .all(|p| next.layers.get(*p).is_some_and(LayerStatus::went_well));
+        let changed = (on_root && !state.root_unchanged)
+            || parents
+                .iter()
+                .any(|p| next.layers.get(*p).is_some_and(LayerStatus::changed));
         let event = if let Some(because) = dead {
             CascadeEvent::LayerBlocked {
                 layer: layer.clone(),
                 because: (*because).clone(),
             }
-        } else if parents
-            .iter()
-            .all(|p| matches!(next.layers.get(*p), Some(LayerStatus::Completed)))
-        {
+        } else if !settled {
+            continue;
+        } else if changed {
             CascadeEvent::LayerRequested {
                 layer: layer.clone(),
                 build_id: layer_build_id(cascade, layer),
             }
         } else {
-            continue;
+            CascadeEvent::LayerCutOff {
+                layer: layer.clone(),
+                because: state
+                    .root
+                    .iter()
+                    .filter(|_| on_root)
+                    .chain(parents.iter().copied())
+                    .cloned()
+                    .collect(),
+            }
         };
         next.apply(&event).expect("decide only proposes possible events");
         events.push(event);
     }
     let all_settled = state.plan.iter().all(|l| {
-        matches!(
-            next.layers.get(l),
-            Some(LayerStatus::Completed | LayerStatus::Failed | LayerStatus::Blocked)
-        )
+        next.layers
+            .get(l)
+            .is_some_and(|s| !matches!(s, LayerStatus::Requested(_)))
     });
     if all_settled {
-        let with = |s: LayerStatus| -> Vec<LayerName> {
+        let with = |keep: fn(&LayerStatus) -> bool| -> Vec<LayerName> {
             state
                 .plan
                 .iter()
-                .filter(|l| next.layers.get(*l) == Some(&s))
+                .filter(|l| next.layers.get(*l).is_some_and(keep))
                 .cloned()
                 .collect()
         };
-        let (failed, blocked) = (with(LayerStatus::Failed), with(LayerStatus::Blocked));
+        let failed = with(|s| *s == LayerStatus::Failed);
+        let blocked = with(|s| *s == LayerStatus::Blocked);
         events.push(if failed.is_empty() && blocked.is_empty() {
             CascadeEvent::Completed {
-                built: with(LayerStatus::Completed),
+                built: with(|s| matches!(s, LayerStatus::Completed { .. })),
+                cut_off: with(|s| *s == LayerStatus::CutOff),
             }
         } else {
             CascadeEvent::Failed { failed, blocked }

@@ -17,6 +17,8 @@ pub const SIZING_BUCKET: &str = "lian-sizing";
 pub const LEASE_BUCKET: &str = "lian-leases";
 /// The registry gate's grants, keyed by username.
 pub const REGISTRY_GRANT_BUCKET: &str = "lian-registry-grants";
+/// Each catalog layer's latest completed image, keyed by layer (early cutoff, the lock).
+pub const LAYER_BUCKET: &str = "lian-layers";
 
 pub const ALL_CANCELS: &str = "lian.*.cancel.*";
 pub const ALL_REAPED: &str = "lian.*.reaped.*";

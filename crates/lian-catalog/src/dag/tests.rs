@@ -130,11 +130,16 @@ fn graphs_render_every_edge() {
 }
 
 fn start(c: &Catalog, root: &str) -> (CascadeId, CascadeState, Vec<CascadeEvent>) {
+    start_with(c, root, false)
+}
+
+fn start_with(c: &Catalog, root: &str, root_unchanged: bool) -> (CascadeId, CascadeState, Vec<CascadeEvent>) {
     let id = CascadeId::new("c-b1").unwrap();
     let started = CascadeEvent::Started {
         root: name(root),
         root_build: lian_core::BuildId::new("b1").unwrap(),
         plan: c.plan(root).unwrap(),
+        root_unchanged,
     };
     let state = cascade::fold([&started]).unwrap();
     (id, state, vec![started])
@@ -151,10 +156,18 @@ fn requested(events: &[CascadeEvent]) -> Vec<&str> {
 }
 
 fn settle(state: &mut CascadeState, layer: &str, ok: bool) {
+    settle_as(state, layer, ok, false);
+}
+
+fn settle_as(state: &mut CascadeState, layer: &str, ok: bool, unchanged: bool) {
     let l = name(layer);
     let build_id = state.build_of(&l).unwrap().clone();
     let e = if ok {
-        CascadeEvent::LayerCompleted { layer: l, build_id }
+        CascadeEvent::LayerCompleted {
+            layer: l,
+            build_id,
+            unchanged,
+        }
     } else {
         CascadeEvent::LayerFailed {
             layer: l,
@@ -187,7 +200,7 @@ fn a_two_parent_layer_waits_for_both_parents() {
     apply_all(&mut state, &next);
     settle(&mut state, "app", true);
     let end = cascade::decide(&state, &c, &id);
-    assert!(matches!(&end[..], [CascadeEvent::Completed { built }] if built.len() == 3));
+    assert!(matches!(&end[..], [CascadeEvent::Completed { built, cut_off }] if built.len() == 3 && cut_off.is_empty()));
 }
 
 #[test]
@@ -215,7 +228,9 @@ fn a_failure_blocks_its_branch_and_says_so() {
 fn a_leaf_starts_a_cascade_that_ends_at_once() {
     let c = example();
     let (id, state, _) = start(&c, "app");
-    assert!(matches!(&cascade::decide(&state, &c, &id)[..], [CascadeEvent::Completed { built }] if built.is_empty()));
+    assert!(
+        matches!(&cascade::decide(&state, &c, &id)[..], [CascadeEvent::Completed { built, .. }] if built.is_empty())
+    );
 }
 
 #[test]
@@ -225,4 +240,78 @@ fn deciding_twice_without_news_proposes_nothing_new() {
     let first = cascade::decide(&state, &c, &id);
     apply_all(&mut state, &first);
     assert!(cascade::decide(&state, &c, &id).is_empty());
+}
+
+fn cut_off(events: &[CascadeEvent]) -> Vec<(&str, Vec<&str>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CascadeEvent::LayerCutOff { layer, because } => {
+                Some((layer.as_str(), because.iter().map(|b| b.as_str()).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_root_that_came_out_unchanged_cuts_off_its_whole_plan() {
+    let c = example();
+    let (id, state, _) = start_with(&c, "base", true);
+    let events = cascade::decide(&state, &c, &id);
+    assert!(requested(&events).is_empty(), "{events:?}");
+    assert_eq!(
+        cut_off(&events),
+        [
+            ("deps", vec!["base"]),
+            ("tools", vec!["base"]),
+            ("app", vec!["tools", "deps"])
+        ]
+    );
+    assert!(
+        matches!(events.last(), Some(CascadeEvent::Completed { built, cut_off }) if built.is_empty() && cut_off.len() == 3),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_layer_is_cut_off_only_when_every_parent_came_out_unchanged() {
+    let c = example();
+    // Both parents of app unchanged: app is cut off.
+    let (id, mut state, _) = start(&c, "base");
+    let first = cascade::decide(&state, &c, &id);
+    apply_all(&mut state, &first);
+    settle_as(&mut state, "deps", true, true);
+    assert!(cascade::decide(&state, &c, &id).is_empty(), "app waits for tools");
+    settle_as(&mut state, "tools", true, true);
+    let next = cascade::decide(&state, &c, &id);
+    assert_eq!(cut_off(&next), [("app", vec!["tools", "deps"])]);
+    assert!(
+        matches!(next.last(), Some(CascadeEvent::Completed { built, cut_off }) if built.len() == 2 && cut_off == &vec![name("app")]),
+        "{next:?}"
+    );
+
+    // One parent changed: app is rebuilt.
+    let (id, mut state, _) = start(&c, "base");
+    let first = cascade::decide(&state, &c, &id);
+    apply_all(&mut state, &first);
+    settle_as(&mut state, "deps", true, true);
+    settle_as(&mut state, "tools", true, false);
+    assert_eq!(requested(&cascade::decide(&state, &c, &id)), ["app"]);
+}
+
+#[test]
+fn cascade_events_of_before_early_cutoff_still_read() {
+    let old = r#"{"type":"started","root":"base","root_build":"b1","plan":["deps"]}"#;
+    let e: CascadeEvent = serde_json::from_str(old).unwrap();
+    assert!(matches!(
+        e,
+        CascadeEvent::Started {
+            root_unchanged: false,
+            ..
+        }
+    ));
+    let done = r#"{"type":"completed","built":["deps"]}"#;
+    let e: CascadeEvent = serde_json::from_str(done).unwrap();
+    assert!(matches!(e, CascadeEvent::Completed { cut_off, .. } if cut_off.is_empty()));
 }

@@ -287,7 +287,7 @@ impl Live {
                     state,
                 })
             }
-            CascadeEvent::LayerBlocked { layer, .. } => {
+            CascadeEvent::LayerBlocked { layer, .. } | CascadeEvent::LayerCutOff { layer, .. } => {
                 m.mark_layer(layer.as_str(), None, e.at);
                 Some(Change {
                     build: None,

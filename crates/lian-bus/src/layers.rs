@@ -1,0 +1,88 @@
+//! Each catalog layer's latest completed image (bucket `lian-layers`), kept by the cascade:
+//! what tells a rebuilt layer that came out unchanged (early cutoff) from one that changed.
+
+use lian_core::subjects;
+use serde::{Deserialize, Serialize};
+
+use crate::{Bus, BusError};
+
+/// A layer's latest completed image, and the one it replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerImage {
+    pub layer: String,
+    pub build_id: String,
+    pub image: String,
+    /// The image's config digest: it covers the rootfs diff ids and the config, not the
+    /// manifest's timestamps.
+    pub image_id: String,
+    /// The image id the layer had before this build, if it had one.
+    #[serde(default)]
+    pub previous_image_id: Option<String>,
+    /// UNIX seconds.
+    pub at: i64,
+}
+
+impl LayerImage {
+    /// The build gave the layer the image it had before.
+    pub fn unchanged(&self) -> bool {
+        self.previous_image_id.as_deref() == Some(self.image_id.as_str())
+    }
+}
+
+impl Bus {
+    /// Records a completed build of a catalog layer as the layer's latest image and returns
+    /// the record, which says whether the image is the one the layer had. Recording the same
+    /// build again (a redelivered event) changes nothing and gives the same answer.
+    pub async fn record_layer_image(&self, next: LayerImage) -> Result<LayerImage, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let mut last_error = String::new();
+        // Compare-and-set: another cascade replica may record the same layer at once.
+        for _ in 0..5 {
+            let entry = kv
+                .entry(&next.layer)
+                .await
+                .map_err(|e| BusError::nats("read a layer's image", e))?;
+            let revision = entry.as_ref().map_or(0, |e| e.revision);
+            let known = entry
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice::<LayerImage>(&e.value).ok());
+            if let Some(known) = known.as_ref().filter(|k| k.build_id == next.build_id) {
+                return Ok(known.clone());
+            }
+            let record = LayerImage {
+                previous_image_id: known.map(|k| k.image_id),
+                ..next.clone()
+            };
+            let bytes = serde_json::to_vec(&record).expect("json");
+            let written = if revision == 0 {
+                kv.create(&record.layer, bytes.into())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            } else {
+                kv.update(&record.layer, bytes.into(), revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(()) => return Ok(record),
+                Err(err) => last_error = err,
+            }
+        }
+        Err(BusError::Nats {
+            op: "record a layer's image",
+            message: last_error,
+        })
+    }
+
+    /// Every layer's latest completed image, by layer name.
+    pub async fn layer_images(&self) -> Result<Vec<LayerImage>, BusError> {
+        Ok(self
+            .kv_entries(subjects::LAYER_BUCKET, "")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_value(v).ok())
+            .collect())
+    }
+}
