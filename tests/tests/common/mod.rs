@@ -39,6 +39,8 @@ pub struct Running {
     pub stdout_lines: Vec<String>,
     /// What it prints on stdout after `ready`, read by `stop`.
     rest: std::sync::mpsc::Receiver<String>,
+    /// Its stderr, line by line, when started with `start_hearing`.
+    stderr: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Running {
@@ -58,17 +60,36 @@ impl Running {
         Self::spawn(command(args, env).stderr(file), args, ready)
     }
 
+    /// Like `start_with`, with its stderr kept line by line for `wait_stderr` (and echoed).
+    pub fn start_hearing(args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
+        let mut running = Self::spawn(command(args, env).stderr(Stdio::piped()), args, ready);
+        running.stderr = running
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .map(|stderr| lines_of(stderr, |line| eprintln!("{line}")));
+        running
+    }
+
+    /// Waits (bounded) for a line on its stderr containing `want`; every line seen before it
+    /// is passed over. Needs `start_hearing`.
+    pub fn wait_stderr(&self, within: Duration, want: &str) -> String {
+        let lines = self.stderr.as_ref().expect("started with start_hearing");
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains(want) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no {want:?} on stderr within {within:?}; saw {seen:#?}"),
+            }
+        }
+    }
+
     fn spawn(cmd: &mut Command, args: &[&str], ready: &str) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).spawn().expect("lian starts");
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let rx = lines_of(stdout, |_| {});
         let mut lines = Vec::new();
         if !ready.is_empty() {
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -90,6 +111,7 @@ impl Running {
             child: Some(child),
             stdout_lines: lines,
             rest: rx,
+            stderr: None,
         }
     }
 
@@ -155,6 +177,23 @@ impl Running {
             let _ = child.wait();
         }
     }
+}
+
+/// The lines of `from`, read by a thread of their own (each also given to `echo`).
+fn lines_of(
+    from: impl std::io::Read + Send + 'static,
+    echo: impl Fn(&str) + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            echo(&line);
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 impl Drop for Running {
