@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Running, context_with, directives_json, history_kinds, lian, staged_examples, text};
+use common::{Running, history_kinds, staged_examples, submit_with, text};
 
 /// The pids of processes whose command line has every one of `words` as an argument.
 fn pids_with(words: &[&str]) -> Vec<u32> {
@@ -102,19 +102,12 @@ fn a_killed_worker_is_restarted_and_the_fleet_builds_again() {
     );
 
     // The restarted worker is the fleet's only one: a build submitted now completes.
-    let context = context_with("");
-    let directives = directives_json(context.path(), "supervised", "lian-test/supervised:latest");
-    let out = lian(&[
-        "--nats-url",
+    let out = submit_with(
         &nats_url,
-        "submit",
-        directives.to_str().unwrap(),
-        "--context",
-        context.path().to_str().unwrap(),
-        "--wait",
-        "--timeout",
-        "180",
-    ]);
+        "supervised",
+        "lian-test/supervised:latest",
+        &["--wait", "--timeout", "180"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let build = String::from_utf8_lossy(&out.stdout)
         .lines()

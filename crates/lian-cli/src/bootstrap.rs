@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{BootstrapArgs, Global};
 use crate::config::Settings;
+use crate::exit::Exit;
 use crate::local_stores;
 
 /// The repository and tag the stand-in is pushed as, below the registry's host.
@@ -196,7 +197,7 @@ pub fn run(global: &Global, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
         registry.host(),
         registry.host()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 fn bootstrap(

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 
 use crate::cli::CacheGcArgs;
 use crate::config::Settings;
+use crate::exit::Exit;
 
 pub async fn gc(config: &std::path::Path, args: CacheGcArgs) -> anyhow::Result<ExitCode> {
     let url = match &args.registry {
@@ -73,5 +74,5 @@ pub async fn gc(config: &std::path::Path, args: CacheGcArgs) -> anyhow::Result<E
          garbage collection (`docker-registry garbage-collect --delete-untagged CONFIG`, registry stopped)",
         humantime::format_duration(age)
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }

@@ -6,6 +6,7 @@ use lian_catalog::GraphFormat;
 use lian_nickel::Schemas;
 
 use crate::cli::{CatalogArgs, CatalogCommand, Format};
+use crate::exit::Exit;
 
 pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
     let schemas = Schemas::embedded()?;
@@ -13,7 +14,7 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(err) => {
             eprintln!("error: {err}");
-            return Ok(ExitCode::FAILURE);
+            return Ok(Exit::Failed.code());
         }
     };
     match args.command {
@@ -47,5 +48,5 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
             print!("{}", catalog.render(format));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }

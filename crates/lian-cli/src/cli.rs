@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "lian",
     version,
-    about = "lian-build: Rust container builds on an event-sourced fleet"
+    about = "lian-build: Rust container builds on an event-sourced fleet",
+    after_help = crate::exit::Exit::HELP
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -24,6 +25,9 @@ pub struct Global {
     /// Config file (TOML); settings also come from LIAN_* environment variables.
     #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]
     pub config: PathBuf,
+    /// How long to keep trying to reach NATS before giving up (exit 3): `10s`, `500ms`.
+    #[arg(long, global = true, env = "LIAN_CONNECT_TIMEOUT", default_value = "10s")]
+    pub connect_timeout: humantime::Duration,
 }
 
 #[derive(Subcommand)]
@@ -246,7 +250,7 @@ pub struct SubmitArgs {
     /// Follow the build and exit 0 when it completed, 1 when it failed.
     #[arg(long)]
     pub wait: bool,
-    /// Give up waiting after this many seconds (exit 3).
+    /// Give up waiting after this many seconds (exit 4; the build goes on).
     #[arg(long, requires = "wait")]
     pub timeout: Option<u64>,
     /// Print JSON instead of text.

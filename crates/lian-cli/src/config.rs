@@ -245,7 +245,7 @@ impl Settings {
             .merge(Toml::file(file))
             .merge(Env::prefixed("LIAN_"))
             .extract()
-            .map_err(|e| anyhow::anyhow!("invalid settings ({}, LIAN_*): {e}", file.display()))?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("invalid settings ({}, LIAN_*)", file.display())))?;
         settings.cloud_tokens_from(|name| std::env::var(name).ok());
         settings.stores_from(|name| std::env::var(name).ok());
         if !matches!(settings.runner_isolation.as_str(), "shared" | "engine") {

@@ -6,6 +6,7 @@ mod cache_cmd;
 mod catalog_cmd;
 mod cli;
 mod config;
+mod exit;
 mod local_stores;
 mod output;
 mod roles;
@@ -70,8 +71,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
+            let exit = exit::Exit::of(&err);
             eprintln!("error: {err:#}");
-            std::process::ExitCode::from(2)
+            exit.code()
         }
     }
 }

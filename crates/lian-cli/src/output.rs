@@ -13,6 +13,7 @@ use time::macros::format_description;
 
 use crate::cli::{CancelArgs, DeadLettersArgs, Global, LeasesArgs, StatusArgs, WatchArgs};
 use crate::config::Settings;
+use crate::exit::{Coded, Exit};
 
 fn clock(at: OffsetDateTime) -> String {
     at.format(format_description!("[hour]:[minute]:[second]"))
@@ -89,14 +90,14 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
 }
 
 pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> {
-    let bus = lian_bus::Bus::connect(&global.nats_url, "lian-watch", std::time::Duration::from_secs(10)).await?;
+    let bus = lian_bus::Bus::connect(&global.nats_url, "lian-watch", global.connect_timeout.into()).await?;
     let mut sub = bus.subscribe(&args.filter).await?;
     eprintln!("watching {} on {} (Ctrl-C to stop)", args.filter, global.nats_url);
     loop {
         tokio::select! {
-            _ = crate::roles::shutdown_signal() => return Ok(ExitCode::SUCCESS),
+            _ = crate::roles::shutdown_signal() => return Ok(Exit::Ok.code()),
             msg = sub.next() => {
-                let Some(msg) = msg else { return Ok(ExitCode::SUCCESS) };
+                let Some(msg) = msg else { return Ok(Exit::Ok.code()) };
                 if args.json {
                     let payload: serde_json::Value = serde_json::from_slice(&msg.payload)
                         .unwrap_or_else(|_| String::from_utf8_lossy(&msg.payload).into());
@@ -118,23 +119,22 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     }
     let history = bus.build_history(&build_id).await?;
     if history.is_empty() {
-        eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
-        return Ok(ExitCode::from(4));
+        return Err(no_build(&build_id));
     }
     let state = lifecycle::fold(&history);
     let (word, code) = match &state {
         Ok(s) => match &s.terminal {
-            Some(Terminal::Completed { .. }) => ("completed".to_string(), ExitCode::SUCCESS),
-            Some(Terminal::Failed { reason, .. }) => (format!("failed: {reason}"), ExitCode::FAILURE),
+            Some(Terminal::Completed { .. }) => ("completed".to_string(), Exit::Ok.code()),
+            Some(Terminal::Failed { reason, .. }) => (format!("failed: {reason}"), Exit::Failed.code()),
             None => (
                 format!(
                     "in progress after {}",
                     history.last().map(|e| e.event.kind()).unwrap_or("-")
                 ),
-                ExitCode::SUCCESS,
+                Exit::Ok.code(),
             ),
         },
-        Err(e) => (format!("unreadable history: {e}"), ExitCode::FAILURE),
+        Err(e) => (format!("unreadable history: {e}"), Exit::Failed.code()),
     };
     if args.json {
         println!(
@@ -166,18 +166,25 @@ pub async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result
                 if !json {
                     println!("completed {image}");
                 }
-                return Ok(ExitCode::SUCCESS);
+                return Ok(Exit::Ok.code());
             }
             BuildEvent::Failed { reason, .. } => {
                 if !json {
                     println!("failed: {reason}");
                 }
-                return Ok(ExitCode::FAILURE);
+                return Ok(Exit::Failed.code());
             }
             _ => {}
         }
     }
     bail!("the event stream ended before build {build_id} did")
+}
+
+fn no_build(build_id: &BuildId) -> anyhow::Error {
+    Coded::error(
+        Exit::Usage,
+        format!("no build {build_id}: not submitted, or not yet taken by a worker"),
+    )
 }
 
 pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode> {
@@ -186,18 +193,17 @@ pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode
     let bus = crate::roles::connect(&global, "lian-cancel", &settings).await?;
     let history = bus.build_history(&build_id).await?;
     let Some(first) = history.first() else {
-        eprintln!("no build {build_id}: not submitted, or not yet taken by a worker");
-        return Ok(ExitCode::from(4));
+        return Err(no_build(&build_id));
     };
     if let Some(last) = history.last().filter(|e| e.event.is_terminal()) {
         eprintln!("build {build_id} already ended: {}", last.event.summary());
-        return Ok(ExitCode::FAILURE);
+        return Ok(Exit::Failed.code());
     }
     let subject = subjects::cancel(&first.workspace, &build_id);
     let record = serde_json::json!({"build_id": build_id, "reason": args.reason});
     bus.append(&subject, &format!("cancel-{build_id}"), &record).await?;
     println!("cancel requested for {build_id}: it stops at its next step, destroys its runner and fails as cancelled");
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
@@ -206,7 +212,7 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
     let records = bus.dead_letters().await?;
     if args.json {
         println!("{}", serde_json::Value::Array(records));
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok.code());
     }
     if records.is_empty() {
         println!("no dead letters");
@@ -222,7 +228,7 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
             s("reason")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 /// `lian nats status`: what the cluster holds of the topology (created as configured on
@@ -234,7 +240,7 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
     let streams = bus.topology_status().await?;
     if json {
         println!("{}", serde_json::to_string(&streams)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok.code());
     }
     println!("cluster of {} server(s)", bus.cluster_size());
     for s in streams {
@@ -256,7 +262,7 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
             followers.join(", ")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode> {
@@ -269,7 +275,7 @@ pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode
     let leases = control.leases().await?;
     if args.json {
         println!("{}", serde_json::to_string(&leases)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok.code());
     }
     if leases.is_empty() {
         println!("no leases");
@@ -288,5 +294,5 @@ pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode
             v.age_secs
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }

@@ -10,6 +10,7 @@ use lian_runner::DockerBuilder;
 
 use crate::cli::{CascadeArgs, ControlArgs, Global, WorkerArgs};
 use crate::config::Settings;
+use crate::exit::Exit;
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
@@ -45,7 +46,7 @@ fn inherited_listener(fd: i32) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow::Result<Bus> {
-    let bus = Bus::connect(&global.nats_url, name, Duration::from_secs(10)).await?;
+    let bus = Bus::connect(&global.nats_url, name, global.connect_timeout.into()).await?;
     bus.ensure_topology(&settings.topology())
         .await
         .context("cannot create the JetStream topology")?;
@@ -95,7 +96,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         },
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCode> {
@@ -106,7 +107,7 @@ pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCo
         schemas: Schemas::embedded()?,
     };
     lian_cascade::run(bus, options, shutdown_signal()).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }
 
 pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCode> {
@@ -169,5 +170,5 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
         println!("lian control: registry gate http://{}", gate.listener.local_addr()?);
     }
     lian_control::run(bus, options, listener, gate, shutdown_signal()).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }

@@ -10,6 +10,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::cli::{Global, SizingArgs, SizingCommand};
 use crate::config::Settings;
+use crate::exit::Exit;
 
 pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&global.config)?;
@@ -86,10 +87,10 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
                 ),
                 Err(e) => {
                     println!("=> no size: {e}");
-                    return Ok(ExitCode::FAILURE);
+                    return Ok(Exit::Failed.code());
                 }
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok.code())
 }

@@ -5,19 +5,20 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use lian_bus::Bus;
 use lian_core::{BuildDirectives, BuildId, LayerName, cache, subjects};
 use lian_nickel::{Contract, EvalLimits, Evaluator, Schemas};
 
 use crate::cli::{Global, SubmitArgs};
 use crate::config::Settings;
+use crate::exit::Exit;
 use crate::output;
 
 pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let directives = evaluate(&args.directives).await?;
     cache::check(&directives)
-        .map_err(|e| anyhow::anyhow!("{}: cache policy refused: {e}", args.directives.display()))?;
+        .map_err(|e| anyhow::Error::new(e).context(format!("{}: cache policy refused", args.directives.display())))?;
     let layer = args.layer.as_deref().map(LayerName::new).transpose()?;
     let build_id = match (&args.build_id, &args.request_id) {
         (Some(id), _) => BuildId::new(id.as_str())?,
@@ -40,7 +41,7 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         println!("{build_id}");
     }
     if !args.wait {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok.code());
     }
     let wait = output::follow(&bus, &build_id, args.json);
     match args.timeout {
@@ -49,7 +50,7 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             Ok(result) => result,
             Err(_) => {
                 eprintln!("gave up waiting for build {build_id} after {secs} s; it goes on (lian status {build_id})");
-                Ok(ExitCode::from(3))
+                Ok(Exit::TimedOut.code())
             }
         },
     }
@@ -194,7 +195,10 @@ pub fn new_build_id() -> BuildId {
 pub async fn evaluate(path: &Path) -> anyhow::Result<BuildDirectives> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !matches!(ext, "ncl" | "json") {
-        bail!("{}: directives are a .ncl or .json file", path.display());
+        return Err(crate::exit::Coded::error(
+            Exit::Usage,
+            format!("{}: directives are a .ncl or .json file", path.display()),
+        ));
     }
     eval_file(path, Contract::BuildDirectives).await
 }

@@ -19,6 +19,7 @@ use lian_nickel::Schemas;
 
 use crate::cli::{Global, UpArgs};
 use crate::config::Settings;
+use crate::exit::Exit;
 use crate::supervise::{Ready, RestartPolicy, Spec, Supervisor, Tier};
 use crate::{local_stores, output, roles, submit};
 
@@ -196,7 +197,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
                 if args.demo {
                     let ok = demo(&bus, &catalog, &catalog_dir, &state_dir).await?;
                     if args.once {
-                        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                        return Ok(if ok { Exit::Ok.code() } else { Exit::Failed.code() });
                     }
                     println!(
                         "demo {}; the fleet keeps running (Ctrl-C stops it)",
@@ -207,7 +208,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             };
             tokio::select! {
                 result = running => result,
-                _ = roles::shutdown_signal() => Ok(ExitCode::SUCCESS),
+                _ = roles::shutdown_signal() => Ok(Exit::Ok.code()),
                 gave_up = fleet.gave_up() => Err(gave_up.into()),
             }
         }

@@ -485,20 +485,37 @@ pub fn submit_to(
     env: &[(&str, &str)],
 ) -> (String, tempfile::TempDir) {
     let context = context_with(extra);
-    let directives = directives_json(context.path(), workspace, image);
-    let out = lian_with(
-        &[
-            "--nats-url",
-            url,
-            "submit",
-            directives.to_str().unwrap(),
-            "--context",
-            context.path().to_str().unwrap(),
-        ],
-        env,
-    );
+    let out = submit_context(url, workspace, image, &context, &[], env);
     assert!(out.status.success(), "{}", text(&out));
     (String::from_utf8_lossy(&out.stdout).trim().to_string(), context)
+}
+
+/// `lian submit` of a test build of `image` in `workspace` (the example root layer's
+/// context) through the NATS at `url`, with more arguments (`--wait`, `--timeout`, ...).
+pub fn submit_with(url: &str, workspace: &str, image: &str, args: &[&str]) -> Output {
+    submit_context(url, workspace, image, &context_with(""), args, &[])
+}
+
+/// `lian submit` of a test build of `image` in `workspace` from `context`.
+fn submit_context(
+    url: &str,
+    workspace: &str,
+    image: &str,
+    context: &tempfile::TempDir,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let directives = directives_json(context.path(), workspace, image);
+    let mut all = vec![
+        "--nats-url",
+        url,
+        "submit",
+        directives.to_str().unwrap(),
+        "--context",
+        context.path().to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    lian_with(&all, env)
 }
 
 /// `lian nats status --json`: every stream and bucket with its copies, leader, followers
