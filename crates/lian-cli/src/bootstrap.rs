@@ -154,10 +154,10 @@ fn pipe(name: &'static str, producer: &mut Command, consumer: &mut Command) -> R
 
 fn timed<T>(what: &str, f: impl FnOnce() -> Result<T, BootstrapError>) -> Result<T, BootstrapError> {
     let started = Instant::now();
-    print!("bootstrap: {what} ... ");
-    let _ = std::io::stdout().flush();
+    eprint!("bootstrap: {what} ... ");
+    let _ = std::io::stderr().flush();
     let value = f()?;
-    println!("{:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("{:.1} s", started.elapsed().as_secs_f64());
     Ok(value)
 }
 
@@ -185,6 +185,18 @@ pub fn run(global: &Global, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
     };
     let started = Instant::now();
     let digest = bootstrap(&settings.docker_cli, &registry, &args)?;
+    if global.json(false) {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pushed": format!("{}/{RUST_BASE}", registry.host()),
+                "digest": digest,
+                "hub_stand_in": format!("{}/{HUB_RUST}", registry.host()),
+                "seconds": started.elapsed().as_secs_f64(),
+            })
+        );
+        return Ok(Exit::Ok.code());
+    }
     println!(
         "bootstrap: pushed {}/{} as {digest} in {:.0} s",
         registry.host(),
@@ -226,7 +238,7 @@ fn bootstrap(
 
     let rootfs_tar = cache.join(format!("bookworm-minbase-{}.tar", INCLUDE.replace(',', "+")));
     if rootfs_tar.exists() {
-        println!(
+        eprintln!(
             "bootstrap: Debian bookworm rootfs from the cache ({})",
             rootfs_tar.display()
         );
@@ -298,7 +310,7 @@ fn bootstrap(
                 ),
         )?;
         for line in check.lines() {
-            println!("  {line}");
+            eprintln!("  {line}");
         }
         let digest = timed("docker push", || push(docker, registry, &image))?;
         // Also where a build whose Dockerfile names `rust:slim-bookworm` finds it.
@@ -446,7 +458,7 @@ fn cargo_chef(cache: &Path) -> Result<PathBuf, BootstrapError> {
     let root = cache.join("tools");
     let binary = root.join("bin/cargo-chef");
     if binary.exists() {
-        println!("bootstrap: cargo-chef from the cache ({})", binary.display());
+        eprintln!("bootstrap: cargo-chef from the cache ({})", binary.display());
         return Ok(binary);
     }
     let target = cache.join("cargo-target");

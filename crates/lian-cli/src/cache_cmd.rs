@@ -10,14 +10,14 @@ use anyhow::Context;
 use lian_runner::registry::RegistryAccess;
 use time::OffsetDateTime;
 
-use crate::cli::CacheGcArgs;
+use crate::cli::{CacheGcArgs, Global};
 use crate::config::Settings;
 use crate::exit::Exit;
 
-pub async fn gc(config: &std::path::Path, args: CacheGcArgs) -> anyhow::Result<ExitCode> {
+pub async fn gc(global: &Global, args: CacheGcArgs) -> anyhow::Result<ExitCode> {
     let url = match &args.registry {
         Some(url) => url.clone(),
-        None => match Settings::load(config)?.registry.map(|r| r.url) {
+        None => match Settings::load(&global.config)?.registry.map(|r| r.url) {
             Some(url) => url,
             None => {
                 let recorded: PathBuf = args.state_dir.join("registry").join("url");
@@ -46,7 +46,8 @@ pub async fn gc(config: &std::path::Path, args: CacheGcArgs) -> anyhow::Result<E
     };
     let age: Duration = args.older_than.into();
     let cutoff = OffsetDateTime::now_utc() - age;
-    let mut removed = 0;
+    let json = global.json(false);
+    let mut removed = Vec::new();
     for repository in registry.repositories().await? {
         if !repository.starts_with("dev/") {
             continue;
@@ -59,15 +60,24 @@ pub async fn gc(config: &std::path::Path, args: CacheGcArgs) -> anyhow::Result<E
                 continue;
             }
             let days = (OffsetDateTime::now_utc() - created).whole_hours() as f64 / 24.0;
-            if args.dry_run {
-                println!("would remove {repository}:{tag} ({days:.1} days old)");
-            } else {
+            if !args.dry_run {
                 registry.delete(&repository, &digest).await?;
-                println!("removed {repository}:{tag} ({days:.1} days old)");
             }
-            removed += 1;
+            if !json {
+                let verb = if args.dry_run { "would remove" } else { "removed" };
+                println!("{verb} {repository}:{tag} ({days:.1} days old)");
+            }
+            removed.push(serde_json::json!({"repository": repository, "tag": tag, "days_old": days}));
         }
     }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"dry_run": args.dry_run, "older_than_secs": age.as_secs(), "removed": removed})
+        );
+        return Ok(Exit::Ok.code());
+    }
+    let removed = removed.len();
     let verb = if args.dry_run { "would remove" } else { "removed" };
     println!(
         "{verb} {removed} tag(s) older than {} in dev/ namespaces; the registry frees their blobs in its own \

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use lian_catalog::GraphFormat;
 use lian_nickel::Schemas;
 
-use crate::cli::{CatalogArgs, CatalogCommand, Format};
+use crate::cli::{CatalogArgs, CatalogCommand, Format, Global};
 use crate::exit::Exit;
 
-pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
+pub fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode> {
     let schemas = Schemas::embedded()?;
     let catalog = match lian_cascade::load_catalog(&args.catalog, &schemas) {
         Ok(c) => c,
@@ -22,6 +22,13 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
         CatalogCommand::Validate => {
             let layers = catalog.layers().count();
             let edges = catalog.edges().len();
+            if global.json(false) {
+                println!(
+                    "{}",
+                    serde_json::json!({"catalog": args.catalog, "valid": true, "layers": layers, "edges": edges})
+                );
+                return Ok(Exit::Ok.code());
+            }
             println!(
                 "catalog {} is valid: {layers} layers, {edges} edges, acyclic; every base exists; ADR-001 and ADR-002 hold",
                 args.catalog.display()
@@ -29,7 +36,7 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
         }
         CatalogCommand::Plan { changed, json } => {
             let plan = catalog.plan(&changed)?;
-            if json {
+            if global.json(json) {
                 println!("{}", serde_json::to_string(&plan)?);
             } else {
                 println!("{} layers rebuild when {changed} changes, in this order:", plan.len());
@@ -41,11 +48,18 @@ pub fn run(args: CatalogArgs) -> anyhow::Result<ExitCode> {
             }
         }
         CatalogCommand::Graph { format } => {
-            let format = match format {
-                Format::Dot => GraphFormat::Dot,
-                Format::Mermaid => GraphFormat::Mermaid,
+            let (name, format) = match format {
+                Format::Dot => ("dot", GraphFormat::Dot),
+                Format::Mermaid => ("mermaid", GraphFormat::Mermaid),
             };
-            print!("{}", catalog.render(format));
+            if global.json(false) {
+                println!(
+                    "{}",
+                    serde_json::json!({"format": name, "graph": catalog.render(format)})
+                );
+            } else {
+                print!("{}", catalog.render(format));
+            }
         }
     }
     Ok(Exit::Ok.code())

@@ -25,9 +25,26 @@ pub struct Global {
     /// Config file (TOML); settings also come from LIAN_* environment variables.
     #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]
     pub config: PathBuf,
+    /// `text` for people; `json` for machines: one JSON document, or one per line for a
+    /// stream (`watch`, `status --follow`, `submit --wait`). Errors go to stderr, as JSON too.
+    #[arg(long, global = true, env = "LIAN_OUTPUT", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     /// How long to keep trying to reach NATS before giving up (exit 3): `10s`, `500ms`.
     #[arg(long, global = true, env = "LIAN_CONNECT_TIMEOUT", default_value = "10s")]
     pub connect_timeout: humantime::Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+impl Global {
+    /// JSON wanted: `--output json`, or a command's own `--json` (kept as an alias).
+    pub fn json(&self, alias: bool) -> bool {
+        alias || self.output == Output::Json
+    }
 }
 
 #[derive(Subcommand)]
@@ -72,6 +89,7 @@ pub struct NatsArgs {
 pub enum NatsCommand {
     /// Every stream and bucket: replicas, leader, followers (current, lag, offline).
     Status {
+        /// The same as `--output json`.
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +154,7 @@ pub struct CancelArgs {
 
 #[derive(Args)]
 pub struct DeadLettersArgs {
+    /// The same as `--output json`.
     #[arg(long)]
     pub json: bool,
 }
@@ -208,6 +227,7 @@ pub struct ControlArgs {
 
 #[derive(Args)]
 pub struct LeasesArgs {
+    /// The same as `--output json`.
     #[arg(long)]
     pub json: bool,
 }
@@ -253,7 +273,7 @@ pub struct SubmitArgs {
     /// Give up waiting after this many seconds (exit 4; the build goes on).
     #[arg(long, requires = "wait")]
     pub timeout: Option<u64>,
-    /// Print JSON instead of text.
+    /// The same as `--output json`.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -285,6 +305,7 @@ pub struct WatchArgs {
     /// Subject filter.
     #[arg(default_value = "lian.>")]
     pub filter: String,
+    /// The same as `--output json`.
     #[arg(long)]
     pub json: bool,
 }
@@ -292,6 +313,7 @@ pub struct WatchArgs {
 #[derive(Args)]
 pub struct StatusArgs {
     pub build_id: String,
+    /// The same as `--output json`.
     #[arg(long)]
     pub json: bool,
     /// Keep printing events until the build ends; exit 0 completed, 1 failed.
@@ -316,6 +338,7 @@ pub enum CatalogCommand {
     Plan {
         #[arg(long)]
         changed: String,
+        /// The same as `--output json`.
         #[arg(long)]
         json: bool,
     },

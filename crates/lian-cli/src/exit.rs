@@ -37,6 +37,18 @@ impl Exit {
         ExitCode::from(self as u8)
     }
 
+    /// The word for it in an error printed with `--output json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Exit::Ok => "ok",
+            Exit::Failed => "failed",
+            Exit::Usage => "usage",
+            Exit::Unreachable => "unreachable",
+            Exit::TimedOut => "timed_out",
+            Exit::Refused => "refused",
+        }
+    }
+
     /// The code an error exits with: the first cause in its chain that says, else `Failed`.
     pub fn of(err: &anyhow::Error) -> Exit {
         err.chain().find_map(Self::of_cause).unwrap_or(Exit::Failed)

@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    let json = cli.global.json(false);
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(cli.global, args).await,
@@ -58,13 +59,13 @@ fn main() -> std::process::ExitCode {
                 command: CatalogCommand::Bootstrap(args),
                 ..
             }) => bootstrap::run(&cli.global, args),
-            Command::Catalog(args) => catalog_cmd::run(args),
+            Command::Catalog(args) => catalog_cmd::run(&cli.global, args),
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
             Command::Nats(args) => output::nats(cli.global, args).await,
             Command::Sizing(args) => sizing_cmd::run(cli.global, args).await,
             Command::Cache(args) => match args.command {
-                cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global.config, gc).await,
+                cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global, gc).await,
             },
         }
     });
@@ -72,7 +73,12 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(err) => {
             let exit = exit::Exit::of(&err);
-            eprintln!("error: {err:#}");
+            if json {
+                let error = serde_json::json!({"error": {"exit_code": exit as u8, "kind": exit.name(), "message": format!("{err:#}")}});
+                eprintln!("{error}");
+            } else {
+                eprintln!("error: {err:#}");
+            }
             exit.code()
         }
     }

@@ -89,6 +89,17 @@ pub fn line(subject: &str, payload: &[u8]) -> String {
     }
 }
 
+/// A message on `lian.>` as `lian watch` prints it: one readable line, or one JSON line
+/// `{"subject", "payload"}` (the payload as JSON when it is, else as a string).
+pub fn rendered(subject: &str, payload: &[u8], json: bool) -> String {
+    if !json {
+        return line(subject, payload);
+    }
+    let payload: serde_json::Value =
+        serde_json::from_slice(payload).unwrap_or_else(|_| String::from_utf8_lossy(payload).into());
+    serde_json::json!({"subject": subject, "payload": payload}).to_string()
+}
+
 pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> {
     let bus = lian_bus::Bus::connect(&global.nats_url, "lian-watch", global.connect_timeout.into()).await?;
     let mut sub = bus.subscribe(&args.filter).await?;
@@ -98,13 +109,7 @@ pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> 
             _ = crate::roles::shutdown_signal() => return Ok(Exit::Ok.code()),
             msg = sub.next() => {
                 let Some(msg) = msg else { return Ok(Exit::Ok.code()) };
-                if args.json {
-                    let payload: serde_json::Value = serde_json::from_slice(&msg.payload)
-                        .unwrap_or_else(|_| String::from_utf8_lossy(&msg.payload).into());
-                    println!("{}", serde_json::json!({"subject": msg.subject.as_str(), "payload": payload}));
-                } else {
-                    println!("{}", line(msg.subject.as_str(), &msg.payload));
-                }
+                println!("{}", rendered(msg.subject.as_str(), &msg.payload, global.json(args.json)));
             }
         }
     }
@@ -115,7 +120,7 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-status", &settings).await?;
     if args.follow {
-        return follow(&bus, &build_id, args.json).await;
+        return follow(&bus, &build_id, global.json(args.json)).await;
     }
     let history = bus.build_history(&build_id).await?;
     if history.is_empty() {
@@ -136,7 +141,7 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
         },
         Err(e) => (format!("unreadable history: {e}"), Exit::Failed.code()),
     };
-    if args.json {
+    if global.json(args.json) {
         println!(
             "{}",
             serde_json::json!({"build_id": build_id, "state": word, "history": history})
@@ -202,6 +207,13 @@ pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode
     let subject = subjects::cancel(&first.workspace, &build_id);
     let record = serde_json::json!({"build_id": build_id, "reason": args.reason});
     bus.append(&subject, &format!("cancel-{build_id}"), &record).await?;
+    if global.json(false) {
+        println!(
+            "{}",
+            serde_json::json!({"build_id": build_id, "cancel_requested": true, "reason": args.reason})
+        );
+        return Ok(Exit::Ok.code());
+    }
     println!("cancel requested for {build_id}: it stops at its next step, destroys its runner and fails as cancelled");
     Ok(Exit::Ok.code())
 }
@@ -210,7 +222,7 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-dead-letters", &settings).await?;
     let records = bus.dead_letters().await?;
-    if args.json {
+    if global.json(args.json) {
         println!("{}", serde_json::Value::Array(records));
         return Ok(Exit::Ok.code());
     }
@@ -238,7 +250,7 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-nats-status", &settings).await?;
     let streams = bus.topology_status().await?;
-    if json {
+    if global.json(json) {
         println!("{}", serde_json::to_string(&streams)?);
         return Ok(Exit::Ok.code());
     }
@@ -273,7 +285,7 @@ pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode
         );
     };
     let leases = control.leases().await?;
-    if args.json {
+    if global.json(args.json) {
         println!("{}", serde_json::to_string(&leases)?);
         return Ok(Exit::Ok.code());
     }

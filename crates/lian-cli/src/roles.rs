@@ -164,10 +164,21 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
             None => None,
         },
     };
-    println!("lian control: serving http://{addr}");
-    println!("lian control: web view http://{addr}/ (log in with the token)");
-    if let Some(gate) = &gate {
-        println!("lian control: registry gate http://{}", gate.listener.local_addr()?);
+    let gate_url = match &gate {
+        Some(gate) => Some(format!("http://{}", gate.listener.local_addr()?)),
+        None => None,
+    };
+    if global.json(false) {
+        println!(
+            "{}",
+            serde_json::json!({"serving": format!("http://{addr}"), "web": format!("http://{addr}/"), "registry_gate": gate_url})
+        );
+    } else {
+        println!("lian control: serving http://{addr}");
+        println!("lian control: web view http://{addr}/ (log in with the token)");
+        if let Some(gate) = &gate_url {
+            println!("lian control: registry gate {gate}");
+        }
     }
     lian_control::run(bus, options, listener, gate, shutdown_signal()).await?;
     Ok(Exit::Ok.code())

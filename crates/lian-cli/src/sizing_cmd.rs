@@ -15,6 +15,7 @@ use crate::exit::Exit;
 pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(&global.config)?;
     let bus = crate::roles::connect(&global, "lian-sizing", &settings).await?;
+    let json = global.json(false);
     match args.command {
         SizingCommand::Approve { workspace } => {
             let ws = Workspace::new(workspace)?;
@@ -25,6 +26,10 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
                 "at": OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
             });
             bus.set_sizing_approval(ws.as_str(), Some(&approval)).await?;
+            if json {
+                println!("{}", serde_json::json!({"approved": approval}));
+                return Ok(Exit::Ok.code());
+            }
             println!(
                 "tier 2 approved for {ws}: its runners are sized from the P95 of its recent builds (x 1.2, floor 2 cpu / 4 GB) once it has {} builds with usage",
                 sizing::MIN_HISTORY
@@ -33,6 +38,10 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
         SizingCommand::Revoke { workspace } => {
             let ws = Workspace::new(workspace)?;
             bus.set_sizing_approval(ws.as_str(), None).await?;
+            if json {
+                println!("{}", serde_json::json!({"withdrawn": ws}));
+                return Ok(Exit::Ok.code());
+            }
             println!("tier 2 withdrawn for {ws}");
         }
         SizingCommand::Explain { directives, context } => {
@@ -52,6 +61,30 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
                 history_approved: approved,
                 language: d.artifact.language,
             };
+            if json {
+                let decision = sizing::resolve(&inputs);
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "workspace": d.workspace,
+                        "runner_override": d.runner_override.as_ref().and_then(|o| o.runner_type).map(|t| t.as_str()),
+                        "build_spec": spec.as_ref().map(|s| format!("{s:?}")),
+                        "history_p95": history.map(|p| serde_json::json!({"cpu": p.cpu, "memory_gb": p.memory_gb})),
+                        "history_approved": approved,
+                        "language": d.artifact.language.as_str(),
+                        "decision": match &decision {
+                            Ok(dec) => serde_json::json!({
+                                "runner_type": dec.runner_type.as_str(),
+                                "tier": dec.tier.as_str(),
+                                "time_budget_min": dec.time_budget_min,
+                                "reason": dec.reason,
+                            }),
+                            Err(e) => serde_json::json!({"error": e.to_string()}),
+                        },
+                    })
+                );
+                return Ok(if decision.is_ok() { Exit::Ok } else { Exit::Failed }.code());
+            }
             println!(
                 "tier 1  runner_override: {}",
                 d.runner_override

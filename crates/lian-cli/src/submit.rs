@@ -32,7 +32,8 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     if appended.duplicate {
         eprintln!("build {build_id} was already submitted; this is the same build");
     }
-    if args.json {
+    let json = global.json(args.json);
+    if json {
         println!(
             "{}",
             serde_json::json!({"build_id": build_id, "subject": subjects::request(&workspace), "duplicate": appended.duplicate})
@@ -43,7 +44,7 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     if !args.wait {
         return Ok(Exit::Ok.code());
     }
-    let wait = output::follow(&bus, &build_id, args.json);
+    let wait = output::follow(&bus, &build_id, json);
     match args.timeout {
         None => wait.await,
         Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), wait).await {

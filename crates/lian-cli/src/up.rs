@@ -48,6 +48,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
     })?;
     let catalog_dir = fs::canonicalize(&catalog_dir)?;
 
+    let json = global.json(false);
     let mut fleet = Supervisor::new(RestartPolicy::default(), &state_dir.join("logs/up.log"));
     let started = async {
         let nats_url = if args.external_nats {
@@ -149,6 +150,32 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
 
+        let gate_url = match &stores.gate {
+            Some(gate) => Some(format!("http://{}", gate.listener.local_addr()?)),
+            None => None,
+        };
+        if json {
+            // One JSON line: what the text below says, for machines.
+            println!(
+                "{}",
+                serde_json::json!({
+                    "fleet": "running",
+                    "nats": global.nats_url,
+                    "workers": args.workers,
+                    "runners": state_dir.join("runners"),
+                    "catalog": catalog_dir,
+                    "layers": catalog.layers().count(),
+                    "control": control_url,
+                    "token_file": token_file,
+                    "web": format!("{control_url}/catalog"),
+                    "registry": stores.registry_line,
+                    "gate": gate_url,
+                    "s3": stores.s3_line,
+                    "logs": state_dir.join("logs"),
+                })
+            );
+            return Ok::<_, anyhow::Error>(bus);
+        }
         println!("lian up: fleet running");
         println!("  nats     {}", global.nats_url);
         println!(
@@ -170,10 +197,9 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             token_file.display()
         );
         println!("  registry {}", stores.registry_line);
-        if let Some(gate) = &stores.gate {
+        if let Some(gate) = &gate_url {
             println!(
-                "  gate     http://{}  (the registry gate: builds log in with a grant, POST /api/v1/registry-grants)",
-                gate.listener.local_addr()?
+                "  gate     {gate}  (the registry gate: builds log in with a grant, POST /api/v1/registry-grants)"
             );
         }
         println!("  s3       {}", stores.s3_line);
@@ -195,14 +221,16 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         Ok(bus) => {
             let running = async {
                 if args.demo {
-                    let ok = demo(&bus, &catalog, &catalog_dir, &state_dir).await?;
+                    let ok = demo(&bus, &catalog, &catalog_dir, &state_dir, json).await?;
                     if args.once {
                         return Ok(if ok { Exit::Ok.code() } else { Exit::Failed.code() });
                     }
-                    println!(
-                        "demo {}; the fleet keeps running (Ctrl-C stops it)",
-                        if ok { "completed" } else { "failed" }
-                    );
+                    let word = if ok { "completed" } else { "failed" };
+                    if json {
+                        println!("{}", serde_json::json!({"demo": word}));
+                    } else {
+                        println!("demo {word}; the fleet keeps running (Ctrl-C stops it)");
+                    }
                 }
                 std::future::pending::<anyhow::Result<ExitCode>>().await
             };
@@ -427,14 +455,28 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_dir: &Path) -> anyhow::Result<bool> {
+async fn demo(
+    bus: &lian_bus::Bus,
+    catalog: &Catalog,
+    catalog_dir: &Path,
+    state_dir: &Path,
+    json: bool,
+) -> anyhow::Result<bool> {
     let root = demo_root(catalog)?;
     let plan = catalog.plan(&root)?;
-    println!(
-        "demo: building {root}, then its {} descendants [{}]",
-        plan.len(),
-        plan.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
-    );
+    let plan: Vec<&str> = plan.iter().map(|l| l.as_str()).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"demo": "building", "root": root, "descendants": plan})
+        );
+    } else {
+        println!(
+            "demo: building {root}, then its {} descendants [{}]",
+            plan.len(),
+            plan.join(", ")
+        );
+    }
     let staged = state_dir.join("demo").join(&root);
     stage(&catalog_dir.join(&root), &staged)?;
     let directives = submit::evaluate(&catalog_dir.join(&root).join("build_directives.ncl")).await?;
@@ -453,7 +495,7 @@ async fn demo(bus: &lian_bus::Bus, catalog: &Catalog, catalog_dir: &Path, state_
             .context("the demo did not finish within 10 minutes (see the logs)")?
             .context("lost the NATS subscription")?;
         let subject = msg.subject.as_str();
-        println!("{}", output::line(subject, &msg.payload));
+        println!("{}", output::rendered(subject, &msg.payload, json));
         if subject.ends_with(&root_failed) {
             return Ok(false);
         }
