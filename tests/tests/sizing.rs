@@ -15,11 +15,16 @@ fn an_approved_workspace_is_sized_from_its_history_and_explain_says_why() {
     let server = &fleet.server;
     let _worker = fleet.worker("w", &[]);
     let mut wire = fleet.wire();
-    let context = context_with("RUN x=$(head -c 20000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}\n");
+    // `round` changes before every build, so its RUN really runs (a warm engine store would
+    // otherwise serve it from cache, and a cached step uses no memory to sample).
+    let context = context_with("COPY round /round\nRUN x=$(head -c 20000000 /dev/zero | tr \"\\\\0\" a); echo ${#x}\n");
     let directives = directives_json(context.path(), "sizing", "lian-test/sizing:latest");
     let ctx = context.path().to_str().unwrap();
     let d = directives.to_str().unwrap();
-    let build = |wire: &mut RawNats| {
+    let mut round = 0;
+    let mut build = |wire: &mut RawNats| {
+        round += 1;
+        std::fs::write(context.path().join("round"), round.to_string()).unwrap();
         let out = lian(&[
             "--nats-url",
             &server.url,
