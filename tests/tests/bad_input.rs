@@ -28,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Running, context_with, directives_json, history_kinds, leaks, lian, text};
+use common::{Running, context_with, directives_json, history_kinds, leaks, lian, submit_unreachable, text};
 use lian_test_support::{NatsServer, RawNats, docker_available};
 use serde_json::{Value, json};
 
@@ -290,14 +290,7 @@ fn submit_refuses_bad_directives_and_escaping_contexts_before_publishing() {
         "let D = import \"defaults/build_directives.ncl\" in\nD.make_ci_build { workspace = \"a b\", artifact = { image = \"x:1\" } }\n",
     )
     .unwrap();
-    let out = lian(&[
-        "--nats-url",
-        "nats://127.0.0.1:1",
-        "submit",
-        bad.to_str().unwrap(),
-        "--context",
-        ".",
-    ]);
+    let out = submit_unreachable(&bad, Path::new("."));
     assert!(!out.status.success());
     let said = text(&out);
     assert!(
@@ -492,14 +485,7 @@ fn submit_refuses_hostile_directives_quickly_and_quotes_no_host_file() {
         let path = dir.path().join(name);
         std::fs::write(&path, body).unwrap();
         let started = Instant::now();
-        let out = lian(&[
-            "--nats-url",
-            "nats://127.0.0.1:1",
-            "submit",
-            path.to_str().unwrap(),
-            "--context",
-            dir.path().to_str().unwrap(),
-        ]);
+        let out = submit_unreachable(&path, dir.path());
         let said = text(&out);
         assert_eq!(out.status.code(), Some(2), "{name}: {said}");
         assert!(said.contains(expect.as_str()), "{name}: {said}");

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Running, lian, submit_with, text};
+use common::{Running, lian, submit_unreachable, submit_with, text};
 
 #[test]
 fn help_lists_the_exit_codes_and_exits_0() {
@@ -61,14 +61,7 @@ fn a_cache_policy_the_actor_may_not_have_is_5() {
         "cache_policy": {"actor": "ci", "cache_from": [], "cache_to": ["dev/jpl-ws"]}
     });
     std::fs::write(&path, directives.to_string()).unwrap();
-    let out = lian(&[
-        "--nats-url",
-        "nats://127.0.0.1:1",
-        "submit",
-        path.to_str().unwrap(),
-        "--context",
-        dir.path().to_str().unwrap(),
-    ]);
+    let out = submit_unreachable(&path, dir.path());
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     assert!(text(&out).contains("may not write cache namespace"), "{}", text(&out));
 }

@@ -75,14 +75,4 @@ impl Bus {
             message: last_error,
         })
     }
-
-    /// Every layer's latest completed image, by layer name.
-    pub async fn layer_images(&self) -> Result<Vec<LayerImage>, BusError> {
-        Ok(self
-            .kv_entries(subjects::LAYER_BUCKET, "")
-            .await?
-            .into_iter()
-            .filter_map(|(_, v)| serde_json::from_value(v).ok())
-            .collect())
-    }
 }

@@ -459,11 +459,7 @@ impl Bus {
     }
 
     /// The entries of a bucket whose key starts with `prefix`, in key order.
-    pub(crate) async fn kv_entries(
-        &self,
-        bucket: &str,
-        prefix: &str,
-    ) -> Result<Vec<(String, serde_json::Value)>, BusError> {
+    async fn kv_entries(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, BusError> {
         use futures::StreamExt;
         let kv = self.kv(bucket).await?;
         let mut keys: Vec<String> = kv

