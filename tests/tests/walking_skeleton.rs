@@ -190,6 +190,57 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     let rebuilt = end.json();
     assert!(rebuilt.get("cut_off").is_none(), "nothing was built before: {rebuilt}");
 
+    // Causality: every cascade event names the build whose end caused it; app, built on
+    // tools and deps, was asked for by whichever of them ended last.
+    let story: Vec<serde_json::Value> = events
+        .seen
+        .iter()
+        .filter(|m| m.subject.contains(&format!(".cascade.{cascade}.")))
+        .map(|m| m.json())
+        .collect();
+    for e in &story {
+        assert_eq!(e["cascade_id"], cascade.as_str(), "{e}");
+        assert!(e["cause"]["build_id"].is_string(), "an event without a cause: {e}");
+    }
+    assert_eq!(story[0]["cause"]["build_id"], build_id.as_str());
+    let app_asked = story
+        .iter()
+        .find(|e| e["type"] == "layer_requested" && e["layer"] == "app")
+        .unwrap();
+    let cause = app_asked["cause"]["layer"].as_str().unwrap().to_string();
+    assert!(["tools", "deps"].contains(&cause.as_str()), "{app_asked}");
+    assert_eq!(app_asked["cause"]["build_id"], format!("{cascade}-{cause}"));
+    let shown = lian(&["--nats-url", &nats_url, "cascade", "show", &cascade]);
+    assert!(shown.status.success(), "{}", text(&shown));
+    let tree = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(
+        tree.starts_with(&format!("cascade {cascade} in examples: completed after")),
+        "{tree}"
+    );
+    assert!(tree.lines().nth(1).unwrap().starts_with("base  root build"), "{tree}");
+    let row = |layer: &str| {
+        tree.lines()
+            .find(|l| l.contains(&format!(" {layer}  ")))
+            .unwrap_or_else(|| panic!("{layer} in {tree}"))
+            .to_string()
+    };
+    assert!(
+        row(&cause).starts_with("├─ ") || row(&cause).starts_with("└─ "),
+        "{tree}"
+    );
+    assert!(row("app").contains("app  completed · build"), "{tree}");
+    assert!(row("app").contains("steps cached"), "cache figures: {tree}");
+    assert!(
+        row("app").starts_with("   └─ ") || row("app").starts_with("│  └─ "),
+        "app under {cause}: {tree}"
+    );
+    let shown = lian(&["--nats-url", &nats_url, "--output", "json", "cascade", "show", &cascade]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["state"], "completed");
+    assert_eq!(shown["layers"].as_array().unwrap().len(), 3, "{shown}");
+    let unknown = lian(&["--nats-url", &nats_url, "cascade", "show", "c-nothing"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+
     // Early cutoff: a layer built again with nothing changed gives the image it had, and
     // nothing below it is rebuilt. Rooted at tools, whose plan is app alone, so no two
     // leases of the namespace run at once and the engine store holds what tools was built

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use lian_bus::{Bus, BusError, Job};
 use lian_catalog::Catalog;
-use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState};
+use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState, Cause};
 use lian_core::names::CascadeId;
 use lian_core::{BuildDirectives, BuildEvent, CascadeRef, Envelope, LayerName, Workspace, subjects};
 use lian_nickel::{Contract, Schemas};
@@ -33,6 +33,14 @@ pub enum CascadeServiceError {
     Catalog(#[from] LoadError),
     #[error("the stream of terminal build events ended (NATS closed the subscription)")]
     StreamEnded,
+}
+
+/// One cascade being advanced because of one build's end: every event appended carries
+/// that build as its cause.
+struct Turn<'a> {
+    id: &'a CascadeId,
+    ws: &'a Workspace,
+    cause: &'a Cause,
 }
 
 struct Service {
@@ -121,12 +129,20 @@ impl Service {
             }
             None => return Ok(()),
         };
-        let ws = &envelope.workspace;
+        let cause = Cause {
+            layer: layer.clone(),
+            build_id: envelope.build_id.clone(),
+        };
+        let turn = Turn {
+            id: &id,
+            ws: &envelope.workspace,
+            cause: &cause,
+        };
         let (mut state, mut seq) = self.fold(&id).await?;
         let redelivered = job.delivered() > 1;
         if let Some(started) = root_started {
             if state.root.is_none() {
-                self.append(&mut state, &mut seq, &id, ws, started).await?;
+                self.append(&mut state, &mut seq, &turn, started).await?;
             }
         } else if let Some(lian_catalog::cascade::LayerStatus::Requested(build)) = state.layers.get(layer) {
             let build = build.clone();
@@ -143,7 +159,7 @@ impl Service {
                     reason,
                 }
             };
-            self.append(&mut state, &mut seq, &id, ws, event).await?;
+            self.append(&mut state, &mut seq, &turn, event).await?;
         }
         if redelivered {
             // The previous attempt may have recorded a request it did not get to publish;
@@ -155,10 +171,10 @@ impl Service {
                 .cloned()
                 .collect();
             for l in pending {
-                self.request_layer(&mut state, &mut seq, &id, ws, &l).await?;
+                self.request_layer(&mut state, &mut seq, &turn, &l).await?;
             }
         }
-        self.advance(&mut state, &mut seq, &id, ws).await
+        self.advance(&mut state, &mut seq, &turn).await
     }
 
     /// Records a completed build of a catalog layer as the layer's latest image; whether
@@ -185,15 +201,9 @@ impl Service {
     }
 
     /// Appends what `decide` proposes and publishes the requested builds, until quiet.
-    async fn advance(
-        &self,
-        state: &mut CascadeState,
-        seq: &mut u32,
-        id: &CascadeId,
-        ws: &Workspace,
-    ) -> Result<(), BusError> {
+    async fn advance(&self, state: &mut CascadeState, seq: &mut u32, turn: &Turn<'_>) -> Result<(), BusError> {
         loop {
-            let events = cascade::decide(state, &self.catalog, id);
+            let events = cascade::decide(state, &self.catalog, turn.id);
             if events.is_empty() {
                 return Ok(());
             }
@@ -202,9 +212,9 @@ impl Service {
                     CascadeEvent::LayerRequested { layer, .. } => Some(layer.clone()),
                     _ => None,
                 };
-                self.append(state, seq, id, ws, event).await?;
+                self.append(state, seq, turn, event).await?;
                 if let Some(layer) = requested {
-                    self.request_layer(state, seq, id, ws, &layer).await?;
+                    self.request_layer(state, seq, turn, &layer).await?;
                 }
             }
         }
@@ -216,8 +226,7 @@ impl Service {
         &self,
         state: &mut CascadeState,
         seq: &mut u32,
-        id: &CascadeId,
-        ws: &Workspace,
+        turn: &Turn<'_>,
         layer: &LayerName,
     ) -> Result<(), BusError> {
         let build_id = state.build_of(layer).cloned().expect("requested before published");
@@ -237,11 +246,14 @@ impl Service {
                     build_id,
                     reason: format!("cannot read {layer}/build_directives.ncl: {}", e.summary()),
                 };
-                return self.append(state, seq, id, ws, event).await;
+                return self.append(state, seq, turn, event).await;
             }
         };
         let root = state.root.clone().expect("a started cascade");
-        let cascade = Some(CascadeRef { id: id.clone(), root });
+        let cascade = Some(CascadeRef {
+            id: turn.id.clone(),
+            root,
+        });
         match self
             .bus
             .submit_dir(
@@ -266,7 +278,7 @@ impl Service {
                     build_id,
                     reason: e.to_string(),
                 };
-                self.append(state, seq, id, ws, event).await
+                self.append(state, seq, turn, event).await
             }
         }
     }
@@ -289,8 +301,7 @@ impl Service {
         &self,
         state: &mut CascadeState,
         seq: &mut u32,
-        id: &CascadeId,
-        ws: &Workspace,
+        turn: &Turn<'_>,
         event: CascadeEvent,
     ) -> Result<(), BusError> {
         state.apply(&event).map_err(|e| BusError::Nats {
@@ -298,12 +309,14 @@ impl Service {
             message: e.to_string(),
         })?;
         *seq += 1;
-        let subject = subjects::cascade_event(ws, id, event.kind());
+        let id = turn.id;
+        let subject = subjects::cascade_event(turn.ws, id, event.kind());
         let envelope = CascadeEnvelope {
             cascade_id: id.clone(),
-            workspace: ws.clone(),
+            workspace: turn.ws.clone(),
             seq: *seq,
             at: OffsetDateTime::now_utc(),
+            cause: Some(turn.cause.clone()),
             event,
         };
         self.bus.append(&subject, &format!("{id}.{}", *seq), &envelope).await?;

@@ -31,8 +31,19 @@ pub struct CascadeEnvelope {
     pub seq: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// What led to this event: the build whose end the cascade was handling. Absent on an
+    /// event a person caused (an approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
     #[serde(flatten)]
     pub event: CascadeEvent,
+}
+
+/// The layer and build whose end caused a cascade event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    pub layer: LayerName,
+    pub build_id: BuildId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -53,7 +53,8 @@ pub enum Command {
     Up(UpArgs),
     /// Serve build requests (one worker).
     Worker(WorkerArgs),
-    /// Rebuild the descendants of completed catalog layers.
+    /// Rebuild the descendants of completed catalog layers (`lian cascade show <id>`: one
+    /// cascade as a tree).
     Cascade(CascadeArgs),
     /// Serve the control plane's API: runner leases, metrics, P95, health, Prometheus.
     Control(ControlArgs),
@@ -244,10 +245,24 @@ pub struct WorkerArgs {
     pub catalog: Option<PathBuf>,
 }
 
+/// `lian cascade` serves (the role); `lian cascade show <id>` asks about one cascade.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct CascadeArgs {
     #[arg(long, default_value = "catalog")]
     pub catalog: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<CascadeCommand>,
+}
+
+#[derive(Subcommand)]
+pub enum CascadeCommand {
+    /// One cascade as a tree: each layer's state, build, time, cache figures, cutoffs, and
+    /// the build that caused each step. Example: `lian cascade show c-01J...`.
+    Show {
+        /// The cascade id (`lian watch` and `lian up --demo` print it).
+        cascade_id: String,
+    },
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 
 mod bootstrap;
 mod cache_cmd;
+mod cascade_cmd;
 mod catalog_cmd;
 mod cli;
 mod config;
@@ -48,6 +49,9 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Up(args) => up::run(cli.global, args).await,
             Command::Worker(args) => roles::worker(cli.global, args).await,
+            Command::Cascade(cli::CascadeArgs {
+                command: Some(command), ..
+            }) => cascade_cmd::run(cli.global, command).await,
             Command::Cascade(args) => roles::cascade(cli.global, args).await,
             Command::Control(args) => roles::control(cli.global, args).await,
             Command::Leases(args) => output::leases(cli.global, args).await,
