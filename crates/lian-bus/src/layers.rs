@@ -76,3 +76,95 @@ impl Bus {
         })
     }
 }
+
+/// The build of a layer a cascade asked for last in a workspace (key
+/// `queued.<workspace>.<layer>`): the one a newer request for the layer may supersede if no
+/// worker took it yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedLayer {
+    pub build_id: String,
+    pub cascade_id: String,
+}
+
+fn queued_key(workspace: &str, layer: &str) -> String {
+    format!("queued.{workspace}.{layer}")
+}
+
+/// Cascades waiting on a build of another cascade for one of their layers, because it
+/// superseded theirs (key `followers.<build>`).
+fn followers_key(build: &str) -> String {
+    format!("followers.{build}")
+}
+
+impl Bus {
+    pub async fn queued_layer(&self, workspace: &str, layer: &str) -> Result<Option<QueuedLayer>, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let entry = kv
+            .get(queued_key(workspace, layer))
+            .await
+            .map_err(|e| BusError::nats("read a layer's queued build", e))?;
+        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    pub async fn set_queued_layer(&self, workspace: &str, layer: &str, queued: &QueuedLayer) -> Result<(), BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        kv.put(
+            queued_key(workspace, layer),
+            serde_json::to_vec(queued).expect("json").into(),
+        )
+        .await
+        .map_err(|e| BusError::nats("record a layer's queued build", e))?;
+        Ok(())
+    }
+
+    /// The cascades following `build` (see `add_followers`), in the order they joined.
+    pub async fn followers(&self, build: &str) -> Result<Vec<String>, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let entry = kv
+            .get(followers_key(build))
+            .await
+            .map_err(|e| BusError::nats("read a build's followers", e))?;
+        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
+    }
+
+    /// Adds cascades to those that take `build`'s end as the end of their own build of the
+    /// layer; one already there is not added twice (a handler run again after a crash).
+    pub async fn add_followers(&self, build: &str, cascades: &[String]) -> Result<Vec<String>, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let key = followers_key(build);
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let entry = kv
+                .entry(&key)
+                .await
+                .map_err(|e| BusError::nats("read a build's followers", e))?;
+            let revision = entry.as_ref().map_or(0, |e| e.revision);
+            let mut list: Vec<String> = entry
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice(&e.value).ok())
+                .unwrap_or_default();
+            for c in cascades {
+                if !list.contains(c) {
+                    list.push(c.clone());
+                }
+            }
+            let bytes = serde_json::to_vec(&list).expect("json").into();
+            let written = if revision == 0 {
+                kv.create(&key, bytes).await.map(drop).map_err(|e| e.to_string())
+            } else {
+                kv.update(&key, bytes, revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(()) => return Ok(list),
+                Err(err) => last_error = err,
+            }
+        }
+        Err(BusError::Nats {
+            op: "add a build's followers",
+            message: last_error,
+        })
+    }
+}

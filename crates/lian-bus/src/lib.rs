@@ -16,7 +16,7 @@ pub use context::{
 };
 pub use error::BusError;
 pub use history::{After, Appended, Record};
-pub use layers::LayerImage;
+pub use layers::{LayerImage, QueuedLayer};
 pub use topology::{ReplicaState, StreamStatus, Topology};
 pub use views::QueueDepth;
 pub use work::{ExpiredRequests, Job, JobStream};

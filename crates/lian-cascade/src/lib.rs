@@ -11,9 +11,10 @@ use std::path::PathBuf;
 
 use lian_bus::{Bus, BusError, Job};
 use lian_catalog::Catalog;
+use lian_catalog::cascade::LayerStatus;
 use lian_catalog::cascade::{self, CascadeEnvelope, CascadeEvent, CascadeState, Cause};
 use lian_core::names::CascadeId;
-use lian_core::{BuildDirectives, BuildEvent, CascadeRef, Envelope, LayerName, Workspace, subjects};
+use lian_core::{BuildDirectives, BuildEvent, BuildId, CascadeRef, Envelope, LayerName, Workspace, subjects};
 use lian_nickel::{Contract, Schemas};
 use time::OffsetDateTime;
 
@@ -144,7 +145,7 @@ impl Service {
             if state.root.is_none() {
                 self.append(&mut state, &mut seq, &turn, started).await?;
             }
-        } else if let Some(lian_catalog::cascade::LayerStatus::Requested(build)) = state.layers.get(layer) {
+        } else if let Some(LayerStatus::Requested(build)) = state.layers.get(layer) {
             let build = build.clone();
             let event = if ok {
                 CascadeEvent::LayerCompleted {
@@ -156,25 +157,178 @@ impl Service {
                 CascadeEvent::LayerFailed {
                     layer: layer.clone(),
                     build_id: build,
-                    reason,
+                    reason: reason.clone(),
                 }
             };
             self.append(&mut state, &mut seq, &turn, event).await?;
         }
         if redelivered {
-            // The previous attempt may have recorded a request it did not get to publish;
-            // requests are deduplicated by build id, so publishing again is safe.
-            let pending: Vec<LayerName> = state
-                .plan
-                .iter()
-                .filter(|l| state.build_of(l).is_some())
-                .cloned()
-                .collect();
-            for l in pending {
-                self.request_layer(&mut state, &mut seq, &turn, &l).await?;
+            self.republish(&mut state, &mut seq, &turn).await?;
+        }
+        self.advance(&mut state, &mut seq, &turn).await?;
+        if cascade_ref.is_some() {
+            self.tell_followers(&envelope, layer, ok, &reason, unchanged, &cause, redelivered)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The previous attempt may have recorded a request it did not get to publish; requests
+    /// are deduplicated by build id, so publishing again is safe.
+    async fn republish(&self, state: &mut CascadeState, seq: &mut u32, turn: &Turn<'_>) -> Result<(), BusError> {
+        let pending: Vec<LayerName> = state
+            .plan
+            .iter()
+            .filter(|l| state.build_of(l).is_some())
+            .cloned()
+            .collect();
+        for l in pending {
+            self.request_layer(state, seq, turn, &l).await?;
+        }
+        Ok(())
+    }
+
+    /// Coalescing, the other half: cascades whose build of `layer` this build superseded take
+    /// its end as the end of theirs, and go on.
+    #[allow(clippy::too_many_arguments)]
+    async fn tell_followers(
+        &self,
+        envelope: &Envelope,
+        layer: &LayerName,
+        ok: bool,
+        reason: &str,
+        unchanged: bool,
+        cause: &Cause,
+        redelivered: bool,
+    ) -> Result<(), BusError> {
+        for follower in self.bus.followers(envelope.build_id.as_str()).await? {
+            let Ok(id) = CascadeId::new(follower.as_str()) else {
+                continue;
+            };
+            let turn = Turn {
+                id: &id,
+                ws: &envelope.workspace,
+                cause,
+            };
+            let (mut state, mut seq) = self.fold(&id).await?;
+            if matches!(state.layers.get(layer), Some(LayerStatus::Superseded(by)) if *by == envelope.build_id) {
+                let build_id = envelope.build_id.clone();
+                let event = if ok {
+                    CascadeEvent::LayerCompleted {
+                        layer: layer.clone(),
+                        build_id,
+                        unchanged,
+                    }
+                } else {
+                    CascadeEvent::LayerFailed {
+                        layer: layer.clone(),
+                        build_id,
+                        reason: reason.to_string(),
+                    }
+                };
+                self.append(&mut state, &mut seq, &turn, event).await?;
+            }
+            if redelivered {
+                self.republish(&mut state, &mut seq, &turn).await?;
+            }
+            self.advance(&mut state, &mut seq, &turn).await?;
+        }
+        Ok(())
+    }
+
+    /// Coalescing: before asking for `build` of `layer`, supersede the layer's build asked for
+    /// last in this workspace if no worker took it yet; the cascades that waited on it (its
+    /// own, and any it had superseded) now wait on `build`.
+    async fn coalesce(&self, turn: &Turn<'_>, layer: &LayerName, build: &BuildId) -> Result<(), BusError> {
+        let ws = turn.ws.as_str();
+        if let Some(queued) = self.bus.queued_layer(ws, layer.as_str()).await?
+            && queued.build_id != build.as_str()
+            && let (Ok(old), Ok(old_cascade)) = (
+                BuildId::new(queued.build_id.as_str()),
+                CascadeId::new(queued.cascade_id.as_str()),
+            )
+            && self.supersede(turn.ws, &old, &old_cascade, layer, build).await?
+        {
+            let mut moved = self.bus.followers(old.as_str()).await?;
+            moved.push(old_cascade.to_string());
+            for follower in self.bus.add_followers(build.as_str(), &moved).await? {
+                let Ok(id) = CascadeId::new(follower.as_str()) else {
+                    continue;
+                };
+                let (mut state, mut seq) = self.fold(&id).await?;
+                let waiting = match state.layers.get(layer) {
+                    Some(LayerStatus::Requested(b)) => b == &old,
+                    Some(LayerStatus::Superseded(b)) => b != build,
+                    _ => false,
+                };
+                if waiting {
+                    let follower_turn = Turn { id: &id, ..*turn };
+                    let event = CascadeEvent::LayerSuperseded {
+                        layer: layer.clone(),
+                        by: build.clone(),
+                    };
+                    self.append(&mut state, &mut seq, &follower_turn, event).await?;
+                }
             }
         }
-        self.advance(&mut state, &mut seq, &turn).await
+        let queued = lian_bus::QueuedLayer {
+            build_id: build.to_string(),
+            cascade_id: turn.id.to_string(),
+        };
+        self.bus.set_queued_layer(ws, layer.as_str(), &queued).await
+    }
+
+    /// Ends `old` as superseded by `by` if no worker took it: the event is appended against
+    /// an empty history, so of the cascade and a worker taking the request, one wins. `true`
+    /// when `old` is (now, or already was) superseded by `by`.
+    async fn supersede(
+        &self,
+        ws: &Workspace,
+        old: &BuildId,
+        old_cascade: &CascadeId,
+        layer: &LayerName,
+        by: &BuildId,
+    ) -> Result<bool, BusError> {
+        let (old_state, _) = self.fold(old_cascade).await?;
+        let Some(root) = old_state.root else {
+            return Ok(false);
+        };
+        let envelope = Envelope {
+            build_id: old.clone(),
+            workspace: ws.clone(),
+            seq: 1,
+            at: OffsetDateTime::now_utc(),
+            worker: "cascade".into(),
+            event: BuildEvent::Superseded {
+                by: by.clone(),
+                layer: Some(layer.clone()),
+                cascade: Some(CascadeRef {
+                    id: old_cascade.clone(),
+                    root,
+                }),
+            },
+        };
+        let empty = lian_bus::After {
+            filter: subjects::build_history(old),
+            sequence: 0,
+        };
+        let subject = subjects::build_event(ws, old, "superseded");
+        match self
+            .bus
+            .append_after(&subject, &format!("{old}.1"), &envelope, &empty)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(build_id = %old, %by, "superseded a queued build");
+                Ok(true)
+            }
+            Err(BusError::Conflict { .. }) => {
+                // Taken by a worker, or superseded by us earlier (past the dedup window).
+                let first = self.bus.build_history(old).await?.into_iter().next();
+                Ok(matches!(first.map(|e| e.event), Some(BuildEvent::Superseded { by: b, .. }) if &b == by))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Records a completed build of a catalog layer as the layer's latest image; whether
@@ -230,6 +384,7 @@ impl Service {
         layer: &LayerName,
     ) -> Result<(), BusError> {
         let build_id = state.build_of(layer).cloned().expect("requested before published");
+        self.coalesce(turn, layer, &build_id).await?;
         let dir = self.options.catalog_dir.join(layer.as_str());
         let schemas = self.options.schemas.clone();
         let directives_path = dir.join("build_directives.ncl");

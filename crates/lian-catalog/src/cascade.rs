@@ -74,6 +74,13 @@ pub enum CascadeEvent {
         build_id: BuildId,
         reason: String,
     },
+    /// Coalescing: the layer's build was still queued when a newer build of the layer was
+    /// asked for (by another cascade); that one is built instead, and its end is this
+    /// layer's end here (`layer_completed` or `layer_failed` naming it).
+    LayerSuperseded {
+        layer: LayerName,
+        by: BuildId,
+    },
     /// Not built because a layer it is built on failed in this cascade.
     LayerBlocked {
         layer: LayerName,
@@ -103,6 +110,7 @@ impl CascadeEvent {
             Self::LayerRequested { .. } => "layer_requested",
             Self::LayerCompleted { .. } => "layer_completed",
             Self::LayerFailed { .. } => "layer_failed",
+            Self::LayerSuperseded { .. } => "layer_superseded",
             Self::LayerBlocked { .. } => "layer_blocked",
             Self::LayerCutOff { .. } => "layer_cut_off",
             Self::Completed { .. } => "completed",
@@ -133,6 +141,9 @@ impl CascadeEvent {
             } => format!("{layer} completed, unchanged"),
             Self::LayerCompleted { layer, .. } => format!("{layer} completed"),
             Self::LayerFailed { layer, reason, .. } => format!("{layer} failed: {reason}"),
+            Self::LayerSuperseded { layer, by } => {
+                format!("{layer}'s queued build superseded by {by}: waiting for that one")
+            }
             Self::LayerBlocked { layer, because } => format!("{layer} blocked: {because} failed"),
             Self::LayerCutOff { layer, because } => {
                 format!("{layer} cut off: [{}] came out unchanged", list(because))
@@ -153,6 +164,8 @@ impl CascadeEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LayerStatus {
     Requested(BuildId),
+    /// Its build was superseded by this newer one, whose end it waits for.
+    Superseded(BuildId),
     /// Rebuilt; `changed` is false when the image came out as it was.
     Completed {
         changed: bool,
@@ -163,6 +176,11 @@ pub enum LayerStatus {
 }
 
 impl LayerStatus {
+    /// Its build (its own, or the one that superseded it) has not ended yet.
+    fn waiting(&self) -> bool {
+        matches!(self, Self::Requested(_) | Self::Superseded(_))
+    }
+
     /// Settled without failing: its children may go on.
     fn went_well(&self) -> bool {
         matches!(self, Self::Completed { .. } | Self::CutOff)
@@ -231,8 +249,14 @@ impl CascadeState {
                 self.layers
                     .insert(layer.clone(), LayerStatus::Requested(build_id.clone()));
             }
+            CascadeEvent::LayerSuperseded { layer, by } => {
+                if !self.layers.get(layer).is_some_and(LayerStatus::waiting) {
+                    return bad("only a requested layer's build is superseded");
+                }
+                self.layers.insert(layer.clone(), LayerStatus::Superseded(by.clone()));
+            }
             CascadeEvent::LayerCompleted { layer, .. } | CascadeEvent::LayerFailed { layer, .. } => {
-                if !matches!(self.layers.get(layer), Some(LayerStatus::Requested(_))) {
+                if !self.layers.get(layer).is_some_and(LayerStatus::waiting) {
                     return bad("only a requested layer completes or fails");
                 }
                 let status = match event {
@@ -348,11 +372,10 @@ pub fn decide(state: &CascadeState, catalog: &Catalog, cascade: &CascadeId) -> V
         next.apply(&event).expect("decide only proposes possible events");
         events.push(event);
     }
-    let all_settled = state.plan.iter().all(|l| {
-        next.layers
-            .get(l)
-            .is_some_and(|s| !matches!(s, LayerStatus::Requested(_)))
-    });
+    let all_settled = state
+        .plan
+        .iter()
+        .all(|l| next.layers.get(l).is_some_and(|s| !s.waiting()));
     if all_settled {
         let with = |keep: fn(&LayerStatus) -> bool| -> Vec<LayerName> {
             state

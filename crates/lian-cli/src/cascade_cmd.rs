@@ -37,6 +37,9 @@ struct Node {
     because: Vec<LayerName>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// The build this cascade asked for, when a newer one (`build_id`) superseded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    superseded: Option<BuildId>,
     /// From the cascade asking for the build to the cascade hearing it ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     wall_secs: Option<f64>,
@@ -127,6 +130,7 @@ fn assemble(id: &CascadeId, history: &[CascadeEnvelope]) -> Option<Shown> {
                 caused_by: None,
                 because: vec![],
                 reason: None,
+                superseded: None,
                 wall_secs: None,
                 build_secs: None,
                 cache: None,
@@ -162,6 +166,7 @@ fn assemble(id: &CascadeId, history: &[CascadeEnvelope]) -> Option<Shown> {
             CascadeEvent::LayerRequested { layer, .. }
             | CascadeEvent::LayerCompleted { layer, .. }
             | CascadeEvent::LayerFailed { layer, .. }
+            | CascadeEvent::LayerSuperseded { layer, .. }
             | CascadeEvent::LayerBlocked { layer, .. }
             | CascadeEvent::LayerCutOff { layer, .. } => layer,
         };
@@ -172,6 +177,14 @@ fn assemble(id: &CascadeId, history: &[CascadeEnvelope]) -> Option<Shown> {
                 node.build_id = Some(build_id.clone());
                 node.caused_by = cause;
                 node.requested_at = Some(e.at);
+            }
+            CascadeEvent::LayerSuperseded { by, .. } => {
+                node.state = "superseded";
+                if node.superseded.is_none() {
+                    node.superseded = node.build_id.replace(by.clone());
+                } else {
+                    node.build_id = Some(by.clone());
+                }
             }
             CascadeEvent::LayerCompleted { unchanged, .. } => {
                 node.state = if *unchanged { "unchanged" } else { "completed" };
@@ -263,6 +276,9 @@ fn describe(n: &Node) -> String {
     }
     if let Some(r) = &n.reason {
         parts.push(r.clone());
+    }
+    if let Some(own) = &n.superseded {
+        parts.push(format!("coalesced: {own} superseded by it"));
     }
     if let Some((l, b)) = &n.caused_by {
         parts.push(format!("after {l} ({b})"));

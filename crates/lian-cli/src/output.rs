@@ -131,6 +131,7 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
         Ok(s) => match &s.terminal {
             Some(Terminal::Completed { .. }) => ("completed".to_string(), Exit::Ok.code()),
             Some(Terminal::Failed { reason, .. }) => (format!("failed: {reason}"), Exit::Failed.code()),
+            Some(Terminal::Superseded { by }) => (format!("superseded by {by}: not built"), Exit::Failed.code()),
             None => (
                 format!(
                     "in progress after {}",
@@ -176,6 +177,12 @@ pub async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result
             BuildEvent::Failed { reason, .. } => {
                 if !json {
                     println!("failed: {reason}");
+                }
+                return Ok(Exit::Failed.code());
+            }
+            BuildEvent::Superseded { by, .. } => {
+                if !json {
+                    println!("superseded by {by}: not built");
                 }
                 return Ok(Exit::Failed.code());
             }

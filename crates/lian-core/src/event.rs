@@ -245,6 +245,17 @@ pub enum BuildEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cache: Option<Box<CacheReport>>,
     },
+    /// The only event of a build no worker had taken yet: a newer build of the same layer
+    /// was asked for meanwhile (coalescing), and is built instead. Appended by the cascade
+    /// against an empty history, so a worker that takes the request first wins and this is
+    /// never written.
+    Superseded {
+        by: BuildId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<LayerName>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cascade: Option<CascadeRef>,
+    },
     /// Step 8, failure (also the only event of a request that could not be read).
     Failed {
         reason: String,
@@ -276,12 +287,16 @@ impl BuildEvent {
             Self::RunnerDestroyed { .. } => "runner_destroyed",
             Self::Resumed { .. } => "resumed",
             Self::Completed { .. } => "completed",
+            Self::Superseded { .. } => "superseded",
             Self::Failed { .. } => "failed",
         }
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Completed { .. } | Self::Failed { .. })
+        matches!(
+            self,
+            Self::Completed { .. } | Self::Failed { .. } | Self::Superseded { .. }
+        )
     }
 
     /// One human line, used by `lian watch` and `lian status`.
@@ -364,6 +379,7 @@ impl BuildEvent {
                 short_id(image_id),
                 cache.as_deref().map(CacheReport::summary).unwrap_or_default()
             ),
+            Self::Superseded { by, .. } => format!("superseded by {by}: not built"),
             Self::Failed { reason, step, .. } => match step {
                 Some(s) => format!("failed at {}: {reason}", s.as_str()),
                 None => format!("failed: {reason}"),

@@ -62,8 +62,18 @@ pub struct Failure {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Terminal {
-    Completed { image: ImageRef, image_id: String },
-    Failed { reason: String, step: Option<Step> },
+    Completed {
+        image: ImageRef,
+        image_id: String,
+    },
+    Failed {
+        reason: String,
+        step: Option<Step>,
+    },
+    /// Never built: a newer build of its layer was asked for before a worker took it.
+    Superseded {
+        by: BuildId,
+    },
 }
 
 /// The fold of a build's history.
@@ -255,8 +265,17 @@ impl State {
         if self.terminal.is_some() {
             return bad("the build already ended");
         }
-        if self.len == 0 && !matches!(envelope.event, BuildEvent::Accepted { .. } | BuildEvent::Failed { .. }) {
-            return bad("a history starts with accepted or failed");
+        let first_only = matches!(envelope.event, BuildEvent::Superseded { .. });
+        if self.len == 0
+            && !matches!(
+                envelope.event,
+                BuildEvent::Accepted { .. } | BuildEvent::Failed { .. } | BuildEvent::Superseded { .. }
+            )
+        {
+            return bad("a history starts with accepted, failed or superseded");
+        }
+        if first_only && self.len > 0 {
+            return bad("only a build no worker took is superseded");
         }
         match &envelope.event {
             BuildEvent::Accepted { request } => {
@@ -377,6 +396,7 @@ impl State {
                     image_id: image_id.clone(),
                 });
             }
+            BuildEvent::Superseded { by, .. } => self.terminal = Some(Terminal::Superseded { by: by.clone() }),
             BuildEvent::Failed { reason, step, .. } => {
                 if self.lease.is_some() {
                     return bad("a build cannot fail while it holds a runner: destroy it first");

@@ -125,7 +125,12 @@ impl Worker {
             return Ok(());
         }
         if h.state.len == 0 {
-            self.append(&mut h, first).await?;
+            match self.append(&mut h, first).await {
+                // Written first by someone else: a worker that took a redelivery, or the
+                // cascade superseding a build nobody had taken. An ended build is done with.
+                Err(Stop::LostRace) if self.load(build_id, ws).await?.state.is_terminal() => return Ok(()),
+                other => other?,
+            }
         } else if job.delivered() == 1 && !job.is_expired() && !h.state.is_terminal() {
             // A fresh delivery of a build with a history is a repeated submit of a build in
             // flight: its owner holds the original delivery.

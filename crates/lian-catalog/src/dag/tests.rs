@@ -315,3 +315,40 @@ fn cascade_events_of_before_early_cutoff_still_read() {
     let e: CascadeEvent = serde_json::from_str(done).unwrap();
     assert!(matches!(e, CascadeEvent::Completed { cut_off, .. } if cut_off.is_empty()));
 }
+
+#[test]
+fn a_superseded_layer_waits_for_the_build_that_superseded_it() {
+    let c = example();
+    let (id, mut state, _) = start(&c, "base");
+    let first = cascade::decide(&state, &c, &id);
+    apply_all(&mut state, &first);
+    settle(&mut state, "tools", true);
+    let newer = lian_core::BuildId::new("c-b2-deps").unwrap();
+    let superseded = CascadeEvent::LayerSuperseded {
+        layer: name("deps"),
+        by: newer.clone(),
+    };
+    state.apply(&superseded).unwrap();
+    assert!(
+        cascade::decide(&state, &c, &id).is_empty(),
+        "app waits for deps' newer build"
+    );
+    // Superseded again, then the newest build ends: that is deps' end here.
+    let newest = lian_core::BuildId::new("c-b3-deps").unwrap();
+    state
+        .apply(&CascadeEvent::LayerSuperseded {
+            layer: name("deps"),
+            by: newest.clone(),
+        })
+        .unwrap();
+    state
+        .apply(&CascadeEvent::LayerCompleted {
+            layer: name("deps"),
+            build_id: newest,
+            unchanged: false,
+        })
+        .unwrap();
+    assert!(state.apply(&superseded).is_err(), "a settled layer is not superseded");
+    let next = cascade::decide(&state, &c, &id);
+    assert_eq!(requested(&next), ["app"]);
+}

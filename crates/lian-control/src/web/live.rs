@@ -33,6 +33,8 @@ pub enum BuildState {
     Running,
     Completed,
     Failed,
+    /// Never built: a newer build of its layer was asked for before a worker took it.
+    Superseded,
 }
 
 impl BuildState {
@@ -42,10 +44,17 @@ impl BuildState {
             Self::Running => "running",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Superseded => "superseded",
         }
     }
 
-    pub const ALL: [Self; 4] = [Self::Queued, Self::Running, Self::Completed, Self::Failed];
+    pub const ALL: [Self; 5] = [
+        Self::Queued,
+        Self::Running,
+        Self::Completed,
+        Self::Failed,
+        Self::Superseded,
+    ];
 }
 
 /// A layer's node colour: the state of its latest build, or why it has none.
@@ -124,7 +133,10 @@ impl BuildRow {
     }
 
     pub fn ended(&self) -> bool {
-        matches!(self.state, BuildState::Completed | BuildState::Failed)
+        matches!(
+            self.state,
+            BuildState::Completed | BuildState::Failed | BuildState::Superseded
+        )
     }
 
     /// From the first event to the last one (to now, while it runs).
@@ -346,6 +358,11 @@ impl Live {
                     row.layer.clone_from(&layer);
                 }
             }
+            BuildEvent::Superseded { by, .. } => {
+                row.state = BuildState::Superseded;
+                row.step = "superseded".into();
+                row.superseded_by = Some(by.to_string());
+            }
             BuildEvent::Failed {
                 reason,
                 layer: failed_layer,
@@ -534,7 +551,8 @@ impl Model {
         let row = mark.build.as_ref().and_then(|b| self.builds.get(b));
         let state = match (mark.cut_off, row.map(|r| r.state)) {
             (true, _) => LayerState::CutOff,
-            (false, Some(BuildState::Queued)) => LayerState::Queued,
+            // A superseded build's successor is queued, whether or not it was seen yet.
+            (false, Some(BuildState::Queued | BuildState::Superseded)) => LayerState::Queued,
             (false, Some(BuildState::Running)) => LayerState::Running,
             (false, Some(BuildState::Completed)) => LayerState::Done,
             (false, Some(BuildState::Failed)) => LayerState::Failed,

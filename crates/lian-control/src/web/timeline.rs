@@ -43,7 +43,7 @@ fn step_of(event: &BuildEvent) -> Option<usize> {
         BuildEvent::ImageBuilt { .. } | BuildEvent::OomEscalated { .. } => 5,
         BuildEvent::MetricsRecorded { .. } => 6,
         BuildEvent::RunnerDestroyed { .. } => 7,
-        BuildEvent::Completed { .. } | BuildEvent::Failed { .. } => 8,
+        BuildEvent::Completed { .. } | BuildEvent::Failed { .. } | BuildEvent::Superseded { .. } => 8,
         BuildEvent::StepFailed { step, .. } => match step {
             Step::Validate => return None,
             Step::Size => 1,

@@ -660,3 +660,27 @@ fn a_cancel_at_any_safe_point_ends_failed_with_every_runner_destroyed() {
         }
     }
 }
+
+#[test]
+fn a_superseded_build_ends_before_it_starts_and_only_then() {
+    let by = BuildId::new("c-2-app").unwrap();
+    let superseded = BuildEvent::Superseded {
+        by: by.clone(),
+        layer: None,
+        cascade: None,
+    };
+    let state = fold(&[envelope(1, superseded.clone())]).unwrap();
+    assert_eq!(state.terminal, Some(Terminal::Superseded { by }));
+    let decision = decide(&state, None, T0).unwrap();
+    assert!(
+        decision.events.is_empty() && decision.effect.is_none(),
+        "nothing follows"
+    );
+    let accepted = BuildEvent::Accepted {
+        request: Box::new(request()),
+    };
+    assert!(
+        fold(&[envelope(1, accepted), envelope(2, superseded)]).is_err(),
+        "a build a worker took is not superseded"
+    );
+}
