@@ -13,49 +13,11 @@ mod browser;
 use std::time::Duration;
 
 use browser::Browser;
-use lian_catalog::{Base, Catalog, Layer, LayerClass};
-use lian_core::LayerName;
+use lian_catalog::Catalog;
 use lian_test_support::{NatsServer, workspace_root};
 
 const TOKEN: &str = "bench-token";
 const RUNS: usize = 15;
-
-/// 100 trees of 100 layers (layer `i` of a tree built on layer `(i-1)/2`), and every 25th
-/// layer of a tree also taking a donor from the tree before it: 10,000 layers, a DAG.
-fn synthetic(trees: usize, per_tree: usize) -> Catalog {
-    let name = |t: usize, i: usize| LayerName::new(format!("t{t:03}-n{i:03}")).unwrap();
-    let mut layers = Vec::with_capacity(trees * per_tree);
-    for t in 0..trees {
-        for i in 0..per_tree {
-            layers.push(Layer {
-                name: name(t, i),
-                class: LayerClass::Toolchain,
-                description: String::new(),
-                build_base: if i == 0 {
-                    Base::Image {
-                        image: "scratch".into(),
-                    }
-                } else {
-                    Base::Layer {
-                        layer: name(t, (i - 1) / 2),
-                    }
-                },
-                runtime_base: Base::Image {
-                    image: "scratch".into(),
-                },
-                donors: if t > 0 && i > 0 && i % 25 == 0 {
-                    vec![name(t - 1, 3)]
-                } else {
-                    vec![]
-                },
-                tools_provided: vec![],
-                artifact_paths: vec!["/opt".into()],
-                native_deps: vec![],
-            });
-        }
-    }
-    Catalog::new(layers).expect("a valid synthetic catalog")
-}
 
 /// A control plane serving `catalog` on a free port, in this process; its URL.
 fn serve(rt: &tokio::runtime::Runtime, nats_url: &str, catalog: Catalog) -> String {
@@ -171,7 +133,7 @@ fn page_load_of_the_catalog_view() {
     let lamina = lian_cascade::load_catalog(&workspace_root().join("catalog"), &schemas).unwrap();
     let lamina_layers = lamina.layers().count();
     let small = serve(&rt, &nats.url, lamina);
-    let big_catalog = synthetic(100, 100);
+    let big_catalog = lian_catalog::synthetic::synthetic(100, 100, false);
     let focus = "t050-n003";
     let lineage = big_catalog.lineage(focus).unwrap().len();
     let root = "t050-n000";

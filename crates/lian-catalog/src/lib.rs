@@ -6,6 +6,7 @@
 pub mod cascade;
 mod dag;
 mod graph;
+pub mod synthetic;
 
 pub use dag::{Catalog, CatalogError};
 pub use graph::GraphFormat;
