@@ -241,6 +241,60 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     let unknown = lian(&["--nats-url", &nats_url, "cascade", "show", "c-nothing"]);
     assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
 
+    // The impact preview of the next change to base, from the builds just recorded.
+    let catalog_dir = catalog.path().to_str().unwrap();
+    let preview = |parallelism: &str| {
+        let out = lian(&[
+            "--nats-url",
+            &nats_url,
+            "--output",
+            "json",
+            "catalog",
+            "--catalog",
+            catalog_dir,
+            "plan",
+            "--changed",
+            "base",
+            "--estimate",
+            "--parallelism",
+            parallelism,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["estimate"].clone()
+    };
+    let (one, two) = (preview("1"), preview("2"));
+    let layers = one["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{one}");
+    for l in layers {
+        assert!(l["samples"].as_u64().unwrap() >= 1, "each layer was built once: {l}");
+        assert!(l["p50_secs"].as_f64().unwrap() > 0.0, "{l}");
+    }
+    let secs = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    assert!(
+        (secs(&one, "wall_p50_secs") - secs(&one, "build_p50_secs")).abs() < 1e-6,
+        "one worker builds one layer at a time: {one}"
+    );
+    assert!(
+        secs(&two, "wall_p50_secs") < secs(&one, "wall_p50_secs"),
+        "two workers build tools and deps side by side: {two}"
+    );
+    let text_preview = lian(&[
+        "--nats-url",
+        &nats_url,
+        "catalog",
+        "--catalog",
+        catalog_dir,
+        "plan",
+        "--changed",
+        "base",
+        "--estimate",
+    ]);
+    let said = String::from_utf8_lossy(&text_preview.stdout).to_string();
+    assert!(
+        said.starts_with("3 layers rebuild when base changes; expected wall time"),
+        "{said}"
+    );
+
     // Early cutoff: a layer built again with nothing changed gives the image it had, and
     // nothing below it is rebuilt. Rooted at tools, whose plan is app alone, so no two
     // leases of the namespace run at once and the engine store holds what tools was built

@@ -339,6 +339,18 @@ impl Bus {
     }
 
     /// The metrics records of a workspace's builds, newest build id first.
+    /// Every metrics record of a catalog layer's build, whatever the workspace: what
+    /// `lian catalog plan --estimate` reads.
+    pub async fn layer_metrics(&self) -> Result<Vec<lian_core::control::MetricsRecord>, BusError> {
+        Ok(self
+            .kv_entries(subjects::METRICS_BUCKET, "")
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_value::<lian_core::control::MetricsRecord>(v).ok())
+            .filter(|r| r.layer.is_some())
+            .collect())
+    }
+
     pub async fn workspace_metrics(&self, workspace: &str) -> Result<Vec<serde_json::Value>, BusError> {
         let mut entries = self
             .kv_entries(subjects::METRICS_BUCKET, &format!("{workspace}."))

@@ -5,6 +5,7 @@
 
 pub mod cascade;
 mod dag;
+pub mod estimate;
 mod graph;
 pub mod synthetic;
 

@@ -2,13 +2,16 @@
 
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+
 use lian_catalog::GraphFormat;
+use lian_catalog::estimate::{Estimate, Sample};
 use lian_nickel::Schemas;
 
 use crate::cli::{CatalogArgs, CatalogCommand, Format, Global};
 use crate::exit::Exit;
 
-pub fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode> {
     let schemas = Schemas::embedded()?;
     let catalog = match lian_cascade::load_catalog(&args.catalog, &schemas) {
         Ok(c) => c,
@@ -34,7 +37,24 @@ pub fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode> {
                 args.catalog.display()
             );
         }
-        CatalogCommand::Plan { changed, json } => {
+        CatalogCommand::Plan {
+            changed,
+            json,
+            estimate: true,
+            parallelism,
+        } => {
+            let plan = catalog.plan(&changed)?;
+            let estimate = estimate(global, &catalog, &plan, parallelism).await?;
+            if global.json(json) {
+                println!(
+                    "{}",
+                    serde_json::json!({"changed": changed, "plan": plan, "estimate": estimate})
+                );
+            } else {
+                print!("{}", render_estimate(&changed, &estimate));
+            }
+        }
+        CatalogCommand::Plan { changed, json, .. } => {
             let plan = catalog.plan(&changed)?;
             if global.json(json) {
                 println!("{}", serde_json::to_string(&plan)?);
@@ -63,4 +83,72 @@ pub fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(Exit::Ok.code())
+}
+
+/// The plan's cost from the fleet's recorded builds of each layer (`lian-metrics`).
+async fn estimate(
+    global: &Global,
+    catalog: &lian_catalog::Catalog,
+    plan: &[lian_core::LayerName],
+    parallelism: Option<usize>,
+) -> anyhow::Result<Estimate> {
+    let settings = crate::config::Settings::load(&global.config)?;
+    let bus = crate::roles::connect(global, "lian-catalog-plan", &settings).await?;
+    let mut history: BTreeMap<lian_core::LayerName, Vec<Sample>> = BTreeMap::new();
+    for record in bus.layer_metrics().await? {
+        let Some(layer) = record.layer else { continue };
+        history.entry(layer).or_default().push(Sample {
+            runner_type: record.runner_type.map(|t| t.as_str().to_string()).unwrap_or_default(),
+            seconds: record.duration_ms as f64 / 1000.0,
+            at: record.at,
+        });
+    }
+    let parallelism = match parallelism {
+        Some(n) => n,
+        None => {
+            let depth = bus.queue_depth().await?;
+            (depth.idle_pulls + depth.in_flight).max(1) as usize
+        }
+    };
+    Ok(lian_catalog::estimate::estimate(catalog, plan, &history, parallelism))
+}
+
+fn render_estimate(changed: &str, e: &Estimate) -> String {
+    let minutes = |s: f64| format!("{:.1}", s / 60.0);
+    let mut out = format!(
+        "{} layers rebuild when {changed} changes; expected wall time {} min (P50), {} min (P90) on {} workers; {} min of builds\n",
+        e.layers.len(),
+        minutes(e.wall_p50_secs),
+        minutes(e.wall_p90_secs),
+        e.parallelism,
+        minutes(e.build_p50_secs),
+    );
+    out.push_str(&format!(
+        "  {:>3}  {:<24} {:<8} {:>7} {:>9} {:>9}\n",
+        "#", "layer", "tier", "builds", "P50 min", "P90 min"
+    ));
+    for (i, l) in e.layers.iter().enumerate() {
+        out.push_str(&format!(
+            "  {:>3}  {:<24} {:<8} {:>7} {:>9} {:>9}{}\n",
+            i + 1,
+            l.layer.as_str(),
+            l.tier.as_deref().unwrap_or("-"),
+            l.samples,
+            minutes(l.p50_secs),
+            minutes(l.p90_secs),
+            if l.samples == 0 {
+                "  (no history: the median layer's)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if e.without_history > 0 {
+        out.push_str(&format!(
+            "{} of {} layers have no recorded build: their times are a guess\n",
+            e.without_history,
+            e.layers.len()
+        ));
+    }
+    out
 }

@@ -349,13 +349,22 @@ pub struct CatalogArgs {
 pub enum CatalogCommand {
     /// Check the DAG (acyclic, every base exists) and ADR-001 / ADR-002.
     Validate,
-    /// The layers that rebuild when one changes, in build order.
+    /// The layers that rebuild when one changes, in build order. With --estimate, what the
+    /// cascade will cost, from the fleet's recorded builds: each layer's P50/P90 and the
+    /// wall time. Example: `lian catalog plan --changed rust --estimate --parallelism 4`.
     Plan {
         #[arg(long)]
         changed: String,
         /// The same as `--output json`.
         #[arg(long)]
         json: bool,
+        /// Read each layer's recorded build times from the fleet (NATS) and estimate.
+        #[arg(long)]
+        estimate: bool,
+        /// Workers building at once, for the wall time (default: the workers the fleet has
+        /// now, from the work queue: those waiting for work and those building).
+        #[arg(long, requires = "estimate")]
+        parallelism: Option<usize>,
     },
     /// The layer DAG as Graphviz dot or Mermaid.
     Graph {

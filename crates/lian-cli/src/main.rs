@@ -63,7 +63,7 @@ fn main() -> std::process::ExitCode {
                 command: CatalogCommand::Bootstrap(args),
                 ..
             }) => bootstrap::run(&cli.global, args),
-            Command::Catalog(args) => catalog_cmd::run(&cli.global, args),
+            Command::Catalog(args) => catalog_cmd::run(&cli.global, args).await,
             Command::Cancel(args) => output::cancel(cli.global, args).await,
             Command::DeadLetters(args) => output::dead_letters(cli.global, args).await,
             Command::Nats(args) => output::nats(cli.global, args).await,

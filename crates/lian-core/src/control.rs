@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::directives::{Actor, BuildDirectives, ComputeProvider};
 use crate::sizing::RunnerType;
-use crate::{BuildId, LeaseKey, Workspace};
+use crate::{BuildId, LayerName, LeaseKey, Workspace};
 
 /// `POST /api/v1/vm-pool`: a runner for one attempt of one build. Asking twice with the
 /// same lease key returns the same runner.
@@ -83,6 +83,12 @@ pub struct MetricsRecord {
     pub duration_ms: u64,
     pub cpu_p95: Option<f64>,
     pub mem_p95_gb: Option<f64>,
+    /// The catalog layer built, if it is one: what `lian catalog plan --estimate` reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerName>,
+    /// When the build step ended (UNIX seconds; 0 in records from before it was kept).
+    #[serde(default)]
+    pub at: i64,
 }
 
 /// `GET /api/v1/p95?workspace=`: the usage tier-2 sizing reads.

@@ -247,6 +247,8 @@ impl Worker {
             duration_ms: built.duration_ms,
             cpu_p95: built.cpu_p95,
             mem_p95_gb: built.mem_p95_gb,
+            layer: state.request.as_ref().and_then(|r| r.layer.clone()),
+            at: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         // Metrics are advice for sizing: losing one must not fail a build.
         let recorded = match &self.options.control {
