@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Running, history_kinds, nats_streams, staged_examples};
+use common::{Fleet, cascade_service, end_build, history_kinds, layer_completed, nats_streams, staged_examples};
 use lian_test_support::{RawMessage, RawNats};
 use serde_json::json;
 
@@ -19,27 +19,8 @@ fn kind(m: &RawMessage) -> &str {
     m.subject.rsplit('.').next().unwrap()
 }
 
-/// Appends a build's terminal event as a worker would (through the append subject).
-fn end_build(wire: &mut RawNats, build: &str, event: serde_json::Value) {
-    let envelope = json!({
-        "build_id": build, "workspace": "examples", "seq": 1,
-        "at": "2026-12-05T08:00:00Z", "worker": "test",
-    });
-    let mut envelope = envelope.as_object().unwrap().clone();
-    envelope.extend(event.as_object().unwrap().clone());
-    let kind = event["type"].as_str().unwrap();
-    wire.publish(
-        &format!("_lian.append.lian.examples.build.{build}.{kind}"),
-        serde_json::Value::Object(envelope).to_string().as_bytes(),
-    );
-}
-
 fn tools_completed(wire: &mut RawNats, build: &str, image_id: &str) {
-    end_build(
-        wire,
-        build,
-        json!({"type": "completed", "image": "lian-example/tools:latest", "image_id": image_id, "layer": "tools"}),
-    );
+    layer_completed(wire, "tools", build, image_id);
 }
 
 fn cascade_events(wire: &RawNats, cascade: &str) -> Vec<serde_json::Value> {
@@ -54,18 +35,7 @@ fn cascade_events(wire: &RawNats, cascade: &str) -> Vec<serde_json::Value> {
 fn a_burst_of_parent_completions_builds_each_descendant_once() {
     let fleet = Fleet::new("examples");
     let catalog = staged_examples();
-    let cascade = Running::start_hearing(
-        &[
-            "--nats-url",
-            &fleet.server.url,
-            "cascade",
-            "--catalog",
-            catalog.path().to_str().unwrap(),
-        ],
-        &[("LIAN_LOG", "info")],
-        "",
-    );
-    cascade.wait_stderr(Duration::from_secs(60), "cascade serving");
+    let _cascade = cascade_service(&fleet.server.url, catalog.path(), &[]);
     let mut wire = fleet.wire();
     let within = Duration::from_secs(30);
 
@@ -94,6 +64,7 @@ fn a_burst_of_parent_completions_builds_each_descendant_once() {
     // that waited on it takes that as its own app's end, and ends.
     end_build(
         &mut wire,
+        "examples",
         "c-t3-app",
         json!({"type": "failed", "reason": "no such base image", "layer": "app",
                "cascade": {"id": "c-t3", "root": "tools"}}),

@@ -196,11 +196,8 @@ impl Bus {
             .create_consumer_on_stream(
                 consumer::pull::Config {
                     durable_name: Some(subjects::CASCADE_CONSUMER.into()),
-                    description: Some("the cascade service reads terminal build events".into()),
-                    filter_subjects: subjects::ALL_TERMINAL_BUILD_EVENTS
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect(),
+                    description: Some("the cascade service reads terminal build events and approvals".into()),
+                    filter_subjects: subjects::CASCADE_INPUTS.iter().map(|s| s.to_string()).collect(),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: t.ack_wait,
                     max_deliver: t.max_deliver,

@@ -24,6 +24,17 @@ pub struct CascadeOptions {
     /// `build_directives.ncl` and the layer's build context.
     pub catalog_dir: PathBuf,
     pub schemas: Schemas,
+    pub gate: Gate,
+}
+
+/// The cascade gate: a cascade planning more layers, or expected to take longer, than this
+/// waits for `lian cascade approve <id>` (or, with `refuse`, is refused).
+#[derive(Debug, Clone, Default)]
+pub struct Gate {
+    pub max_layers: Option<usize>,
+    /// Expected wall time (P50, from recorded builds) in minutes.
+    pub max_minutes: Option<f64>,
+    pub refuse: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +52,8 @@ pub enum CascadeServiceError {
 struct Turn<'a> {
     id: &'a CascadeId,
     ws: &'a Workspace,
-    cause: &'a Cause,
+    /// `None` when a person moved it (an approval).
+    cause: Option<&'a Cause>,
 }
 
 struct Service {
@@ -99,6 +111,9 @@ pub async fn run(
 
 impl Service {
     async fn handle(&self, job: &Job) -> Result<(), BusError> {
+        if job.subject().ends_with(".approved") {
+            return self.approved(job).await;
+        }
         let Ok(envelope) = job.record().decode::<Envelope>() else {
             tracing::warn!(subject = job.subject(), "not a build event; ignored");
             return Ok(());
@@ -137,13 +152,16 @@ impl Service {
         let turn = Turn {
             id: &id,
             ws: &envelope.workspace,
-            cause: &cause,
+            cause: Some(&cause),
         };
         let (mut state, mut seq) = self.fold(&id).await?;
         let redelivered = job.delivered() > 1;
         if let Some(started) = root_started {
             if state.root.is_none() {
                 self.append(&mut state, &mut seq, &turn, started).await?;
+                if let Some(held) = self.gate(&state).await? {
+                    self.append(&mut state, &mut seq, &turn, held).await?;
+                }
             }
         } else if let Some(LayerStatus::Requested(build)) = state.layers.get(layer) {
             let build = build.clone();
@@ -171,6 +189,68 @@ impl Service {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether a cascade just started is over the gate's limits: the event that holds it
+    /// (`awaiting_approval`, or `refused`), or `None` to go on.
+    async fn gate(&self, state: &CascadeState) -> Result<Option<CascadeEvent>, BusError> {
+        let gate = &self.options.gate;
+        if state.root_unchanged || state.plan.is_empty() || (gate.max_layers.is_none() && gate.max_minutes.is_none()) {
+            return Ok(None);
+        }
+        let layers = state.plan.len();
+        let minutes = match gate.max_minutes {
+            Some(_) => Some(self.expected_minutes(&state.plan).await?),
+            None => None,
+        };
+        let over = match (gate.max_layers, gate.max_minutes, minutes) {
+            (Some(max), _, _) if layers > max => format!("{layers} layers, over the limit of {max}"),
+            (_, Some(max), Some(m)) if m > max => format!("about {m:.0} min, over the limit of {max} min"),
+            _ => return Ok(None),
+        };
+        Ok(Some(if gate.refuse {
+            CascadeEvent::Refused { over }
+        } else {
+            CascadeEvent::AwaitingApproval { layers, minutes, over }
+        }))
+    }
+
+    /// The plan's expected wall time (P50) from the fleet's recorded builds, on the
+    /// workers it has now.
+    async fn expected_minutes(&self, plan: &[LayerName]) -> Result<f64, BusError> {
+        let mut history: std::collections::BTreeMap<LayerName, Vec<lian_catalog::estimate::Sample>> =
+            Default::default();
+        for record in self.bus.layer_metrics().await? {
+            let Some(layer) = record.layer else { continue };
+            history.entry(layer).or_default().push(lian_catalog::estimate::Sample {
+                runner_type: record.runner_type.map(|t| t.as_str().to_string()).unwrap_or_default(),
+                seconds: record.duration_ms as f64 / 1000.0,
+                at: record.at,
+            });
+        }
+        let depth = self.bus.queue_depth().await?;
+        let workers = (depth.idle_pulls + depth.in_flight).max(1) as usize;
+        let estimate = lian_catalog::estimate::estimate(&self.catalog, plan, &history, workers);
+        Ok(estimate.wall_p50_secs / 60.0)
+    }
+
+    /// `lian cascade approve` appended `approved` to a waiting cascade: go on with it.
+    async fn approved(&self, job: &Job) -> Result<(), BusError> {
+        let Ok(envelope) = job.record().decode::<CascadeEnvelope>() else {
+            tracing::warn!(subject = job.subject(), "not a cascade event; ignored");
+            return Ok(());
+        };
+        let id = envelope.cascade_id;
+        let turn = Turn {
+            id: &id,
+            ws: &envelope.workspace,
+            cause: None,
+        };
+        let (mut state, mut seq) = self.fold(&id).await?;
+        if job.delivered() > 1 {
+            self.republish(&mut state, &mut seq, &turn).await?;
+        }
+        self.advance(&mut state, &mut seq, &turn).await
     }
 
     /// The previous attempt may have recorded a request it did not get to publish; requests
@@ -208,7 +288,7 @@ impl Service {
             let turn = Turn {
                 id: &id,
                 ws: &envelope.workspace,
-                cause,
+                cause: Some(cause),
             };
             let (mut state, mut seq) = self.fold(&id).await?;
             if matches!(state.layers.get(layer), Some(LayerStatus::Superseded(by)) if *by == envelope.build_id) {
@@ -471,7 +551,7 @@ impl Service {
             workspace: turn.ws.clone(),
             seq: *seq,
             at: OffsetDateTime::now_utc(),
-            cause: Some(turn.cause.clone()),
+            cause: turn.cause.cloned(),
             event,
         };
         self.bus.append(&subject, &format!("{id}.{}", *seq), &envelope).await?;

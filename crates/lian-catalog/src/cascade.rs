@@ -10,6 +10,8 @@
 //!
 //! | state                                                        | events appended                   |
 //! |--------------------------------------------------------------|-----------------------------------|
+//! | started, over the gate's limit (the service decides)         | awaiting_approval, or refused     |
+//! | awaiting approval                                            | - (until `approved`)              |
 //! | a layer of the plan has a failed or blocked parent           | layer_blocked                     |
 //! | a layer's parents all settled, and one of them changed       | layer_requested (then its request)|
 //! | a layer's parents all settled, none changed                  | layer_cut_off                     |
@@ -57,6 +59,24 @@ pub enum CascadeEvent {
         /// The root's build gave the image the root had before: nothing below it changes.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         root_unchanged: bool,
+    },
+    /// The gate: the cascade is larger than its limit, and nothing is built until someone
+    /// appends `approved` (`lian cascade approve <id>`).
+    AwaitingApproval {
+        layers: usize,
+        /// The expected wall time, minutes (P50), when the fleet has recorded builds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        minutes: Option<f64>,
+        /// Which limit it is over, in words.
+        over: String,
+    },
+    /// A person let a waiting cascade go on (the envelope has no cause: nobody's build).
+    Approved {
+        by: String,
+    },
+    /// The gate refused a cascade larger than its limit: nothing was built.
+    Refused {
+        over: String,
     },
     LayerRequested {
         layer: LayerName,
@@ -107,6 +127,9 @@ impl CascadeEvent {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Started { .. } => "started",
+            Self::AwaitingApproval { .. } => "awaiting_approval",
+            Self::Approved { .. } => "approved",
+            Self::Refused { .. } => "refused",
             Self::LayerRequested { .. } => "layer_requested",
             Self::LayerCompleted { .. } => "layer_completed",
             Self::LayerFailed { .. } => "layer_failed",
@@ -133,6 +156,12 @@ impl CascadeEvent {
             Self::Started { root, plan, .. } => {
                 format!("started by {root}: rebuilding [{}]", list(plan))
             }
+            Self::AwaitingApproval { layers, minutes, over } => format!(
+                "waiting for approval ({over}: {layers} layers{}); `lian cascade approve` lets it go on",
+                minutes.map(|m| format!(", about {m:.0} min")).unwrap_or_default()
+            ),
+            Self::Approved { by } => format!("approved by {by}"),
+            Self::Refused { over } => format!("refused: {over}; nothing built"),
             Self::LayerRequested { layer, build_id } => {
                 format!("requested {layer} as build {build_id}")
             }
@@ -194,6 +223,8 @@ impl LayerStatus {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CascadeState {
     pub root: Option<LayerName>,
+    /// Held at the gate: waiting for `approved`.
+    pub awaiting_approval: bool,
     pub root_unchanged: bool,
     pub plan: Vec<LayerName>,
     pub layers: BTreeMap<LayerName, LayerStatus>,
@@ -242,7 +273,28 @@ impl CascadeState {
                 self.root_unchanged = *root_unchanged;
                 self.plan = plan.clone();
             }
+            CascadeEvent::AwaitingApproval { .. } => {
+                if self.awaiting_approval || !self.layers.is_empty() || self.len != 1 {
+                    return bad("a cascade waits for approval right after it starts, once");
+                }
+                self.awaiting_approval = true;
+            }
+            CascadeEvent::Approved { .. } => {
+                if !self.awaiting_approval {
+                    return bad("only a cascade waiting for approval is approved");
+                }
+                self.awaiting_approval = false;
+            }
+            CascadeEvent::Refused { .. } => {
+                if self.len != 1 {
+                    return bad("a cascade is refused right after it starts");
+                }
+                self.finished = true;
+            }
             CascadeEvent::LayerRequested { layer, build_id } => {
+                if self.awaiting_approval {
+                    return bad("nothing is requested while the cascade waits for approval");
+                }
                 if !in_plan(layer) || self.layers.contains_key(layer) {
                     return bad("a layer of the plan is requested once");
                 }
@@ -319,7 +371,7 @@ pub fn layer_build_id(cascade: &CascadeId, layer: &LayerName) -> BuildId {
 
 /// The events that follow from the state: blocked layers, newly ready layers, and the end.
 pub fn decide(state: &CascadeState, catalog: &Catalog, cascade: &CascadeId) -> Vec<CascadeEvent> {
-    if state.finished || state.root.is_none() {
+    if state.finished || state.root.is_none() || state.awaiting_approval {
         return vec![];
     }
     let mut next = state.clone();

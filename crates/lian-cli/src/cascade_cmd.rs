@@ -18,7 +18,55 @@ use crate::exit::{Coded, Exit};
 pub async fn run(global: Global, command: CascadeCommand) -> anyhow::Result<ExitCode> {
     match command {
         CascadeCommand::Show { cascade_id } => show(global, &cascade_id).await,
+        CascadeCommand::Approve { cascade_id, by } => approve(global, &cascade_id, by).await,
     }
+}
+
+/// Appends `approved` to a cascade held at the gate; the cascade service hears it and goes on.
+async fn approve(global: Global, id: &str, by: String) -> anyhow::Result<ExitCode> {
+    let id = CascadeId::new(id)?;
+    let settings = Settings::load(&global.config)?;
+    let bus = crate::roles::connect(&global, "lian-cascade-approve", &settings).await?;
+    let filter = subjects::cascade_history(&id);
+    let records = bus.read_all(&filter).await?;
+    let history: Vec<CascadeEnvelope> = records.iter().map(|r| r.decode()).collect::<Result<_, _>>()?;
+    let state = lian_catalog::cascade::fold(history.iter().map(|e| &e.event))?;
+    let (Some(last), Some(record)) = (history.last(), records.last()) else {
+        return Err(Coded::error(Exit::Usage, format!("no cascade {id}")));
+    };
+    if !state.awaiting_approval {
+        let what = if state.finished {
+            "it has ended"
+        } else {
+            "it is not held at the gate"
+        };
+        return Err(Coded::error(
+            Exit::Usage,
+            format!("cascade {id} is not waiting for approval: {what}"),
+        ));
+    }
+    let envelope = CascadeEnvelope {
+        cascade_id: id.clone(),
+        workspace: last.workspace.clone(),
+        seq: last.seq + 1,
+        at: OffsetDateTime::now_utc(),
+        cause: None,
+        event: CascadeEvent::Approved { by: by.clone() },
+    };
+    // Against the history as read: if anything was appended meanwhile, nothing is written.
+    let after = lian_bus::After {
+        filter,
+        sequence: record.sequence,
+    };
+    let subject = subjects::cascade_event(&last.workspace, &id, "approved");
+    bus.append_after(&subject, &format!("{id}.{}", envelope.seq), &envelope, &after)
+        .await?;
+    if global.json(false) {
+        println!("{}", serde_json::json!({"cascade_id": id, "approved_by": by}));
+    } else {
+        println!("cascade {id} approved by {by}: the cascade service goes on with it");
+    }
+    Ok(Exit::Ok.code())
 }
 
 /// One layer of the tree.
@@ -98,7 +146,7 @@ async fn show(global: Global, id: &str) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let code = if shown.state == "failed" {
+    let code = if matches!(shown.state, "failed" | "refused") {
         Exit::Failed.code()
     } else {
         Exit::Ok.code()
@@ -162,7 +210,21 @@ fn assemble(id: &CascadeId, history: &[CascadeEnvelope]) -> Option<Shown> {
                 shown.wall_secs = Some(secs(first.at, e.at));
                 continue;
             }
-            CascadeEvent::Started { .. } => continue,
+            CascadeEvent::Started { .. } | CascadeEvent::Approved { .. } => {
+                if shown.state == "awaiting_approval" {
+                    shown.state = "running";
+                }
+                continue;
+            }
+            CascadeEvent::AwaitingApproval { .. } => {
+                shown.state = "awaiting_approval";
+                continue;
+            }
+            CascadeEvent::Refused { .. } => {
+                shown.state = "refused";
+                shown.wall_secs = Some(secs(first.at, e.at));
+                continue;
+            }
             CascadeEvent::LayerRequested { layer, .. }
             | CascadeEvent::LayerCompleted { layer, .. }
             | CascadeEvent::LayerFailed { layer, .. }

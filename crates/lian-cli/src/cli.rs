@@ -251,6 +251,16 @@ pub struct WorkerArgs {
 pub struct CascadeArgs {
     #[arg(long, default_value = "catalog")]
     pub catalog: PathBuf,
+    /// The gate: a cascade planning more layers than this waits for `lian cascade approve`.
+    #[arg(long, env = "LIAN_CASCADE_APPROVE_OVER_LAYERS")]
+    pub approve_over_layers: Option<usize>,
+    /// The gate: a cascade expected to take longer than this many minutes (P50 wall time,
+    /// from recorded builds) waits for `lian cascade approve`.
+    #[arg(long, env = "LIAN_CASCADE_APPROVE_OVER_MINUTES")]
+    pub approve_over_minutes: Option<f64>,
+    /// Refuse a cascade over the gate's limits instead of holding it.
+    #[arg(long, env = "LIAN_CASCADE_REFUSE_OVER_LIMIT")]
+    pub refuse_over_limit: bool,
     #[command(subcommand)]
     pub command: Option<CascadeCommand>,
 }
@@ -262,6 +272,14 @@ pub enum CascadeCommand {
     Show {
         /// The cascade id (`lian watch` and `lian up --demo` print it).
         cascade_id: String,
+    },
+    /// Let a cascade held at the gate (over `--approve-over-layers` / `--approve-over-minutes`)
+    /// go on. Example: `lian cascade approve c-01J... --by alice`.
+    Approve {
+        cascade_id: String,
+        /// Who approves (recorded in the `approved` event).
+        #[arg(long, env = "USER", default_value = "someone")]
+        by: String,
     },
 }
 

@@ -105,6 +105,11 @@ pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCo
     let options = lian_cascade::CascadeOptions {
         catalog_dir: args.catalog,
         schemas: Schemas::embedded()?,
+        gate: lian_cascade::Gate {
+            max_layers: args.approve_over_layers,
+            max_minutes: args.approve_over_minutes,
+            refuse: args.refuse_over_limit,
+        },
     };
     lian_cascade::run(bus, options, shutdown_signal()).await?;
     Ok(Exit::Ok.code())

@@ -503,7 +503,7 @@ async fn demo(
             if subject.ends_with(".completed") {
                 return Ok(true);
             }
-            if subject.ends_with(".failed") {
+            if subject.ends_with(".failed") || subject.ends_with(".refused") {
                 return Ok(false);
             }
         }

@@ -30,6 +30,14 @@ pub const ALL_CASCADE_EVENTS: &str = "lian.*.cascade.*.*";
 pub const ALL_PROGRESS: &str = "lian.*.progress.*";
 pub const ALL_TERMINAL_BUILD_EVENTS: [&str; 2] = ["lian.*.build.*.completed", "lian.*.build.*.failed"];
 
+/// What the cascade service hears: every build's end, and every approval of a cascade that
+/// waits for one (`lian cascade approve`).
+pub const CASCADE_INPUTS: [&str; 3] = [
+    ALL_TERMINAL_BUILD_EVENTS[0],
+    ALL_TERMINAL_BUILD_EVENTS[1],
+    "lian.*.cascade.*.approved",
+];
+
 /// Where writers append events (ADR lian-045): `_lian.append.<event subject>`, outside
 /// `lian.>`. The events stream takes these in, stores each under its event subject (a
 /// subject transform) and, once stored, republishes it there, so `lian.>` carries exactly

@@ -538,3 +538,47 @@ pub fn submit_unreachable(directives: &Path, context: &Path) -> Output {
         context.to_str().unwrap(),
     ])
 }
+
+/// Appends a build's terminal event (`event`: its `type` and fields) as a worker would,
+/// through the append subject: for tests that play the worker to a real cascade.
+pub fn end_build(wire: &mut lian_test_support::RawNats, workspace: &str, build: &str, event: serde_json::Value) {
+    let mut envelope = serde_json::json!({
+        "build_id": build, "workspace": workspace, "seq": 1,
+        "at": "2026-12-05T08:00:00Z", "worker": "test",
+    });
+    let fields = envelope.as_object_mut().unwrap();
+    fields.extend(event.as_object().unwrap().clone());
+    let kind = event["type"].as_str().unwrap();
+    wire.publish(
+        &format!("_lian.append.lian.{workspace}.build.{build}.{kind}"),
+        envelope.to_string().as_bytes(),
+    );
+}
+
+/// A catalog layer's build of the example catalog completed with `image_id`, as a worker
+/// would append it: a cascade starts from it.
+pub fn layer_completed(wire: &mut lian_test_support::RawNats, layer: &str, build: &str, image_id: &str) {
+    let image = format!("lian-example/{layer}:latest");
+    end_build(
+        wire,
+        "examples",
+        build,
+        serde_json::json!({"type": "completed", "image": image, "image_id": image_id, "layer": layer}),
+    );
+}
+
+/// A `lian cascade` on `nats_url` following `catalog`, with `args` after the role; returned
+/// once it serves.
+pub fn cascade_service(nats_url: &str, catalog: &Path, args: &[&str]) -> Running {
+    let mut all = vec![
+        "--nats-url",
+        nats_url,
+        "cascade",
+        "--catalog",
+        catalog.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let cascade = Running::start_hearing(&all, &[("LIAN_LOG", "info")], "");
+    cascade.wait_stderr(Duration::from_secs(60), "cascade serving");
+    cascade
+}
