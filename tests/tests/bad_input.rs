@@ -189,6 +189,18 @@ fn every_kind_of_bad_request_fails_with_its_reason_and_the_worker_keeps_serving(
         ("unknown-field", "/directives/artifact/imgae", json!("x"), "imgae"),
         ("layer", "/layer", json!("nope"), "layer nope is not in the catalog"),
         (
+            "pin-tag",
+            "/parents",
+            json!({"lamina/rust:latest": "ci/lamina/lamina/rust:latest"}),
+            "must be a registry reference by digest",
+        ),
+        (
+            "pin-option",
+            "/parents",
+            json!({"lamina/rust:latest": format!("--all-tags@sha256:{}", "0".repeat(64))}),
+            "must be a registry reference by digest",
+        ),
+        (
             "mismatch",
             "/directives/workspace",
             json!("other"),

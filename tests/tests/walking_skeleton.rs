@@ -295,6 +295,94 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
         "{said}"
     );
 
+    // The catalog lock: the completed cascade locked its four layers by digest, in one write.
+    let lock = lian(&[
+        "--nats-url",
+        &nats_url,
+        "--output",
+        "json",
+        "catalog",
+        "--catalog",
+        catalog_dir,
+        "lock",
+    ]);
+    assert!(lock.status.success(), "{}", text(&lock));
+    let lock: serde_json::Value = serde_json::from_slice(&lock.stdout).unwrap();
+    assert_eq!(lock["cascade_id"], cascade.as_str(), "{lock}");
+    let pin = |layer: &str| lock["layers"][layer]["pinned"].as_str().unwrap_or_default().to_string();
+    for layer in ["base", "deps", "tools", "app"] {
+        let build = if layer == "base" {
+            build_id.clone()
+        } else {
+            format!("{cascade}-{layer}")
+        };
+        let done = events
+            .seen
+            .iter()
+            .find(|m| build_of(m) == Some(build.as_str()) && kind(m) == "completed")
+            .unwrap()
+            .json();
+        assert!(pin(layer).contains("@sha256:"), "{layer} locked by digest: {lock}");
+        assert_eq!(lock["layers"][layer]["image_id"], done["image_id"], "{lock}");
+    }
+    // app was built on its parents as pinned, pulled by those digests.
+    let app_history = lian(&["--nats-url", &nats_url, "status", &format!("{cascade}-app"), "--json"]);
+    let app_history: serde_json::Value = serde_json::from_slice(&app_history.stdout).unwrap();
+    let parents = &app_history["history"][0]["request"]["parents"];
+    assert_eq!(parents["lian-example/tools:latest"], pin("tools"), "{parents}");
+    assert_eq!(parents["lian-example/deps:latest"], pin("deps"), "{parents}");
+    let completed = app_history["history"].as_array().unwrap().last().unwrap().clone();
+    let pulled = completed["cache"]["parents_pulled"].to_string();
+    assert!(
+        pulled.contains(&pin("tools")) && pulled.contains(&pin("deps")),
+        "{pulled}"
+    );
+    // catalog.lock, and --check against the Dockerfiles.
+    let check = || lian(&["catalog", "--catalog", catalog_dir, "lock", "--check"]);
+    assert_eq!(
+        check().status.code(),
+        Some(2),
+        "no catalog.lock yet: {}",
+        text(&check())
+    );
+    let write = lian(&[
+        "--nats-url",
+        &nats_url,
+        "catalog",
+        "--catalog",
+        catalog_dir,
+        "lock",
+        "--write",
+    ]);
+    assert!(write.status.success(), "{}", text(&write));
+    assert!(
+        check().status.success(),
+        "unpinned Dockerfiles follow the lock: {}",
+        text(&check())
+    );
+    let dockerfile = catalog.path().join("app/Dockerfile");
+    let original = std::fs::read_to_string(&dockerfile).unwrap();
+    let tools_digest = pin("tools").split_once('@').unwrap().1.to_string();
+    let with_digest = |digest: &str| {
+        let pinned = original.replace(
+            "FROM lian-example/tools:latest",
+            &format!("FROM lian-example/tools:latest@{digest}"),
+        );
+        assert_ne!(pinned, original, "app's Dockerfile names tools");
+        std::fs::write(&dockerfile, pinned).unwrap();
+    };
+    with_digest(&format!("sha256:{}", "0".repeat(64)));
+    let stale = check();
+    assert_eq!(stale.status.code(), Some(1), "{}", text(&stale));
+    assert!(
+        text(&stale).contains("app/Dockerfile: FROM lian-example/tools:latest@sha256:000"),
+        "{}",
+        text(&stale)
+    );
+    with_digest(&tools_digest);
+    assert!(check().status.success(), "{}", text(&check()));
+    std::fs::write(&dockerfile, original).unwrap();
+
     // Early cutoff: a layer built again with nothing changed gives the image it had, and
     // nothing below it is rebuilt. Rooted at tools, whose plan is app alone, so no two
     // leases of the namespace run at once and the engine store holds what tools was built

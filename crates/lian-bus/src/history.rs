@@ -30,6 +30,15 @@ pub struct Record {
     pub sequence: u64,
 }
 
+/// Where a submitted build sits in the catalog: the layer it is, the cascade that asked for
+/// it, and its parents pinned by digest (all empty for a build of anything else).
+#[derive(Debug, Clone, Default)]
+pub struct Lineage {
+    pub layer: Option<lian_core::LayerName>,
+    pub cascade: Option<lian_core::CascadeRef>,
+    pub parents: std::collections::BTreeMap<String, String>,
+}
+
 /// An optimistic-concurrency condition: the append is refused unless the last message on
 /// `filter` (a wildcard subject) is at `sequence` (0: no message yet).
 #[derive(Debug, Clone)]
@@ -108,8 +117,7 @@ impl Bus {
         &self,
         context_dir: &std::path::Path,
         directives: lian_core::BuildDirectives,
-        layer: Option<lian_core::LayerName>,
-        cascade: Option<lian_core::CascadeRef>,
+        lineage: Lineage,
         build_id: &lian_core::BuildId,
         upload: crate::Upload<'_>,
     ) -> Result<(Appended, lian_core::ContextRef, crate::UploadStats), BusError> {
@@ -118,16 +126,17 @@ impl Bus {
             ".dockerignore",
             ".build-spec.ncl",
         ];
-        let lineage = directives.workspace.to_string();
+        let workspace = directives.workspace.to_string();
         let (context, uploaded) = self
-            .upload_context(context_dir, &keep, &lineage, upload.limits, upload.progress)
+            .upload_context(context_dir, &keep, &workspace, upload.limits, upload.progress)
             .await?;
         let request = lian_core::BuildRequest {
             build_id: Some(build_id.clone()),
             directives,
             context: context.clone(),
-            layer,
-            cascade,
+            layer: lineage.layer,
+            cascade: lineage.cascade,
+            parents: lineage.parents,
         };
         Ok((self.submit(&request, build_id).await?, context, uploaded))
     }

@@ -18,6 +18,13 @@ pub struct LayerImage {
     /// The image id the layer had before this build, if it had one.
     #[serde(default)]
     pub previous_image_id: Option<String>,
+    /// Where the registry holds it, by digest (`<ns>/<repo>@sha256:…`), when it was pushed:
+    /// what a descendant's build pins as its parent and the catalog lock records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+    /// The cascade it was built in, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade_id: Option<String>,
     /// UNIX seconds.
     pub at: i64,
 }
@@ -29,7 +36,84 @@ impl LayerImage {
     }
 }
 
+/// The catalog lock (key `_lock`): every layer's image as the last cascade that completed
+/// left it. Written in one compare-and-set per completed cascade: all of its layers or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogLock {
+    pub layers: std::collections::BTreeMap<String, LayerImage>,
+    /// The cascade that wrote it last.
+    #[serde(default)]
+    pub cascade_id: String,
+    /// UNIX seconds.
+    #[serde(default)]
+    pub at: i64,
+}
+
+// Layer names start with a letter or digit, so no layer is called this.
+const LOCK_KEY: &str = "_lock";
+
 impl Bus {
+    /// A layer's latest completed image, if it has one.
+    pub async fn layer_image(&self, layer: &str) -> Result<Option<LayerImage>, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let entry = kv
+            .get(layer)
+            .await
+            .map_err(|e| BusError::nats("read a layer's image", e))?;
+        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The catalog lock; empty before any cascade completed.
+    pub async fn catalog_lock(&self) -> Result<CatalogLock, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let entry = kv
+            .get(LOCK_KEY)
+            .await
+            .map_err(|e| BusError::nats("read the catalog lock", e))?;
+        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
+    }
+
+    /// Puts `layers` into the catalog lock as `cascade` completed them, in one
+    /// compare-and-set (a concurrent writer makes this read and merge again). Writing the
+    /// same again changes nothing but the time.
+    pub async fn lock_layers(&self, cascade: &str, at: i64, layers: Vec<LayerImage>) -> Result<CatalogLock, BusError> {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let entry = kv
+                .entry(LOCK_KEY)
+                .await
+                .map_err(|e| BusError::nats("read the catalog lock", e))?;
+            let revision = entry.as_ref().map_or(0, |e| e.revision);
+            let mut lock: CatalogLock = entry
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice(&e.value).ok())
+                .unwrap_or_default();
+            for layer in &layers {
+                lock.layers.insert(layer.layer.clone(), layer.clone());
+            }
+            lock.cascade_id = cascade.to_string();
+            lock.at = at;
+            let bytes = serde_json::to_vec(&lock).expect("json").into();
+            let written = if revision == 0 {
+                kv.create(LOCK_KEY, bytes).await.map(drop).map_err(|e| e.to_string())
+            } else {
+                kv.update(LOCK_KEY, bytes, revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(()) => return Ok(lock),
+                Err(err) => last_error = err,
+            }
+        }
+        Err(BusError::Nats {
+            op: "write the catalog lock",
+            message: last_error,
+        })
+    }
+
     /// Records a completed build of a catalog layer as the layer's latest image and returns
     /// the record, which says whether the image is the one the layer had. Recording the same
     /// build again (a redelivered event) changes nothing and gives the same answer.

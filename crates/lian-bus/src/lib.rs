@@ -15,8 +15,8 @@ pub use context::{
     ContextLimits, Downloaded, EntryKind, Manifest, ManifestEntry, StoreState, Upload, UploadProgress, UploadStats,
 };
 pub use error::BusError;
-pub use history::{After, Appended, Record};
-pub use layers::{LayerImage, QueuedLayer};
+pub use history::{After, Appended, Lineage, Record};
+pub use layers::{CatalogLock, LayerImage, QueuedLayer};
 pub use topology::{ReplicaState, StreamStatus, Topology};
 pub use views::QueueDepth;
 pub use work::{ExpiredRequests, Job, JobStream};

@@ -414,7 +414,14 @@ impl Service {
     /// Records a completed build of a catalog layer as the layer's latest image; whether
     /// it came out as the layer's previous image (early cutoff). `false` for anything else.
     async fn record_image(&self, envelope: &Envelope, layer: &LayerName) -> Result<bool, BusError> {
-        let BuildEvent::Completed { image, image_id, .. } = &envelope.event else {
+        let BuildEvent::Completed {
+            image,
+            image_id,
+            cache,
+            cascade,
+            ..
+        } = &envelope.event
+        else {
             return Ok(false);
         };
         if self.catalog.get(layer.as_str()).is_err() {
@@ -428,6 +435,8 @@ impl Service {
                 image: image.to_string(),
                 image_id: image_id.clone(),
                 previous_image_id: None,
+                pinned: cache.as_ref().and_then(|c| c.pinned.clone()),
+                cascade_id: cascade.as_ref().map(|c| c.id.to_string()),
                 at: envelope.at.unix_timestamp(),
             })
             .await?;
@@ -446,12 +455,59 @@ impl Service {
                     CascadeEvent::LayerRequested { layer, .. } => Some(layer.clone()),
                     _ => None,
                 };
+                if matches!(event, CascadeEvent::Completed { .. }) {
+                    // Before the end is recorded: a handler run again after a crash between
+                    // the two writes the same lock again, and then the end.
+                    self.lock(state, turn.id).await?;
+                }
                 self.append(state, seq, turn, event).await?;
                 if let Some(layer) = requested {
                     self.request_layer(state, seq, turn, &layer).await?;
                 }
             }
         }
+    }
+
+    /// The catalog lock takes every layer this cascade completed (the root too), as the
+    /// layers' latest images say, in one write.
+    async fn lock(&self, state: &CascadeState, id: &CascadeId) -> Result<(), BusError> {
+        let completed = state.root.iter().chain(
+            state
+                .layers
+                .iter()
+                .filter(|(_, s)| matches!(s, LayerStatus::Completed { .. }))
+                .map(|(l, _)| l),
+        );
+        let mut images = Vec::new();
+        for layer in completed {
+            if let Some(image) = self.bus.layer_image(layer.as_str()).await? {
+                images.push(image);
+            }
+        }
+        let lock = self
+            .bus
+            .lock_layers(id.as_str(), OffsetDateTime::now_utc().unix_timestamp(), images)
+            .await?;
+        tracing::info!(cascade = %id, layers = lock.layers.len(), "catalog lock written");
+        Ok(())
+    }
+
+    /// The parents of `layer` by digest, as their latest builds pushed them (this cascade's,
+    /// or the lock's for parents it did not rebuild): the image the Dockerfile names ->
+    /// `<ns>/<repo>@sha256:…`.
+    async fn pins(&self, layer: &LayerName) -> Result<std::collections::BTreeMap<String, String>, BusError> {
+        let mut pins = std::collections::BTreeMap::new();
+        let Ok(spec) = self.catalog.get(layer.as_str()) else {
+            return Ok(pins);
+        };
+        for parent in spec.parents() {
+            if let Some(image) = self.bus.layer_image(parent.as_str()).await?
+                && let Some(pinned) = image.pinned
+            {
+                pins.insert(image.image, pinned);
+            }
+        }
+        Ok(pins)
     }
 
     /// Publishes the build of one layer; a layer whose directives cannot be read fails in
@@ -494,8 +550,11 @@ impl Service {
             .submit_dir(
                 &dir,
                 directives,
-                Some(layer.clone()),
-                cascade,
+                lian_bus::Lineage {
+                    layer: Some(layer.clone()),
+                    cascade,
+                    parents: self.pins(layer).await?,
+                },
                 &build_id,
                 lian_bus::Upload {
                     limits: &Default::default(),

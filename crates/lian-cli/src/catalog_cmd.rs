@@ -3,6 +3,9 @@
 use std::process::ExitCode;
 
 use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
 
 use lian_catalog::GraphFormat;
 use lian_catalog::estimate::{Estimate, Sample};
@@ -52,6 +55,39 @@ pub async fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode>
                 );
             } else {
                 print!("{}", render_estimate(&changed, &estimate));
+            }
+        }
+        CatalogCommand::Lock { check: true, .. } => return check_lock(global, &args.catalog, &catalog),
+        CatalogCommand::Lock { write, .. } => {
+            let settings = crate::config::Settings::load(&global.config)?;
+            let bus = crate::roles::connect(global, "lian-catalog-lock", &settings).await?;
+            let lock = bus.catalog_lock().await?;
+            if write {
+                let path = args.catalog.join(LOCK_FILE);
+                let text = serde_json::to_string_pretty(&lock)? + "\n";
+                std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!(
+                    "wrote {} ({} layers, from cascade {})",
+                    path.display(),
+                    lock.layers.len(),
+                    lock.cascade_id
+                );
+            }
+            if global.json(false) {
+                println!("{}", serde_json::to_string(&lock)?);
+            } else if !write {
+                println!(
+                    "catalog lock from cascade {} ({} layers):",
+                    lock.cascade_id,
+                    lock.layers.len()
+                );
+                for (layer, image) in &lock.layers {
+                    println!(
+                        "  {layer:<24} {:<32} {}",
+                        image.image,
+                        image.pinned.as_deref().unwrap_or("(not pushed: no digest)")
+                    );
+                }
             }
         }
         CatalogCommand::Plan { changed, json, .. } => {
@@ -151,4 +187,76 @@ fn render_estimate(changed: &str, e: &Estimate) -> String {
         ));
     }
     out
+}
+
+/// Where `lian catalog lock --write` saves the lock, in the catalog directory.
+const LOCK_FILE: &str = "catalog.lock";
+
+/// `lian catalog lock --check`: every `FROM <image>@sha256:…` naming a locked layer's image
+/// must be the digest the lock holds for it. Parents without a digest follow the lock when
+/// a cascade builds them (it pins them), so they pass.
+fn check_lock(global: &Global, dir: &Path, catalog: &lian_catalog::Catalog) -> anyhow::Result<ExitCode> {
+    let path = dir.join(LOCK_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        crate::exit::Coded::error(
+            Exit::Usage,
+            format!(
+                "cannot read {}: {e}; `lian catalog lock --write` makes it from the fleet's lock",
+                path.display()
+            ),
+        )
+    })?;
+    let lock: lian_bus::CatalogLock =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a catalog lock", path.display()))?;
+    let by_image: BTreeMap<&str, &lian_bus::LayerImage> = lock.layers.values().map(|l| (l.image.as_str(), l)).collect();
+    let mut mismatches = Vec::new();
+    let mut pinned = 0;
+    for layer in catalog.layers() {
+        let dockerfile = dir.join(layer.name.as_str()).join("Dockerfile");
+        let Ok(text) = std::fs::read_to_string(&dockerfile) else {
+            continue;
+        };
+        for parent in lian_runner::parent_images(&text) {
+            let Some((image, digest)) = parent.split_once('@') else {
+                continue;
+            };
+            let Some(locked) = by_image.get(image) else { continue };
+            pinned += 1;
+            let want = locked.pinned.as_deref().and_then(|p| p.split_once('@')).map(|(_, d)| d);
+            if want != Some(digest) {
+                mismatches.push(serde_json::json!({
+                    "dockerfile": dockerfile.display().to_string(),
+                    "parent": image,
+                    "pinned": digest,
+                    "locked": want,
+                    "layer": locked.layer,
+                }));
+            }
+        }
+    }
+    let ok = mismatches.is_empty();
+    if global.json(false) {
+        println!(
+            "{}",
+            serde_json::json!({"lock": path, "ok": ok, "pinned_parents": pinned, "mismatches": mismatches})
+        );
+    } else if ok {
+        println!(
+            "{}: every pinned parent ({pinned}) is the locked digest",
+            path.display()
+        );
+    } else {
+        for m in &mismatches {
+            println!(
+                "{}: FROM {}@{} but {} locks {} at {}",
+                m["dockerfile"].as_str().unwrap_or_default(),
+                m["parent"].as_str().unwrap_or_default(),
+                m["pinned"].as_str().unwrap_or_default(),
+                LOCK_FILE,
+                m["layer"].as_str().unwrap_or_default(),
+                m["locked"].as_str().unwrap_or("no digest (never pushed)")
+            );
+        }
+    }
+    Ok(if ok { Exit::Ok.code() } else { Exit::Failed.code() })
 }

@@ -384,6 +384,19 @@ pub enum CatalogCommand {
         #[arg(long, requires = "estimate")]
         parallelism: Option<usize>,
     },
+    /// The catalog lock: every layer's image, by digest, as the last completed cascade left
+    /// it (the fleet keeps it). `--write` saves it as <catalog>/catalog.lock; `--check`
+    /// (offline) fails when a Dockerfile pins a parent to another digest than the lock.
+    /// Example: `lian catalog lock --write && git diff catalog/catalog.lock`.
+    Lock {
+        /// Write <catalog>/catalog.lock from the fleet's lock.
+        #[arg(long, conflicts_with = "check")]
+        write: bool,
+        /// Compare every Dockerfile's pinned parents with <catalog>/catalog.lock; exit 1 on
+        /// a mismatch.
+        #[arg(long)]
+        check: bool,
+    },
     /// The layer DAG as Graphviz dot or Mermaid.
     Graph {
         #[arg(long, value_enum, default_value_t = Format::Dot)]

@@ -72,8 +72,10 @@ pub async fn send(
         .submit_dir(
             context_dir,
             directives,
-            layer,
-            None,
+            lian_bus::Lineage {
+                layer,
+                ..Default::default()
+            },
             build_id,
             lian_bus::Upload {
                 limits,

@@ -52,6 +52,10 @@ pub struct CacheReport {
     /// References pushed on success (tags move only then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pushed: Vec<String>,
+    /// The image pushed, by digest (`<namespace>/<repository>@sha256:…`, registry-relative):
+    /// what the catalog lock records and a descendant's build pins as its parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     /// Compressed bytes of the parent layers pulled from the registry (those the engine did
     /// not hold already) and of the layers pushed (those the registry did not hold).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,6 +27,7 @@ pub use cloud::CloudRunner;
 pub use control::{ControlClient, ControlError};
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
 pub use docker_local::{DockerLocal, Isolation};
+pub use engine::parent_images;
 pub use hcloud::{Hcloud, HcloudConfig};
 pub use provider::{Built, CloudRunners, Held, OnStep, Provider, RunnerHandle, Unconfigured, ViaControl};
 pub use proxmox::{Proxmox, ProxmoxConfig};

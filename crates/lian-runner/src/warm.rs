@@ -42,6 +42,10 @@ pub struct CachePlan {
     /// Other hosts that name the same registry (the registry behind a gate): a parent
     /// named with one of them is pulled from `registry`.
     pub aliases: Vec<String>,
+    /// Parents pinned by digest (the catalog lock): the image the Dockerfile names ->
+    /// `repository@sha256:…` in `registry`. A pinned parent is pulled as pinned or the
+    /// build fails; it is never looked up by tag.
+    pub pins: std::collections::BTreeMap<String, String>,
 }
 
 /// Where stand-ins for Docker Hub images live in the registry: `rust:slim-bookworm` (that
@@ -179,7 +183,16 @@ impl CachePlan {
     pub async fn pull_parents(&self, builder: &DockerBuilder, dockerfile: &str) -> Result<Pulled, BuildFailure> {
         let mut pulled = Pulled::default();
         for parent in parent_images(dockerfile) {
-            if let Some((repo, digest)) = self.find(&self.parent_candidates(&parent)).await? {
+            let found = match self.pins.get(&parent) {
+                Some(pin) => {
+                    let (repo, digest) = pin
+                        .split_once('@')
+                        .ok_or_else(|| refused(format!("parent pin {pin} is not repository@digest")))?;
+                    Some((repo.to_string(), digest.to_string()))
+                }
+                None => self.find(&self.parent_candidates(&parent)).await?,
+            };
+            if let Some((repo, digest)) = found {
                 let reference = self.registry.reference(&format!("{repo}@{digest}"));
                 let fetched = builder.pull(&reference).await?;
                 if !fetched.is_empty() {
@@ -281,6 +294,11 @@ impl CachePlan {
                 pushed_bytes += self.push(builder, &target).await?;
                 report.pushed.push(target);
             }
+            // What the catalog lock records: the image just pushed, by its manifest digest.
+            let (repo, tag) = split_image(spec.image);
+            let repo = format!("{ns}/{repo}");
+            let digest = self.registry.digest(&repo, &tag).await.map_err(refused)?;
+            report.pinned = digest.map(|d| format!("{repo}@{d}"));
         }
         report.bytes_pushed = self.write.is_some().then_some(pushed_bytes);
         report.steps = counts.steps;

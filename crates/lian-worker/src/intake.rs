@@ -99,6 +99,21 @@ pub async fn read(job: &Job, options: &WorkerOptions) -> Intake {
     if let Err(e) = cache::check(&request.directives) {
         return refuse(build_id, format!("cache policy refused: {e}"));
     }
+    // A pin reaches `docker pull`: only a registry reference by digest, to a parent image
+    // name of sane length, is taken.
+    if let Some((parent, pin)) = request.parents.iter().find(|(parent, pin)| {
+        parent.is_empty()
+            || parent.len() > 255
+            || parent.contains(char::is_whitespace)
+            || !lian_core::request::is_pinned_reference(pin)
+    }) {
+        return refuse(
+            build_id,
+            format!(
+                "parents: the pin of {parent:?} must be a registry reference by digest (path/to/repository@sha256:<64 lowercase hex>), not {pin:?}"
+            ),
+        );
+    }
     if let (Some(layer), Some(known)) = (&request.layer, &options.catalog_layers)
         && !known.contains(layer.as_str())
     {

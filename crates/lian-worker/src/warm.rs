@@ -42,6 +42,7 @@ pub fn plan(registry: &RegistryEndpoint, request: &BuildRequest) -> Result<Cache
         reads,
         write,
         aliases: Vec::new(),
+        pins: request.parents.clone(),
     })
 }
 

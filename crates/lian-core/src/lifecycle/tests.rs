@@ -24,6 +24,7 @@ fn request() -> BuildRequest {
         },
         layer: None,
         cascade: None,
+        parents: Default::default(),
     }
 }
 
