@@ -108,6 +108,46 @@ fn an_oom_killed_build_is_retried_once_on_the_next_tier_and_completes() {
         "the image reached the host engine"
     );
     assert_no_leftovers(&f, &build);
+
+    // Sizing learned: the workspace's next build starts on the tier that succeeded, and
+    // `lian sizing explain` says why.
+    let (next, next_ctx) = f.submit("lian-test/oom-next:latest", &hog(40), &[]);
+    let sized_subject = format!("lian.oom.build.{next}.sized");
+    let sized = wire.wait_for(Duration::from_secs(60), "the next build sized", |m| {
+        m.subject == sized_subject
+    });
+    let sized = sized.json();
+    assert_eq!(sized["runner_type"], "cax21", "{sized}");
+    assert_eq!(sized["tier"], "learned", "{sized}");
+    assert!(sized["reason"].as_str().unwrap().contains(&build), "{sized}");
+    let done = format!("lian.oom.build.{next}.completed");
+    let end = wire.wait_for(Duration::from_secs(180), "the next build's end", |m| {
+        m.subject == done || m.subject.ends_with(&format!("{next}.failed"))
+    });
+    assert_eq!(
+        end.subject,
+        done,
+        "no OOM this time: {}",
+        String::from_utf8_lossy(&end.payload)
+    );
+    let directives = common::directives_json(next_ctx.path(), "oom", "lian-test/oom-next:latest");
+    let explain = common::lian(&[
+        "--nats-url",
+        &f.server.url,
+        "sizing",
+        "explain",
+        directives.to_str().unwrap(),
+        "--context",
+        next_ctx.path().to_str().unwrap(),
+    ]);
+    let said = common::text(&explain);
+    assert!(
+        said.contains(&format!(
+            "build {build} ran out of memory on cax11 and succeeded on cax21"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("=> cax21 (tier 3, learned from an OOM)"), "{said}");
 }
 
 #[test]

@@ -358,15 +358,22 @@ impl Bus {
 
     /// What tier 2 sizing sees for a workspace: the P95 of its recent builds' usage (when it
     /// has enough builds with usage) and whether an operator approved using it.
-    pub async fn sizing_history(&self, workspace: &str) -> Result<(Option<lian_core::sizing::P95>, bool), BusError> {
-        let usage: Vec<(f64, f64)> = self
-            .workspace_metrics(workspace)
-            .await?
+    pub async fn sizing_history(&self, workspace: &str) -> Result<lian_core::sizing::SizingHistory, BusError> {
+        let recent = self.workspace_metrics(workspace).await?;
+        let usage: Vec<(f64, f64)> = recent
             .iter()
             .filter_map(|m| Some((m["cpu_p95"].as_f64()?, m["mem_p95_gb"].as_f64()?)))
             .collect();
-        let approved = self.sizing_approval(workspace).await?.is_some();
-        Ok((lian_core::sizing::workspace_p95(&usage), approved))
+        let escalations: Vec<_> = recent
+            .iter()
+            .filter_map(|m| serde_json::from_value::<lian_core::control::MetricsRecord>(m.clone()).ok())
+            .filter_map(|m| Some((m.oom_from?, m.runner_type?, m.build_id.to_string(), m.at)))
+            .collect();
+        Ok(lian_core::sizing::SizingHistory {
+            p95: lian_core::sizing::workspace_p95(&usage),
+            approved: self.sizing_approval(workspace).await?.is_some(),
+            learned: lian_core::sizing::learned_from_oom(&escalations),
+        })
     }
 
     /// The tier-2 approval of a workspace, if an operator gave one.

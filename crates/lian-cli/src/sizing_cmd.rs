@@ -52,13 +52,15 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let (history, approved) = bus.sizing_history(d.workspace.as_str()).await?;
+            let recorded = bus.sizing_history(d.workspace.as_str()).await?;
+            let (history, approved) = (recorded.p95, recorded.approved);
             let inputs = SizingInputs {
                 override_type: d.runner_override.as_ref().and_then(|o| o.runner_type),
                 override_budget: d.runner_override.as_ref().and_then(|o| o.time_budget_min),
                 spec: spec.as_ref(),
                 history,
                 history_approved: approved,
+                learned: recorded.learned.clone(),
                 language: d.artifact.language,
             };
             if json {
@@ -71,6 +73,7 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
                         "build_spec": spec.as_ref().map(|s| format!("{s:?}")),
                         "history_p95": history.map(|p| serde_json::json!({"cpu": p.cpu, "memory_gb": p.memory_gb})),
                         "history_approved": approved,
+                        "oom_learned": recorded.learned,
                         "language": d.artifact.language.as_str(),
                         "decision": match &decision {
                             Ok(dec) => serde_json::json!({
@@ -109,7 +112,19 @@ pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
                     "not approved (lian sizing approve)"
                 }
             );
-            println!("tier 3  language default for {}", d.artifact.language.as_str());
+            println!(
+                "tier 3  learned from an OOM: {}",
+                recorded
+                    .learned
+                    .as_ref()
+                    .map_or("none in the recent builds".to_string(), |l| format!(
+                        "build {} ran out of memory on {} and succeeded on {}",
+                        l.build_id,
+                        l.from.as_str(),
+                        l.to.as_str()
+                    ))
+            );
+            println!("        language default for {}", d.artifact.language.as_str());
             match sizing::resolve(&inputs) {
                 Ok(decision) => println!(
                     "=> {} ({}), time budget {} min: {}",

@@ -281,11 +281,12 @@ async fn p95(State(app): State<Arc<App>>, Query(query): Query<BTreeMap<String, S
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
     };
     match app.bus.sizing_history(workspace.as_str()).await {
-        Ok((p95, approved)) => Json(P95Answer {
+        Ok(history) => Json(P95Answer {
             workspace,
-            cpu_p95: p95.map(|p| p.cpu),
-            mem_p95_gb: p95.map(|p| p.memory_gb),
-            approved,
+            cpu_p95: history.p95.map(|p| p.cpu),
+            mem_p95_gb: history.p95.map(|p| p.memory_gb),
+            approved: history.approved,
+            oom_learned: history.learned,
         })
         .into_response(),
         Err(e) => unavailable(e),

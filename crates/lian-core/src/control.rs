@@ -89,6 +89,10 @@ pub struct MetricsRecord {
     /// When the build step ended (UNIX seconds; 0 in records from before it was kept).
     #[serde(default)]
     pub at: i64,
+    /// The tier it was sized to, when it ran out of memory there and succeeded on
+    /// `runner_type` (ADR-039): what sizing learns from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_from: Option<RunnerType>,
 }
 
 /// `GET /api/v1/p95?workspace=`: the usage tier-2 sizing reads.
@@ -100,6 +104,9 @@ pub struct P95Answer {
     pub mem_p95_gb: Option<f64>,
     /// Whether an operator approved using it (`lian sizing approve`).
     pub approved: bool,
+    /// The workspace's latest OOM escalation among its recent builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_learned: Option<crate::sizing::OomLearned>,
 }
 
 /// What `lian.<ws>.reaped.<lease-key>` records: a runner destroyed by the safety net.

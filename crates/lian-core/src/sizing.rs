@@ -134,7 +134,42 @@ pub struct P95 {
 pub enum SizingTier {
     Explicit,
     History,
+    /// Tier 3 raised: a recent build of the workspace ran out of memory on the default and
+    /// succeeded one tier up.
+    Learned,
     Default,
+}
+
+/// What sizing reads from a workspace's records: the P95 of its recent builds (tier 2),
+/// whether an operator approved using it, and its latest OOM escalation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SizingHistory {
+    pub p95: Option<P95>,
+    pub approved: bool,
+    pub learned: Option<OomLearned>,
+}
+
+/// A recent build of a workspace that was OOM-killed on `from` and succeeded on `to`
+/// (ADR-039's escalation): the next build starts on `to` rather than OOM again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomLearned {
+    pub from: RunnerType,
+    pub to: RunnerType,
+    pub build_id: String,
+}
+
+/// The latest escalation among a workspace's recent builds (newest first, as for
+/// `workspace_p95`): `(escalated from, ran on, build id, when)` per build that escalated.
+pub fn learned_from_oom(recent: &[(RunnerType, RunnerType, String, i64)]) -> Option<OomLearned> {
+    recent
+        .iter()
+        .take(HISTORY_WINDOW)
+        .max_by_key(|r| r.3)
+        .map(|(from, to, build_id, _)| OomLearned {
+            from: *from,
+            to: *to,
+            build_id: build_id.clone(),
+        })
 }
 
 impl SizingTier {
@@ -142,6 +177,7 @@ impl SizingTier {
         match self {
             Self::Explicit => "tier 1, explicit",
             Self::History => "tier 2, history",
+            Self::Learned => "tier 3, learned from an OOM",
             Self::Default => "tier 3, default",
         }
     }
@@ -164,6 +200,8 @@ pub struct SizingInputs<'a> {
     pub spec: Option<&'a BuildSpec>,
     pub history: Option<P95>,
     pub history_approved: bool,
+    /// The workspace's latest OOM escalation in its recent builds.
+    pub learned: Option<OomLearned>,
     pub language: Language,
 }
 
@@ -256,6 +294,22 @@ pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
         (Some(_), false) => "history not approved for this workspace",
         (Some(_), true) => unreachable!("approved history returned above"),
     };
+    if let Some(learned) = &inputs.learned
+        && learned.to > default_type
+    {
+        return Ok(SizeDecision {
+            tier: SizingTier::Learned,
+            runner_type: learned.to,
+            time_budget_min: budget,
+            reason: format!(
+                "no explicit size, {why_not_history}; build {} ran out of memory on {} and succeeded on {}: {} (until the P95 says otherwise)",
+                learned.build_id,
+                learned.from.as_str(),
+                learned.to.as_str(),
+                learned.to.as_str()
+            ),
+        });
+    }
     Ok(SizeDecision {
         tier: SizingTier::Default,
         runner_type: default_type,
@@ -271,6 +325,53 @@ pub fn resolve(inputs: &SizingInputs<'_>) -> Result<SizeDecision, SizingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_oom_escalation_raises_the_default_until_the_p95_says_otherwise() {
+        use RunnerType::*;
+        let recent = vec![
+            (Cax11, Cax21, "b1".to_string(), 10),
+            (Cax21, Cax31, "b2".to_string(), 20),
+        ];
+        let learned = learned_from_oom(&recent).unwrap();
+        assert_eq!((learned.to, learned.build_id.as_str()), (Cax31, "b2"), "the latest one");
+        let go = SizingInputs {
+            language: Language::Go,
+            learned: Some(learned.clone()),
+            ..Default::default()
+        };
+        let d = resolve(&go).unwrap();
+        assert_eq!((d.tier, d.runner_type), (SizingTier::Learned, Cax31));
+        assert!(
+            d.reason
+                .contains("build b2 ran out of memory on cax21 and succeeded on cax31"),
+            "{}",
+            d.reason
+        );
+        // An approved P95 decides instead, even a smaller tier: it has the newer evidence.
+        let with_p95 = SizingInputs {
+            history: Some(P95 {
+                cpu: 1.0,
+                memory_gb: 2.0,
+            }),
+            history_approved: true,
+            ..go.clone()
+        };
+        assert_eq!(resolve(&with_p95).unwrap().tier, SizingTier::History);
+        // A default as large as what succeeded needs no learning.
+        let small = OomLearned {
+            from: Cax11,
+            to: Cax21,
+            build_id: "b1".into(),
+        };
+        let rust = SizingInputs {
+            language: Language::Rust,
+            learned: Some(small),
+            ..Default::default()
+        };
+        assert_eq!(resolve(&rust).unwrap().tier, SizingTier::Default);
+        assert_eq!(learned_from_oom(&[]), None);
+    }
 
     #[test]
     fn nearest_rank_p95() {

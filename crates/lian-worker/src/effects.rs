@@ -249,6 +249,11 @@ impl Worker {
             mem_p95_gb: built.mem_p95_gb,
             layer: state.request.as_ref().and_then(|r| r.layer.clone()),
             at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            oom_from: state
+                .size
+                .as_ref()
+                .map(|s| s.runner_type)
+                .filter(|sized| Some(*sized) != state.runner_type),
         };
         // Metrics are advice for sizing: losing one must not fail a build.
         let recorded = match &self.options.control {
@@ -400,7 +405,7 @@ impl Worker {
             Err(e) => return Ok(failed(Step::Size, e.to_string())),
         };
         let directives = &request.directives;
-        let (history, history_approved) = match self.bus.sizing_history(directives.workspace.as_str()).await {
+        let history = match self.bus.sizing_history(directives.workspace.as_str()).await {
             Ok(h) => h,
             Err(e) => return Err(e.to_string()),
         };
@@ -408,8 +413,9 @@ impl Worker {
             override_type: directives.runner_override.as_ref().and_then(|o| o.runner_type),
             override_budget: directives.runner_override.as_ref().and_then(|o| o.time_budget_min),
             spec: spec.as_ref(),
-            history,
-            history_approved,
+            history: history.p95,
+            history_approved: history.approved,
+            learned: history.learned,
             language: directives.artifact.language,
         };
         Ok(match sizing::resolve(&inputs) {
