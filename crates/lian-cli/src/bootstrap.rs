@@ -162,7 +162,7 @@ fn timed<T>(what: &str, f: impl FnOnce() -> Result<T, BootstrapError>) -> Result
 }
 
 pub fn run(global: &Global, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let registry = match &args.registry {
         Some(url) => lian_worker::RegistryEndpoint {
             url: url.trim_end_matches('/').to_string(),

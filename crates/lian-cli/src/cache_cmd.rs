@@ -17,7 +17,7 @@ use crate::exit::Exit;
 pub async fn gc(global: &Global, args: CacheGcArgs) -> anyhow::Result<ExitCode> {
     let url = match &args.registry {
         Some(url) => url.clone(),
-        None => match Settings::load(&global.config)?.registry.map(|r| r.url) {
+        None => match Settings::load(global.config.as_deref())?.registry.map(|r| r.url) {
             Some(url) => url,
             None => {
                 let recorded: PathBuf = args.state_dir.join("registry").join("url");

@@ -22,9 +22,10 @@ pub struct Global {
     /// (`nats://a:4222,nats://b:4222`).
     #[arg(long, global = true, env = "LIAN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Config file (TOML); settings also come from LIAN_* environment variables.
-    #[arg(long, global = true, env = "LIAN_CONFIG", default_value = "lian.toml")]
-    pub config: PathBuf,
+    /// Config file (TOML; default: ./lian.toml if there is one). A file named here must
+    /// exist. Settings also come from LIAN_* environment variables (`lian config show`).
+    #[arg(long, global = true, env = "LIAN_CONFIG")]
+    pub config: Option<PathBuf>,
     /// `text` for people; `json` for machines: one JSON document, or one per line for a
     /// stream (`watch`, `status --follow`, `submit --wait`). Errors go to stderr, as JSON too.
     #[arg(long, global = true, env = "LIAN_OUTPUT", value_enum, default_value_t = Output::Text)]
@@ -78,6 +79,21 @@ pub enum Command {
     Cache(CacheArgs),
     /// The NATS side of the fleet: every stream and bucket with its copies and leader.
     Nats(NatsArgs),
+    /// The settings in force: `lian config show`.
+    Config(ConfigArgs),
+}
+
+#[derive(Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Every setting in force (defaults, the config file, LIAN_* variables, flags) and where
+    /// each came from; secrets shown as <redacted>.
+    Show,
 }
 
 #[derive(Args)]

@@ -96,6 +96,7 @@ impl Exit {
         if cause.is::<lian_core::names::NameError>()
             || cause.is::<figment::Error>()
             || cause.is::<crate::config::EndpointError>()
+            || cause.is::<crate::config::ConfigError>()
         {
             return Some(Exit::Usage);
         }

@@ -7,6 +7,7 @@ mod cascade_cmd;
 mod catalog_cmd;
 mod cli;
 mod config;
+mod config_cmd;
 mod exit;
 mod local_stores;
 mod output;
@@ -14,6 +15,7 @@ mod roles;
 mod sizing_cmd;
 mod submit;
 mod supervise;
+mod table;
 mod up;
 
 use clap::Parser;
@@ -70,6 +72,9 @@ fn main() -> std::process::ExitCode {
             Command::Sizing(args) => sizing_cmd::run(cli.global, args).await,
             Command::Cache(args) => match args.command {
                 cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global, gc).await,
+            },
+            Command::Config(args) => match args.command {
+                cli::ConfigCommand::Show => config_cmd::show(&cli.global),
             },
         }
     });

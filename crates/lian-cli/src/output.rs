@@ -117,7 +117,7 @@ pub async fn watch(global: Global, args: WatchArgs) -> anyhow::Result<ExitCode> 
 
 pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let build_id = BuildId::new(args.build_id.as_str())?;
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-status", &settings).await?;
     if args.follow {
         return follow(&bus, &build_id, global.json(args.json)).await;
@@ -201,7 +201,7 @@ fn no_build(build_id: &BuildId) -> anyhow::Error {
 
 pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let build_id = BuildId::new(args.build_id.as_str())?;
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-cancel", &settings).await?;
     let history = bus.build_history(&build_id).await?;
     let Some(first) = history.first() else {
@@ -226,7 +226,7 @@ pub async fn cancel(global: Global, args: CancelArgs) -> anyhow::Result<ExitCode
 }
 
 pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-dead-letters", &settings).await?;
     let records = bus.dead_letters().await?;
     if global.json(args.json) {
@@ -254,7 +254,7 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
 /// connect, so this also raises streams that have fewer copies than `nats_replicas`).
 pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<ExitCode> {
     let crate::cli::NatsCommand::Status { json } = args.command;
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-nats-status", &settings).await?;
     let streams = bus.topology_status().await?;
     if global.json(json) {
@@ -285,7 +285,7 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
 }
 
 pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let Some(control) = settings.control()? else {
         bail!(
             "no control plane configured: set control_url and control_token (lian.toml or LIAN_CONTROL_URL / LIAN_CONTROL_TOKEN)"

@@ -54,7 +54,7 @@ pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow
 }
 
 pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = connect(&global, &args.name, &settings).await?;
     let options = lian_worker::WorkerOptions {
         name: args.name,
@@ -100,7 +100,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
 }
 
 pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = connect(&global, "cascade", &settings).await?;
     let options = lian_cascade::CascadeOptions {
         catalog_dir: args.catalog,
@@ -116,10 +116,13 @@ pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCo
 }
 
 pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
-    if settings.control_token.trim().is_empty() {
-        anyhow::bail!("the control plane needs a bearer token: set control_token in lian.toml or LIAN_CONTROL_TOKEN");
-    }
+    let settings = Settings::load(global.config.as_deref())?;
+    let Some(token) = settings.control_token().map(String::from) else {
+        return Err(crate::config::ConfigError::Incomplete(
+            "the control plane needs a bearer token: set control_token in lian.toml or LIAN_CONTROL_TOKEN",
+        )
+        .into());
+    };
     // The cloud providers live here only: workers lease cloud runners through us. A cloud
     // configuration that cannot work stops us before anything starts.
     let providers = settings
@@ -161,7 +164,7 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
     };
     let options = lian_control::ControlOptions {
         name: args.name,
-        token: settings.control_token.clone(),
+        token,
         providers,
         reap_every: Duration::from_secs(settings.reap_every_secs.max(1)),
         catalog: match &args.catalog {

@@ -13,7 +13,7 @@ use crate::config::Settings;
 use crate::exit::Exit;
 
 pub async fn run(global: Global, args: SizingArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-sizing", &settings).await?;
     let json = global.json(false);
     match args.command {

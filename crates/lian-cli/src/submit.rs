@@ -25,7 +25,7 @@ pub async fn run(global: Global, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         (None, Some(request)) => build_id_for_request(&directives.workspace, request),
         (None, None) => new_build_id(),
     };
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-submit", &settings).await?;
     let workspace = directives.workspace.clone();
     let appended = send(&bus, directives, &args.context, layer, &build_id, &args.limits.limits()).await?;

@@ -28,7 +28,7 @@ const CONTROL_FD: i32 = 3;
 const GATE_FD: i32 = 4;
 
 pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     fs::create_dir_all(args.state_dir.join("logs"))
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let state_dir = fs::canonicalize(&args.state_dir)?;
@@ -62,16 +62,18 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         };
         let bus = roles::connect(&global, "lian-up", &settings).await?;
         let me = std::env::current_exe()?;
-        let config = fs::canonicalize(&global.config).unwrap_or(global.config.clone());
+        // The roles read the file this process read, wherever they run from.
+        let config =
+            crate::config::config_file(global.config.as_deref())?.map(|file| fs::canonicalize(&file).unwrap_or(file));
         let role = move |args: Vec<String>| {
             let (me, nats_url, config) = (me.clone(), nats_url.clone(), config.clone());
             move || {
                 let mut cmd = Command::new(&me);
-                cmd.arg("--nats-url")
-                    .arg(&nats_url)
-                    .arg("--config")
-                    .arg(&config)
-                    .args(&args);
+                cmd.arg("--nats-url").arg(&nats_url);
+                if let Some(config) = &config {
+                    cmd.arg("--config").arg(config);
+                }
+                cmd.args(&args);
                 cmd
             }
         };
@@ -331,10 +333,9 @@ async fn stores(
 /// is put in a file only the owner can read, so an operator can `curl` the API without the
 /// token appearing in a log or a process listing.
 fn control_token(settings: &Settings, state_dir: &Path) -> anyhow::Result<(String, PathBuf)> {
-    let token = if settings.control_token.is_empty() {
-        local_stores::random_hex(24)?
-    } else {
-        settings.control_token.clone()
+    let token = match settings.control_token() {
+        Some(token) => token.to_string(),
+        None => local_stores::random_hex(24)?,
     };
     let path = state_dir.join("control.token");
     local_stores::write_private(&path, token.as_bytes())?;

@@ -36,6 +36,27 @@ pub(crate) fn default_poll_ms() -> u64 {
     2000
 }
 
+/// A token not given: the providers refuse it at start, naming where to set it.
+pub(crate) fn no_secret() -> secrecy::SecretString {
+    secrecy::SecretString::from("")
+}
+
+/// How a secret of a configuration serializes: as a mark that one is set, never its value,
+/// so a config printed (`lian config show`) or logged shows none.
+pub fn serialize_redacted<S: serde::Serializer>(
+    secret: &impl secrecy::ExposeSecret<str>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        REDACTED
+    })
+}
+
+/// What a secret is shown as.
+pub const REDACTED: &str = "<redacted>";
+
 /// The user cloud-init creates on a cloud runner, with the workers' client key.
 pub const RUNNER_USER: &str = "lian";
 /// Where leases live on a cloud runner.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::ssh::HostKeyPair;
@@ -26,13 +27,17 @@ pub const LEASE_LABEL: &str = "lian-lease";
 /// The label with the public half of the server's host key (the 32 key bytes in base32).
 pub const HOST_KEY_LABEL: &str = "lian-host-key";
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HcloudConfig {
     /// `https://api.hetzner.cloud/v1` in production.
     pub endpoint: String,
     /// The API token; read from config or `LIAN_HCLOUD_TOKEN`, never logged.
-    #[serde(default)]
-    pub token: String,
+    #[serde(
+        default = "crate::cloud::no_secret",
+        serialize_with = "crate::cloud::serialize_redacted"
+    )]
+    pub token: SecretString,
     #[serde(default = "default_image")]
     pub image: String,
     #[serde(default)]
@@ -247,7 +252,7 @@ impl Hcloud {
                     method.clone(),
                     format!("{}{path}", self.config.endpoint.trim_end_matches('/')),
                 )
-                .bearer_auth(&self.config.token);
+                .bearer_auth(self.config.token.expose_secret());
             if let Some(b) = body {
                 req = req.json(b);
             }

@@ -40,6 +40,7 @@ use std::sync::Arc;
 use lian_core::LeaseKey;
 use lian_core::directives::ComputeProvider;
 use lian_core::sizing::RunnerType;
+use secrecy::ExposeSecret;
 
 /// Every HTTP client of this crate starts here: reqwest is built without a default TLS
 /// provider, so the process-wide one (ring) is installed first.
@@ -216,7 +217,7 @@ impl Providers {
         proxmox: Option<ProxmoxConfig>,
     ) -> Result<Self, RunnerError> {
         if let Some(config) = hcloud {
-            if config.token.trim().is_empty() {
+            if config.token.expose_secret().trim().is_empty() {
                 return Err(RunnerError::Misconfigured {
                     provider: "hcloud",
                     message: "the API token is empty: set LIAN_HCLOUD_TOKEN (or token in [hcloud])".into(),

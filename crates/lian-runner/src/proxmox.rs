@@ -54,6 +54,7 @@ use lian_core::LeaseKey;
 use lian_core::sizing::RunnerType;
 use reqwest::Method;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -68,15 +69,19 @@ pub const CI_USER: &str = "lian";
 /// Where the pinned host key goes (and `.pub` beside it).
 pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key";
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProxmoxConfig {
     /// `https://<host>:8006/api2/json`.
     pub endpoint: String,
     /// The API token's id, `USER@REALM!TOKENID`.
     pub token_id: String,
     /// The token's secret; read from config or `LIAN_PROXMOX_TOKEN_SECRET`, never logged.
-    #[serde(default)]
-    pub token_secret: String,
+    #[serde(
+        default = "crate::cloud::no_secret",
+        serialize_with = "crate::cloud::serialize_redacted"
+    )]
+    pub token_secret: SecretString,
     /// The node the template lives on and the clones are made on.
     pub node: String,
     /// The VMID of the template (buildkitd, buildctl, cloud-init, qemu-guest-agent).
@@ -291,13 +296,17 @@ impl Proxmox {
                 config.token_id
             )));
         }
-        if config.token_secret.trim().is_empty() {
+        if config.token_secret.expose_secret().trim().is_empty() {
             return Err(ProxmoxError::Config(
                 "token_secret is empty: set it in the config or LIAN_PROXMOX_TOKEN_SECRET".into(),
             ));
         }
-        let mut auth = HeaderValue::from_str(&format!("PVEAPIToken={}={}", config.token_id, config.token_secret))
-            .map_err(|_| ProxmoxError::Config("token_id or token_secret holds characters a header cannot".into()))?;
+        let mut auth = HeaderValue::from_str(&format!(
+            "PVEAPIToken={}={}",
+            config.token_id,
+            config.token_secret.expose_secret()
+        ))
+        .map_err(|_| ProxmoxError::Config("token_id or token_secret holds characters a header cannot".into()))?;
         auth.set_sensitive(true);
         // One crypto backend for the whole binary (ring), as for russh and async-nats.
         let mut builder = crate::http_client().timeout(Duration::from_secs(30));
@@ -327,7 +336,7 @@ impl Proxmox {
 
     /// Whatever Proxmox or the HTTP client said, without the secret in it.
     fn scrub(&self, text: String) -> String {
-        text.replace(&self.config.token_secret, "<redacted>")
+        text.replace(self.config.token_secret.expose_secret(), "<redacted>")
     }
 
     /// One API call, retried on 5xx; answers the `data` of the body.

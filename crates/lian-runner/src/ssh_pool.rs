@@ -25,6 +25,7 @@ use crate::{BuildFailure, BuildInvocation, BuildOutput, CloudRunner, DockerBuild
 
 /// One host of the pool, as configured (`[[ssh_hosts]]` in lian.toml).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "SshHostEntry")]
 pub struct SshHost {
     pub name: String,
     #[serde(flatten)]
@@ -42,6 +43,46 @@ pub struct SshHost {
     pub builder: HostBuilder,
     #[serde(default = "default_buildkit_addr")]
     pub buildkit_addr: String,
+}
+
+/// `[[ssh_hosts]]` as written: flat, so a mistyped key is refused by name (serde cannot
+/// refuse unknown keys through `flatten`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SshHostEntry {
+    name: String,
+    address: String,
+    user: String,
+    key: PathBuf,
+    host_key: String,
+    tier: RunnerType,
+    #[serde(default = "default_work_dir")]
+    work_dir: String,
+    #[serde(default = "default_docker")]
+    docker_cli: String,
+    #[serde(default)]
+    builder: HostBuilder,
+    #[serde(default = "default_buildkit_addr")]
+    buildkit_addr: String,
+}
+
+impl From<SshHostEntry> for SshHost {
+    fn from(e: SshHostEntry) -> Self {
+        Self {
+            name: e.name,
+            target: SshTarget {
+                address: e.address,
+                user: e.user,
+                key: e.key,
+                host_key: e.host_key,
+            },
+            tier: e.tier,
+            work_dir: e.work_dir,
+            docker_cli: e.docker_cli,
+            builder: e.builder,
+            buildkit_addr: e.buildkit_addr,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -385,6 +426,13 @@ mod tests {
             r#"{{"name":"b1","address":"10.0.0.5:22","user":"lian","key":"/k","host_key":"ssh-ed25519 AAAA","tier":"cax31"{toml_extra}}}"#
         );
         serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn a_mistyped_key_of_a_host_is_refused_by_name() {
+        let json = r#"{"name":"b1","address":"10.0.0.5:22","user":"lian","key":"/k","host_key":"k","tier":"cax31","work_dri":"/x"}"#;
+        let err = serde_json::from_str::<SshHost>(json).unwrap_err().to_string();
+        assert!(err.contains("work_dri") && err.contains("work_dir"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn ssh_port() -> (TcpListener, u16) {
 fn provider(fake: &FakeHcloud, ssh_port: u16, ready_secs: u64) -> Hcloud {
     Hcloud::new(HcloudConfig {
         endpoint: fake.url.clone(),
-        token: fake.token.clone(),
+        token: fake.token.clone().into(),
         image: "debian-12".into(),
         location: Some("fsn1".into()),
         authorized_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient lian-worker".into(),

@@ -28,7 +28,7 @@ fn config(fake: &FakeProxmox, ssh_port: u16, ready_secs: u64) -> ProxmoxConfig {
     ProxmoxConfig {
         endpoint: fake.url.clone(),
         token_id: fake.token_id.clone(),
-        token_secret: fake.token_secret.clone(),
+        token_secret: fake.token_secret.clone().into(),
         node: fake.node.clone(),
         template_vmid: fake.template_vmid,
         pool: Some("ci".into()),

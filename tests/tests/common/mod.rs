@@ -13,7 +13,8 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(lian_bin());
     cmd.args(args)
         .current_dir(workspace_root())
-        .env("LIAN_CONFIG", "/nonexistent/lian.toml")
+        // An empty config file: no lian.toml of the tree is read.
+        .env("LIAN_CONFIG", "/dev/null")
         .env("LIAN_BUILD_NETWORK", "none")
         .env("LIAN_LOG", "warn")
         .envs(env.iter().copied());

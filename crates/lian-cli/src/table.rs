@@ -1,0 +1,21 @@
+//! Aligned columns for the client commands' text output (`comfy-table`, without borders or
+//! colour, so it reads the same in a terminal, a pipe and a log).
+
+use comfy_table::{Table, presets};
+
+/// `header` over `rows`, each column as wide as its widest cell and two spaces apart.
+pub fn table<R: IntoIterator<Item = String>>(header: &[&str], rows: impl IntoIterator<Item = R>) -> String {
+    let mut table = Table::new();
+    table.load_preset(presets::NOTHING).set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row.into_iter().collect::<Vec<_>>());
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    table
+        .lines()
+        .map(|line| line.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
