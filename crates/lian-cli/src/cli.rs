@@ -33,6 +33,16 @@ pub struct Global {
     /// How long to keep trying to reach NATS before giving up (exit 3): `10s`, `500ms`.
     #[arg(long, global = true, env = "LIAN_CONNECT_TIMEOUT", default_value = "10s")]
     pub connect_timeout: humantime::Duration,
+    /// Logs (stderr): `text`, or `json`, one object a line whose `spans` carry the build id,
+    /// workspace and step (`lian up` passes it to every role it starts).
+    #[arg(long, global = true, env = "LIAN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

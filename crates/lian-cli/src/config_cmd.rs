@@ -57,6 +57,16 @@ fn global_flags(global: &Global, file: Option<&std::path::Path>) -> Vec<Shown> {
             "LIAN_CONNECT_TIMEOUT",
         ),
         shown(
+            "log_format",
+            if global.log_format == crate::cli::LogFormat::Json {
+                "json"
+            } else {
+                "text"
+            }
+            .into(),
+            "LIAN_LOG_FORMAT",
+        ),
+        shown(
             "output",
             if global.json(false) { "json" } else { "text" }.into(),
             "LIAN_OUTPUT",

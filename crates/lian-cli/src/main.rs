@@ -36,12 +36,17 @@ fn main() -> std::process::ExitCode {
     // async_nats logs its own connection chatter at info; ours is what an operator reads.
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("LIAN_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match cli.global.log_format {
+        // The span list, not only the innermost span: a step's line carries its build's id.
+        cli::LogFormat::Json => logs.json().flatten_event(true).with_span_list(true).init(),
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -65,11 +65,15 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
         // The roles read the file this process read, wherever they run from.
         let config =
             crate::config::config_file(global.config.as_deref())?.map(|file| fs::canonicalize(&file).unwrap_or(file));
+        let log_format = global.log_format;
         let role = move |args: Vec<String>| {
             let (me, nats_url, config) = (me.clone(), nats_url.clone(), config.clone());
             move || {
                 let mut cmd = Command::new(&me);
                 cmd.arg("--nats-url").arg(&nats_url);
+                if log_format == crate::cli::LogFormat::Json {
+                    cmd.args(["--log-format", "json"]);
+                }
                 if let Some(config) = &config {
                     cmd.arg("--config").arg(config);
                 }

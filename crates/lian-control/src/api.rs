@@ -15,6 +15,7 @@ use lian_core::control::{ApiError, Lease, LeaseRequest, LeaseState, LeaseView, M
 use lian_core::{LeaseKey, Workspace};
 use lian_runner::Held;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::ControlOptions;
 use crate::auth::require_token;
@@ -100,6 +101,17 @@ async fn lease(State(app): State<Arc<App>>, body: Bytes) -> Response {
             "owner must name the worker holding the lease (1 to 128 characters)",
         );
     }
+    // The build's id and workspace on every line of this lease, as on the worker's.
+    let span = tracing::info_span!(
+        "lease",
+        build_id = %request.build_id,
+        workspace = %request.workspace,
+        lease = %request.lease_key
+    );
+    lease_for(app, request).instrument(span).await
+}
+
+async fn lease_for(app: Arc<App>, request: LeaseRequest) -> Response {
     let provider = match app.options.providers.get(request.provider) {
         Ok(b) => b,
         Err(e) => return refuse(StatusCode::UNPROCESSABLE_ENTITY, "not_configured", e.to_string()),
@@ -214,14 +226,19 @@ async fn release(State(app): State<Arc<App>>, Path(lease_id): Path<String>) -> R
         Err(refusal) => return refusal,
     };
     let key = lease.lease_id.clone();
-    match destroy(&app, &lease).await {
-        Ok(()) => {
-            app.counters.released.inc();
-            tracing::info!(lease = %key, "released");
-            StatusCode::NO_CONTENT.into_response()
+    let span = tracing::info_span!("release", build_id = %lease.build_id, workspace = %lease.workspace, lease = %key);
+    async {
+        match destroy(&app, &lease).await {
+            Ok(()) => {
+                app.counters.released.inc();
+                tracing::info!(lease = %key, "released");
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(message) => refuse(StatusCode::BAD_GATEWAY, "provider_failed", message),
         }
-        Err(message) => refuse(StatusCode::BAD_GATEWAY, "provider_failed", message),
     }
+    .instrument(span)
+    .await
 }
 
 async fn list(State(app): State<Arc<App>>) -> Response {

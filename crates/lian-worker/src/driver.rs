@@ -25,6 +25,7 @@ use lian_core::lifecycle::{self, Effect, Outcome, State};
 use lian_core::{BuildEvent, BuildId, Envelope, Workspace, subjects};
 use lian_runner::{Providers, Registry};
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::WorkerOptions;
 use crate::intake::{self, Intake};
@@ -88,6 +89,14 @@ impl Worker {
                 (build_id, workspace, failed)
             }
         };
+        // Every line about this build, here and in its effects, carries its id and workspace,
+        // so one build's lines can be pulled out of every worker's log.
+        let span = tracing::info_span!("build", build_id = %build_id, workspace = %workspace);
+        self.carry(job, build_id, workspace, first).instrument(span).await
+    }
+
+    /// Drives the build and settles its request.
+    async fn carry(&self, job: Job, build_id: BuildId, workspace: Workspace, first: BuildEvent) {
         let mut result = self.drive(&job, &build_id, &workspace, first.clone()).await;
         // An expired request has no redelivery to fall back on: a hiccup is retried here.
         let mut tries = 1;
@@ -178,23 +187,30 @@ impl Worker {
             }
             let every = self.options.ack_wait / 3;
             let step = effect.step();
+            let effect_name = effect.name();
             let state = &h.state;
             // A panic in an effect is this build's failure, not the worker's: it is retried
             // like a transient error, and the last delivery ends the build with it. A paused
             // failpoint is an effect that hangs: the worker heartbeats through it.
             let effect_run = std::panic::AssertUnwindSafe(async move {
+                // Marks where the step's time starts in the log; its event says how it ended.
+                tracing::info!("{} started", effect.name());
                 self.failpoint(&effect).await;
                 self.run_effect_fenced(state, effect).await
             })
             .catch_unwind();
-            let ran = heartbeat(job, every, effect_run).await.unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                Err(format!("internal error in {}: {what}", step.as_str()))
-            });
+            let span = tracing::info_span!("step", step = step.as_str(), effect = effect_name);
+            let ran = heartbeat(job, every, effect_run)
+                .instrument(span)
+                .await
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    Err(format!("internal error in {}: {what}", step.as_str()))
+                });
             match ran {
                 Ok(o) => outcome = Some(o),
                 Err(why) if last_chance && h.state.failure.is_none() => {
