@@ -1,24 +1,15 @@
-//! Prometheus text exposition (format 0.0.4) of the control plane: counters kept by this
-//! replica, lease gauges read from the shared bucket at scrape time.
+//! Prometheus text exposition (format 0.0.4, `prometheus-client`) of the control plane:
+//! counters kept by this replica, lease gauges read from the shared bucket at scrape time.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use lian_core::control::Lease;
 use lian_core::sizing::RunnerType;
-
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -31,91 +22,107 @@ pub struct Counters {
     pub registry_grants: Counter,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Held {
+    provider: String,
+    runner_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Tier {
+    runner_type: String,
+}
+
 /// The exposition: every counter, then the leases held now by provider and tier, and the
-/// age of the oldest (a lease that keeps growing older is a runner nobody gives back).
+/// age of the oldest (a lease that keeps growing older is a runner nobody gives back). The
+/// registry is made per scrape: the gauges are what the bucket holds now, the counters are
+/// this replica's (registered as handles to the same atomics).
 pub fn render(counters: &Counters, leases: &[Lease], warm: &[(RunnerType, usize)], now: u64) -> String {
-    let mut out = String::new();
+    let mut registry = Registry::default();
     for (name, help, counter) in [
         (
-            "lian_control_leases_created_total",
-            "Runners leased by this replica.",
+            "lian_control_leases_created",
+            "Runners leased by this replica",
             &counters.leased,
         ),
         (
-            "lian_control_lease_failures_total",
-            "Leases a provider could not fulfil.",
+            "lian_control_lease_failures",
+            "Leases a provider could not fulfil",
             &counters.lease_failures,
         ),
         (
-            "lian_control_leases_released_total",
-            "Runners destroyed on request.",
+            "lian_control_leases_released",
+            "Runners destroyed on request",
             &counters.released,
         ),
         (
-            "lian_control_leases_reaped_total",
-            "Runners destroyed by the reaper.",
+            "lian_control_leases_reaped",
+            "Runners destroyed by the reaper",
             &counters.reaped,
         ),
         (
-            "lian_control_metrics_recorded_total",
-            "Build metrics recorded.",
+            "lian_control_metrics_recorded",
+            "Build metrics recorded",
             &counters.metrics_recorded,
         ),
         (
-            "lian_control_unauthorized_total",
-            "Requests refused for a missing or wrong token.",
+            "lian_control_unauthorized",
+            "Requests refused for a missing or wrong token",
             &counters.unauthorized,
         ),
         (
-            "lian_control_registry_grants_total",
-            "Registry grants given by this replica.",
+            "lian_control_registry_grants",
+            "Registry grants given by this replica",
             &counters.registry_grants,
         ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            counter.get()
-        );
+        registry.register(name, help, counter.clone());
     }
-    let mut held: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut held: BTreeMap<(&str, &str), i64> = BTreeMap::new();
     for lease in leases {
         *held
             .entry((lease.provider.as_str(), lease.runner_type.as_str()))
             .or_default() += 1;
     }
-    let _ = writeln!(
-        out,
-        "# HELP lian_control_leases Runners leased now.\n# TYPE lian_control_leases gauge"
-    );
+    let leased = Family::<Held, Gauge>::default();
     for ((provider, tier), n) in held {
-        let _ = writeln!(
-            out,
-            "lian_control_leases{{provider=\"{provider}\",runner_type=\"{tier}\"}} {n}"
-        );
+        leased
+            .get_or_create(&Held {
+                provider: provider.into(),
+                runner_type: tier.into(),
+            })
+            .set(n);
     }
+    registry.register("lian_control_leases", "Runners leased now", leased);
     if !warm.is_empty() {
-        let _ = writeln!(
-            out,
-            "# HELP lian_control_warm_engines docker_local engines started and waiting for a lease.\n# TYPE lian_control_warm_engines gauge"
-        );
+        let engines = Family::<Tier, Gauge>::default();
         for (tier, n) in warm {
-            let _ = writeln!(
-                out,
-                "lian_control_warm_engines{{runner_type=\"{}\"}} {n}",
-                tier.as_str()
-            );
+            engines
+                .get_or_create(&Tier {
+                    runner_type: tier.as_str().into(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
+        registry.register(
+            "lian_control_warm_engines",
+            "docker_local engines started and waiting for a lease",
+            engines,
+        );
     }
     let oldest = leases
         .iter()
         .map(|l| now.saturating_sub(l.created_at))
         .max()
         .unwrap_or(0);
-    let _ = writeln!(
-        out,
-        "# HELP lian_control_oldest_lease_seconds Age of the oldest lease held now.\n# TYPE lian_control_oldest_lease_seconds gauge\nlian_control_oldest_lease_seconds {oldest}"
+    let oldest_gauge = Gauge::<i64>::default();
+    oldest_gauge.set(i64::try_from(oldest).unwrap_or(i64::MAX));
+    registry.register(
+        "lian_control_oldest_lease_seconds",
+        "Age of the oldest lease held now",
+        oldest_gauge,
     );
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
@@ -165,6 +172,10 @@ mod tests {
         assert!(text.contains("lian_control_leases{provider=\"docker_local\",runner_type=\"cax11\"} 2\n"));
         assert!(text.contains("lian_control_leases{provider=\"docker_local\",runner_type=\"cax21\"} 1\n"));
         assert!(text.contains("lian_control_oldest_lease_seconds 120\n"));
+        assert!(
+            text.contains("# TYPE lian_control_leases_created_total counter\n"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");

@@ -14,7 +14,8 @@ use lian_core::control::LeaseRequest;
 use lian_core::directives::ComputeProvider;
 
 use crate::cgroup::LeaseCgroup;
-use crate::engine::{LeaseEngine, parent_images};
+use crate::dockerfile::parent_images;
+use crate::engine::LeaseEngine;
 use crate::engine_store::EngineStores;
 use crate::provider::{Built, Held, OnStep, Provider, RunnerHandle};
 use crate::warm::{CachePlan, Pulled};
@@ -173,13 +174,15 @@ impl DockerLocal {
         &self,
         key: &LeaseKey,
         dockerfile: &Path,
+        build_args: &[(&str, &str)],
         present: &[String],
     ) -> Result<(), String> {
         let Some(engine) = self.engine(key) else { return Ok(()) };
         let text = tokio::fs::read_to_string(dockerfile)
             .await
             .map_err(|e| format!("{}: {e}", dockerfile.display()))?;
-        for image in parent_images(&text).into_iter().filter(|i| !present.contains(i)) {
+        let parents = parent_images(&text, build_args).map_err(|e| e.to_string())?;
+        for image in parents.into_iter().filter(|i| !present.contains(i)) {
             let on_host = tokio::process::Command::new(&self.docker_cli)
                 .args(["image", "inspect", &image])
                 .stdout(std::process::Stdio::null())
@@ -426,10 +429,13 @@ impl RunnerHandle for LocalRunner {
             let text = tokio::fs::read_to_string(&dockerfile)
                 .await
                 .map_err(|e| fail(format!("{}: {e}", dockerfile.display())))?;
-            pulled = plan.pull_parents(&builder, &text).await?;
+            pulled = plan.pull_parents(&builder, &text, &invocation.build_args).await?;
         }
         let present: Vec<String> = pulled.parents.iter().map(|(name, _)| name.clone()).collect();
-        provider.load_parents(key, &dockerfile, &present).await.map_err(fail)?;
+        provider
+            .load_parents(key, &dockerfile, &invocation.build_args, &present)
+            .await
+            .map_err(fail)?;
         let cgroup = provider.cgroup(key);
         let sampler = cgroup
             .clone()

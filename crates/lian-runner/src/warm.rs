@@ -14,7 +14,7 @@ use lian_core::{CacheReport, CookerReport};
 use sha2::{Digest, Sha256};
 
 use crate::docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
-use crate::engine::parent_images;
+use crate::dockerfile::{self, parent_images};
 use crate::progress::StepProgress;
 use crate::registry::{self, RegistryAccess};
 
@@ -180,9 +180,14 @@ impl CachePlan {
     /// namespace this build reads holds, tagged with the name the Dockerfile uses. Returns
     /// the references pulled and the bytes downloaded (layers the engine did not have);
     /// parents not in the registry are left to the caller.
-    pub async fn pull_parents(&self, builder: &DockerBuilder, dockerfile: &str) -> Result<Pulled, BuildFailure> {
+    pub async fn pull_parents(
+        &self,
+        builder: &DockerBuilder,
+        dockerfile: &str,
+        build_args: &[(&str, &str)],
+    ) -> Result<Pulled, BuildFailure> {
         let mut pulled = Pulled::default();
-        for parent in parent_images(dockerfile) {
+        for parent in parent_images(dockerfile, build_args).map_err(refused)? {
             let found = match self.pins.get(&parent) {
                 Some(pin) => {
                     let (repo, digest) = pin
@@ -321,13 +326,7 @@ fn add(total: &mut StepCounts, more: Option<StepCounts>) {
 
 /// The Dockerfile's cooker stage, as it names it, if it has one.
 pub fn cooker_stage(dockerfile: &str) -> Option<String> {
-    dockerfile.lines().find_map(|line| {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let is_from = words.first().is_some_and(|w| w.eq_ignore_ascii_case("FROM"));
-        let args: Vec<&str> = words.iter().skip(1).copied().filter(|w| !w.starts_with("--")).collect();
-        (is_from && args.len() >= 3 && args[1].eq_ignore_ascii_case("as") && args[2].eq_ignore_ascii_case(COOKER_STAGE))
-            .then(|| args[2].to_string())
-    })
+    dockerfile::stage_named(dockerfile, COOKER_STAGE)
 }
 
 /// What a cooker is cooked from: `Cargo.lock`, every `Cargo.toml` (vendored crates too),
@@ -363,27 +362,8 @@ pub fn cooker_key(context: &Path, dockerfile: &str) -> std::io::Result<String> {
         hash.update((content.len() as u64).to_le_bytes());
         hash.update(content);
     }
-    hash.update(through_cooker(dockerfile).as_bytes());
+    hash.update(dockerfile::through_stage(dockerfile, COOKER_STAGE).as_bytes());
     Ok(hash.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
-}
-
-/// The Dockerfile's lines up to the stage after the cooker.
-fn through_cooker(dockerfile: &str) -> String {
-    let mut out = String::new();
-    let mut in_cooker = false;
-    for line in dockerfile.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let is_from = words.first().is_some_and(|w| w.eq_ignore_ascii_case("FROM"));
-        if is_from && in_cooker {
-            break;
-        }
-        if is_from && cooker_stage(line).is_some() {
-            in_cooker = true;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
