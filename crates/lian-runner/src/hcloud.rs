@@ -57,6 +57,30 @@ fn default_image() -> String {
     "debian-12".into()
 }
 
+/// The cloud-config `user_data` of a lease's server (cloud-init's module reference).
+#[derive(Serialize)]
+struct CloudConfig<'a> {
+    ssh_deletekeys: bool,
+    ssh_keys: SshKeys<'a>,
+    users: [User<'a>; 1],
+    package_update: bool,
+    packages: [&'a str; 1],
+    runcmd: [[&'a str; 4]; 1],
+}
+
+#[derive(Serialize)]
+struct SshKeys<'a> {
+    ed25519_private: &'a str,
+    ed25519_public: &'a str,
+}
+
+#[derive(Serialize)]
+struct User<'a> {
+    name: &'a str,
+    shell: &'a str,
+    ssh_authorized_keys: [&'a str; 1],
+}
+
 /// Debug without the token, so a logged config shows none.
 impl fmt::Debug for HcloudConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -314,13 +338,23 @@ impl Hcloud {
 
     /// The cloud-init document: buildkitd, our client key, the lease's host key pair.
     pub fn user_data(&self, host_keys: &HostKeyPair) -> String {
-        let indent = |s: &str| s.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n");
-        format!(
-            "#cloud-config\nssh_deletekeys: true\nssh_keys:\n  ed25519_private: |\n{}\n  ed25519_public: {}\nusers:\n  - name: lian\n    shell: /bin/sh\n    ssh_authorized_keys:\n      - {}\npackage_update: true\npackages:\n  - buildkit\nruncmd:\n  - [systemctl, enable, --now, buildkit]\n",
-            indent(host_keys.private_key.trim()),
-            host_keys.public_key.trim(),
-            self.config.authorized_key.trim()
-        )
+        let doc = CloudConfig {
+            ssh_deletekeys: true,
+            ssh_keys: SshKeys {
+                ed25519_private: host_keys.private_key.trim(),
+                ed25519_public: host_keys.public_key.trim(),
+            },
+            users: [User {
+                name: crate::proxmox::CI_USER,
+                shell: "/bin/sh",
+                ssh_authorized_keys: [self.config.authorized_key.trim()],
+            }],
+            package_update: true,
+            packages: ["buildkit"],
+            runcmd: [["systemctl", "enable", "--now", "buildkit"]],
+        };
+        let yaml = serde_norway::to_string(&doc).expect("plain strings and lists serialize");
+        format!("#cloud-config\n{yaml}")
     }
 
     /// Finds the lease's server or creates it with `host_keys`, then waits until it is

@@ -54,13 +54,13 @@ fn key_only(line: &str) -> String {
 
 /// The public key of the private key cloud-init got in `user_data`.
 fn public_of_user_data(user_data: &str) -> String {
-    let pem: Vec<&str> = user_data
-        .lines()
-        .map(str::trim)
-        .skip_while(|l| !l.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"))
-        .take_while(|l| !l.is_empty() && !l.starts_with("ed25519_public"))
-        .collect();
-    let private = russh::keys::PrivateKey::from_openssh(pem.join("\n")).expect("a private key in user_data");
+    let doc: serde_json::Value = serde_norway::from_str(user_data).expect("user_data is YAML");
+    assert_eq!(doc["users"][0]["name"], "lian", "{doc}");
+    assert_eq!(doc["runcmd"][0][3], "buildkit", "{doc}");
+    let pem = doc["ssh_keys"]["ed25519_private"]
+        .as_str()
+        .expect("a private key in user_data");
+    let private = russh::keys::PrivateKey::from_openssh(pem).expect("an OpenSSH private key");
     key_only(&private.public_key().to_openssh().unwrap())
 }
 
