@@ -235,18 +235,22 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
     }
     if records.is_empty() {
         println!("no dead letters");
+        return Ok(Exit::Ok.code());
     }
-    for r in records {
+    let rows = records.iter().map(|r| {
         let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
-        println!(
-            "{} {} {} (delivered {}): {}",
+        [
             s("at"),
             s("workspace"),
             s("build_id"),
-            r["deliveries"],
-            s("reason")
-        );
-    }
+            r["deliveries"].to_string(),
+            s("reason"),
+        ]
+    });
+    println!(
+        "{}",
+        crate::table::table(&["at", "workspace", "build", "deliveries", "reason"], rows)
+    );
     Ok(Exit::Ok.code())
 }
 
@@ -262,7 +266,7 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
         return Ok(Exit::Ok.code());
     }
     println!("cluster of {} server(s)", bus.cluster_size());
-    for s in streams {
+    let rows = streams.iter().map(|s| {
         let followers: Vec<String> = s
             .followers
             .iter()
@@ -272,15 +276,22 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
                 (false, false) => format!("{} {} behind", f.server, f.lag),
             })
             .collect();
-        println!(
-            "{:<26} R{} leader {:<10} {:>8} msgs  {}",
-            s.stream,
-            s.replicas,
-            if s.leader.is_empty() { "-" } else { &s.leader },
-            s.messages,
-            followers.join(", ")
-        );
-    }
+        [
+            s.stream.clone(),
+            format!("R{}", s.replicas),
+            if s.leader.is_empty() {
+                "-".into()
+            } else {
+                s.leader.clone()
+            },
+            s.messages.to_string(),
+            followers.join(", "),
+        ]
+    });
+    println!(
+        "{}",
+        crate::table::table(&["stream", "copies", "leader", "messages", "followers"], rows)
+    );
     Ok(Exit::Ok.code())
 }
 
@@ -298,20 +309,22 @@ pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode
     }
     if leases.is_empty() {
         println!("no leases");
+        return Ok(Exit::Ok.code());
     }
-    for v in leases {
+    let rows = leases.iter().map(|v| {
         let l = &v.lease;
-        println!(
-            "{} {} {} {:?} host={} owner={} build={} age={}s",
-            l.lease_id,
-            l.provider.as_str(),
-            l.runner_type.as_str(),
-            l.state,
-            l.host,
-            l.owner,
-            l.build_id,
-            v.age_secs
-        );
-    }
+        [
+            l.lease_id.to_string(),
+            l.provider.as_str().into(),
+            l.runner_type.as_str().into(),
+            format!("{:?}", l.state).to_lowercase(),
+            l.host.clone(),
+            l.owner.clone(),
+            l.build_id.to_string(),
+            format!("{}s", v.age_secs),
+        ]
+    });
+    let header = ["lease", "provider", "tier", "state", "host", "owner", "build", "age"];
+    println!("{}", crate::table::table(&header, rows));
     Ok(Exit::Ok.code())
 }

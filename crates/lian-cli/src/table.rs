@@ -19,3 +19,18 @@ pub fn table<R: IntoIterator<Item = String>>(header: &[&str], rows: impl IntoIte
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn columns_line_up_without_trailing_space() {
+        let rows = [["a", "long value", "x"], ["longer key", "v", ""]].map(|r| r.map(String::from));
+        let text = super::table(&["key", "value", "source"], rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let column = |line: &str, word: &str| line.find(word).unwrap();
+        assert_eq!(column(lines[0], "value"), column(lines[1], "long value"), "{text}");
+        assert_eq!(column(lines[0], "value"), column(lines[2], "v"), "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text:?}");
+    }
+}
