@@ -91,6 +91,11 @@ pub enum Command {
     Nats(NatsArgs),
     /// The settings in force: `lian config show`.
     Config(ConfigArgs),
+    /// A completion script for your shell, on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args)]

@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::CommandFactory;
 use clap::parser::ValueSource;
 
-use crate::cli::{Cli, Global};
+use crate::cli::Global;
 use crate::config::{Settings, Shown};
 use crate::exit::Exit;
 
@@ -37,7 +36,7 @@ pub fn show(global: &Global) -> anyhow::Result<ExitCode> {
 /// The global options every command takes, with where clap found each.
 fn global_flags(global: &Global, file: Option<&std::path::Path>) -> Vec<Shown> {
     // Parsed again for the sources: `Cli::parse` keeps only the values.
-    let matches = Cli::command().get_matches();
+    let matches = crate::help::command().get_matches();
     let source = |id: &str, flag: &str, env: &str| match matches.value_source(id) {
         Some(ValueSource::CommandLine) => format!("flag --{flag}"),
         Some(ValueSource::EnvVariable) => format!("env {env}"),

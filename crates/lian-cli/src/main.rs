@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod config_cmd;
 mod exit;
+mod help;
 mod local_stores;
 mod output;
 mod roles;
@@ -16,9 +17,11 @@ mod sizing_cmd;
 mod submit;
 mod supervise;
 mod table;
+mod term;
 mod up;
 
-use clap::Parser;
+use clap::FromArgMatches;
+use clap::error::ErrorKind;
 
 use crate::cli::{CatalogArgs, CatalogCommand, Cli, Command};
 
@@ -32,7 +35,13 @@ fn main() -> std::process::ExitCode {
     {
         return lian_nickel::serve_eval();
     }
-    let cli = Cli::parse();
+    let cli = match help::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(err),
+    };
     // async_nats logs its own connection chatter at info; ours is what an operator reads.
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("LIAN_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
@@ -43,9 +52,7 @@ fn main() -> std::process::ExitCode {
     match cli.global.log_format {
         // The span list, not only the innermost span: a step's line carries its build's id.
         cli::LogFormat::Json => logs.json().flatten_event(true).with_span_list(true).init(),
-        cli::LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+        cli::LogFormat::Text => logs.with_ansi(term::decorated(&std::io::stderr())).init(),
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -78,6 +85,7 @@ fn main() -> std::process::ExitCode {
             Command::Cache(args) => match args.command {
                 cli::CacheCommand::Gc(gc) => cache_cmd::gc(&cli.global, gc).await,
             },
+            Command::Completions { shell } => completions(shell),
             Command::Config(args) => match args.command {
                 cli::ConfigCommand::Show => config_cmd::show(&cli.global),
             },
@@ -95,5 +103,37 @@ fn main() -> std::process::ExitCode {
             }
             exit.code()
         }
+    }
+}
+
+/// A command line clap refused, as every other error: under `--output json` (or
+/// `LIAN_OUTPUT=json`) the JSON error line, exit 2. Help and version are not errors.
+fn usage_error(err: clap::Error) -> std::process::ExitCode {
+    let json = {
+        let args: Vec<String> = std::env::args().collect();
+        let flagged =
+            args.windows(2).any(|w| w[0] == "--output" && w[1] == "json") || args.iter().any(|a| a == "--output=json");
+        flagged || std::env::var("LIAN_OUTPUT").is_ok_and(|v| v == "json")
+    };
+    if !json || matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        err.exit()
+    }
+    let exit = exit::Exit::Usage;
+    let message = err.render().to_string();
+    let error =
+        serde_json::json!({"error": {"exit_code": exit as u8, "kind": exit.name(), "message": message.trim_end()}});
+    eprintln!("{error}");
+    exit.code()
+}
+
+/// `lian completions SHELL`. Written whole, so a reader that stops early (`| head`) ends it
+/// quietly instead of clap_complete's panic on the closed pipe.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut help::command(), "lian", &mut script);
+    match std::io::stdout().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(exit::Exit::Ok.code()),
     }
 }

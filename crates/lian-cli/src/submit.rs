@@ -98,7 +98,7 @@ pub async fn send(
     Ok(appended)
 }
 
-/// Upload progress: a bar on a terminal, a plain line per phase and per tenth sent
+/// Upload progress: a bar on a terminal (unless NO_COLOR), a plain line per phase and per tenth sent
 /// otherwise (CI logs), nothing on stdout.
 struct UploadDisplay {
     bar: Option<indicatif::ProgressBar>,
@@ -109,8 +109,7 @@ struct UploadDisplay {
 
 impl UploadDisplay {
     fn new() -> Self {
-        use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = crate::term::decorated(&std::io::stderr()).then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_message("hashing the context");
             bar
