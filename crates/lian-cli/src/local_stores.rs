@@ -75,7 +75,7 @@ pub async fn start_registry(
     })
 }
 
-/// The S3 key pair of this state directory: made once (from /dev/urandom) and kept, so a
+/// The S3 key pair of this state directory: made once (from the system's random source) and kept, so a
 /// restarted fleet reads the cache it wrote. The secret's file is readable by the owner only.
 fn s3_credentials(dir: &Path) -> anyhow::Result<(String, Secret, PathBuf)> {
     let id_file = dir.join("access_key_id");
@@ -233,11 +233,11 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// `bytes` random bytes as hex, from the kernel's generator.
+/// `bytes` random bytes as hex, from the system's random source.
 pub fn random_hex(bytes: usize) -> anyhow::Result<String> {
     let mut buf = vec![0u8; bytes];
-    fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    getrandom::fill(&mut buf).map_err(|e| anyhow::anyhow!("no random bytes: {e}"))?;
+    Ok(data_encoding::HEXLOWER.encode(&buf))
 }
 
 /// Writes a file only its owner can read, replacing any older one (created 0600, never

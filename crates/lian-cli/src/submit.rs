@@ -184,7 +184,7 @@ impl UploadDisplay {
 pub fn build_id_for_request(workspace: &lian_core::Workspace, request: &str) -> BuildId {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(format!("{workspace}\n{request}").as_bytes());
-    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    let hex = data_encoding::HEXLOWER.encode(&digest[..12]);
     BuildId::new(format!("r{hex}")).expect("hex is a token")
 }
 

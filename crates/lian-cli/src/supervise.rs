@@ -570,9 +570,9 @@ mod tests {
         })
         .pass(listener.clone(), 3);
         let check = out.clone();
-        sup.start(spec, Some(Ready::new("wrote", move || check.exists())))
-            .await
-            .unwrap();
+        // The shell creates the file before readlink writes to it: ready once it holds a line.
+        let written = move || fs::read_to_string(&check).is_ok_and(|s| s.ends_with('\n'));
+        sup.start(spec, Some(Ready::new("wrote", written))).await.unwrap();
         let link = fs::read_to_string(&out).unwrap();
         assert!(link.starts_with("socket:"), "{link}");
         // The supervisor still holds the port.

@@ -2,7 +2,6 @@
 //! the build's actor may do (`lian_core::cache::namespaces`). The caller sends the
 //! directives, never a list of namespaces: what a grant allows is decided here.
 
-use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -16,16 +15,13 @@ use sha2::{Digest, Sha256};
 use crate::api::{App, now, parse, refuse, unavailable};
 
 pub fn sha256_hex(value: &str) -> String {
-    Sha256::digest(value.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(&Sha256::digest(value.as_bytes()))
 }
 
 fn random_hex(bytes: usize) -> std::io::Result<String> {
     let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    getrandom::fill(&mut buf).map_err(std::io::Error::other)?;
+    Ok(data_encoding::HEXLOWER.encode(&buf))
 }
 
 /// Usernames are made here as `<build-id>.<16 hex>`; anything else is no grant's, and is

@@ -248,11 +248,7 @@ impl fmt::Display for ImageRef {
 /// name the validators accept, however long, gives a path of the same length.
 pub fn path_token(name: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(name.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    data_encoding::HEXLOWER.encode(&Sha256::digest(name.as_bytes())[..8])
 }
 
 #[cfg(test)]

@@ -159,7 +159,7 @@ impl Schemas {
             hash.update(text.as_bytes());
         }
         let digest = hash.finalize();
-        let tag: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let tag = data_encoding::HEXLOWER.encode(&digest[..8]);
         let dir = std::env::temp_dir().join(format!("lian-schemas-{tag}"));
         if !dir.join(EMBEDDED[0].0).exists() {
             let err = |source| NickelError::Schemas {

@@ -184,40 +184,24 @@ impl From<ServerBody> for HcloudServer {
     }
 }
 
-const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// Lowercase base32 without padding (RFC 4648's alphabet, lowercased): label values may not
+/// hold `=` and read better lowercase.
+static LABEL_BASE32: std::sync::LazyLock<data_encoding::Encoding> = std::sync::LazyLock::new(|| {
+    let mut spec = data_encoding::Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.encoding().expect("32 distinct symbols")
+});
 
 /// The label value of a public host key: its 32 bytes in lowercase base32 (52 characters:
 /// a label value holds at most 63 of `[a-z0-9A-Z._-]`, too few for base64 or hex).
 pub fn host_key_label(public_key: &str) -> Option<String> {
     let key = russh::keys::PublicKey::from_openssh(public_key.trim()).ok()?;
-    let bytes = key.key_data().ed25519()?.0;
-    let (mut acc, mut bits, mut out) = (0u32, 0u32, String::with_capacity(52));
-    for b in bytes {
-        acc = ((acc << 8) | u32::from(b)) & 0xffff;
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(BASE32[((acc >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(BASE32[((acc << (5 - bits)) & 31) as usize] as char);
-    }
-    Some(out)
+    Some(LABEL_BASE32.encode(&key.key_data().ed25519()?.0))
 }
 
 /// The public host key line (`ssh-ed25519 AAAA...`) a `lian-host-key` label holds.
 pub fn host_key_from_label(label: &str) -> Option<String> {
-    let (mut acc, mut bits, mut bytes) = (0u32, 0u32, Vec::with_capacity(32));
-    for c in label.bytes() {
-        let v = BASE32.iter().position(|&x| x == c)? as u32;
-        acc = ((acc << 5) | v) & 0xffff;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            bytes.push((acc >> bits) as u8);
-        }
-    }
+    let bytes = LABEL_BASE32.decode(label.as_bytes()).ok()?;
     let bytes: [u8; 32] = bytes.try_into().ok()?;
     let key = russh::keys::ssh_key::public::Ed25519PublicKey(bytes);
     russh::keys::PublicKey::from(key).to_openssh().ok()

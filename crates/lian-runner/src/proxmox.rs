@@ -194,16 +194,15 @@ fn lease_line(key: &LeaseKey) -> String {
 /// (UPIDs hold `:`, `@` and `!`) and for `sshkeys`, whose `urlencoded` format allows no
 /// space, `+`, `/` or `=`.
 fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, UNRESERVED).to_string()
 }
+
+/// Everything but RFC 3986's unreserved characters is escaped.
+const UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// The address to reach the VM on: the first IPv4 of a real interface, else a loopback
 /// one if that is all the agent reports.

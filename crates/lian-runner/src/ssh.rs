@@ -84,13 +84,12 @@ impl std::fmt::Debug for HostKeyPair {
     }
 }
 
-/// A fresh ed25519 host key pair from 32 bytes of `/dev/urandom`; `comment` ends the
-/// public key line.
+/// A fresh ed25519 host key pair from 32 bytes of the system's random source; `comment`
+/// ends the public key line.
 pub fn generate_host_key(comment: &str) -> std::io::Result<HostKeyPair> {
-    use std::io::Read;
     let invalid = |e: ssh_key::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    getrandom::fill(&mut seed).map_err(std::io::Error::other)?;
     let keypair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
     seed.fill(0);
     let private =

@@ -169,7 +169,7 @@ fn scan(root: &Path) -> Result<Manifest, SyncError> {
                 use std::os::unix::fs::PermissionsExt;
                 let path = entry.path();
                 let content = std::fs::read(&path).map_err(local_err(&path))?;
-                let hash: String = Sha256::digest(&content).iter().map(|b| format!("{b:02x}")).collect();
+                let hash = data_encoding::HEXLOWER.encode(&Sha256::digest(&content));
                 let mode = entry.metadata().map_err(local_err(&path))?.permissions().mode();
                 manifest.files.insert(rel_str, (hash, mode & 0o111 != 0));
             }

@@ -363,7 +363,7 @@ pub fn cooker_key(context: &Path, dockerfile: &str) -> std::io::Result<String> {
         hash.update(content);
     }
     hash.update(dockerfile::through_stage(dockerfile, COOKER_STAGE).as_bytes());
-    Ok(hash.finalize().iter().take(12).map(|b| format!("{b:02x}")).collect())
+    Ok(data_encoding::HEXLOWER.encode(&hash.finalize()[..12]))
 }
 
 #[cfg(test)]

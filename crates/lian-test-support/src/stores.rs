@@ -222,8 +222,6 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
 
 fn hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .expect("/dev/urandom");
-    buf.iter().map(|b| format!("{b:02X}")).collect()
+    getrandom::fill(&mut buf).expect("random bytes");
+    data_encoding::HEXUPPER.encode(&buf)
 }
