@@ -117,7 +117,7 @@ struct Shown {
 
 async fn show(global: Global, id: &str) -> anyhow::Result<ExitCode> {
     let id = CascadeId::new(id)?;
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-cascade-show", &settings).await?;
     let history: Vec<CascadeEnvelope> = bus
         .read_all(&subjects::cascade_history(&id))

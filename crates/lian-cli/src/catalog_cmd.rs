@@ -128,7 +128,7 @@ async fn estimate(
     plan: &[lian_core::LayerName],
     parallelism: Option<usize>,
 ) -> anyhow::Result<Estimate> {
-    let settings = crate::config::Settings::load(&global.config)?;
+    let settings = crate::config::Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(global, "lian-catalog-plan", &settings).await?;
     let mut history: BTreeMap<lian_core::LayerName, Vec<Sample>> = BTreeMap::new();
     for record in bus.layer_metrics().await? {

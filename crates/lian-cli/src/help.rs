@@ -19,7 +19,14 @@ const EXAMPLES: &[(&str, &str)] = &[
         "lian worker --name w1 --state-dir /var/lib/lian
   LIAN_CONTROL_URL=http://10.0.0.2:7420 LIAN_CONTROL_TOKEN=... lian worker --name w2",
     ),
-    ("cascade", "lian cascade --catalog catalog"),
+    (
+        "cascade",
+        "lian cascade --catalog catalog\n  lian cascade show c-01j9z7k2m8q4r6t0v2x4y6z8a0",
+    ),
+    (
+        "cascade show",
+        "lian cascade show c-01j9z7k2m8q4r6t0v2x4y6z8a0\n  lian cascade show c-01j9z7k2m8q4r6t0v2x4y6z8a0 --output json",
+    ),
     (
         "control",
         "LIAN_CONTROL_TOKEN=... lian control --listen 0.0.0.0:7420
