@@ -25,7 +25,7 @@ pub async fn run(global: Global, command: CascadeCommand) -> anyhow::Result<Exit
 /// Appends `approved` to a cascade held at the gate; the cascade service hears it and goes on.
 async fn approve(global: Global, id: &str, by: String) -> anyhow::Result<ExitCode> {
     let id = CascadeId::new(id)?;
-    let settings = Settings::load(&global.config)?;
+    let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-cascade-approve", &settings).await?;
     let filter = subjects::cascade_history(&id);
     let records = bus.read_all(&filter).await?;

@@ -59,7 +59,7 @@ pub async fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode>
         }
         CatalogCommand::Lock { check: true, .. } => return check_lock(global, &args.catalog, &catalog),
         CatalogCommand::Lock { write, .. } => {
-            let settings = crate::config::Settings::load(&global.config)?;
+            let settings = crate::config::Settings::load(global.config.as_deref())?;
             let bus = crate::roles::connect(global, "lian-catalog-lock", &settings).await?;
             let lock = bus.catalog_lock().await?;
             if write {
@@ -216,7 +216,17 @@ fn check_lock(global: &Global, dir: &Path, catalog: &lian_catalog::Catalog) -> a
         let Ok(text) = std::fs::read_to_string(&dockerfile) else {
             continue;
         };
-        for parent in lian_runner::parent_images(&text) {
+        let parents = match lian_runner::dockerfile::parent_images(&text, &[]) {
+            Ok(p) => p,
+            Err(e) => {
+                mismatches.push(serde_json::json!({
+                    "dockerfile": dockerfile.display().to_string(),
+                    "error": e.to_string(),
+                }));
+                continue;
+            }
+        };
+        for parent in parents {
             let Some((image, digest)) = parent.split_once('@') else {
                 continue;
             };
@@ -247,6 +257,13 @@ fn check_lock(global: &Global, dir: &Path, catalog: &lian_catalog::Catalog) -> a
         );
     } else {
         for m in &mismatches {
+            if let Some(error) = m["error"].as_str() {
+                println!(
+                    "{}: cannot read its parents: {error}",
+                    m["dockerfile"].as_str().unwrap_or_default()
+                );
+                continue;
+            }
             println!(
                 "{}: FROM {}@{} but {} locks {} at {}",
                 m["dockerfile"].as_str().unwrap_or_default(),

@@ -21,7 +21,11 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "cascade",
-        "lian cascade --catalog catalog\n  lian cascade show c-01j9z7k2m8q4r6t0v2x4y6z8a0",
+        "lian cascade --catalog catalog\n  lian cascade --catalog catalog --approve-over-layers 5 --approve-over-minutes 60\n  lian cascade show c-01j9z7k2m8q4r6t0v2x4y6z8a0",
+    ),
+    (
+        "cascade approve",
+        "lian cascade approve c-01j9z7k2m8q4r6t0v2x4y6z8a0\n  lian cascade approve c-01j9z7k2m8q4r6t0v2x4y6z8a0 --by alice",
     ),
     (
         "cascade show",
@@ -54,7 +58,11 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "catalog plan",
-        "lian catalog plan --changed rust\n  lian catalog plan --changed base --output json",
+        "lian catalog plan --changed rust\n  lian catalog plan --changed rust --estimate --parallelism 4\n  lian catalog plan --changed base --output json",
+    ),
+    (
+        "catalog lock",
+        "lian catalog lock\n  lian catalog lock --write && git diff catalog/catalog.lock\n  lian catalog lock --check",
     ),
     (
         "catalog graph",
