@@ -132,3 +132,50 @@ fn a_cycle_and_a_missing_base_are_refused_with_the_layers_named() {
     );
     assert!(said.contains("ghost"), "{said}");
 }
+
+/// `lian catalog suggest --project DIR --output json` against the lamina catalog.
+fn suggest(project: &Path) -> serde_json::Value {
+    let out = lian(&[
+        "--output",
+        "json",
+        "catalog",
+        "--catalog",
+        workspace_root().join("catalog").to_str().unwrap(),
+        "suggest",
+        "--project",
+        project.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["suggestion"].clone()
+}
+
+#[test]
+fn suggest_names_the_layer_to_build_from_with_its_reasons() {
+    let fixtures = workspace_root().join("tests/fixtures/suggest");
+    // ripgrep: its lock has no -sys crate a layer provides, and its .cargo/config.toml only
+    // sets flags per target (not a build target).
+    let rg = suggest(&fixtures.join("ripgrep"));
+    assert_eq!(rg["layer"], "rust", "{rg}");
+    assert!(rg["matched"].as_array().unwrap().is_empty(), "{rg}");
+    // leptos-rs/start-axum: leptos (built on wasm) wins over wasm, both said.
+    let axum = suggest(&fixtures.join("start-axum"));
+    assert_eq!(axum["layer"], "leptos", "{axum}");
+    assert!(axum["reasons"].to_string().contains("cargo-leptos"), "{axum}");
+    assert!(
+        axum["matched"].as_array().unwrap().iter().any(|m| m["layer"] == "wasm"),
+        "{axum}"
+    );
+    // A project the catalog has a layer made for: its cooked dependencies win.
+    let own = tempfile::tempdir().unwrap();
+    std::fs::write(
+        own.path().join("Cargo.toml"),
+        "[package]\nname = \"typedialog\"\nversion = \"0.1.0\"\n[dependencies]\nwasm-bindgen = \"0.2\"\n",
+    )
+    .unwrap();
+    let td = suggest(own.path());
+    assert_eq!(td["layer"], "typedialog", "{td}");
+    // Not a project: a clear error.
+    let none = lian(&["catalog", "suggest", "--project", "/nonexistent"]);
+    assert_eq!(none.status.code(), Some(1), "{}", text(&none));
+    assert!(text(&none).contains("has no Cargo.toml"), "{}", text(&none));
+}

@@ -7,6 +7,7 @@ pub mod cascade;
 mod dag;
 pub mod estimate;
 mod graph;
+pub mod suggest;
 pub mod synthetic;
 
 pub use dag::{Catalog, CatalogError};

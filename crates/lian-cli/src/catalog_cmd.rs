@@ -57,6 +57,21 @@ pub async fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode>
                 print!("{}", render_estimate(&changed, &estimate));
             }
         }
+        CatalogCommand::Suggest { project } => {
+            let facts = crate::project::read_project(&project)?;
+            let s = lian_catalog::suggest::suggest(&catalog, &facts)?;
+            if global.json(false) {
+                println!("{}", serde_json::json!({"project": project, "suggestion": s}));
+            } else {
+                println!("FROM the {} layer", s.layer);
+                for reason in &s.reasons {
+                    println!("  because {reason}");
+                }
+                for m in s.matched.iter().filter(|m| m.layer != s.layer) {
+                    println!("  also matched {}: {}", m.layer, m.reason);
+                }
+            }
+        }
         CatalogCommand::Lock { check: true, .. } => return check_lock(global, &args.catalog, &catalog),
         CatalogCommand::Lock { write, .. } => {
             let settings = crate::config::Settings::load(global.config.as_deref())?;

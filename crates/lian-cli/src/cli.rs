@@ -428,6 +428,13 @@ pub enum CatalogCommand {
         #[arg(long)]
         check: bool,
     },
+    /// The catalog layer a Rust project should build FROM, and why, from its Cargo.toml,
+    /// Cargo.lock, .cargo/config.toml and rust-toolchain.toml.
+    Suggest {
+        /// The project's root directory (where its Cargo.toml is).
+        #[arg(long)]
+        project: PathBuf,
+    },
     /// The layer DAG as Graphviz dot or Mermaid.
     Graph {
         #[arg(long, value_enum, default_value_t = Format::Dot)]

@@ -61,6 +61,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "lian catalog plan --changed rust\n  lian catalog plan --changed rust --estimate --parallelism 4\n  lian catalog plan --changed base --output json",
     ),
     (
+        "catalog suggest",
+        "lian catalog suggest --project ~/src/my-leptos-app\n  lian catalog suggest --project . --output json",
+    ),
+    (
         "catalog lock",
         "lian catalog lock\n  lian catalog lock --write && git diff catalog/catalog.lock\n  lian catalog lock --check",
     ),

@@ -12,6 +12,7 @@ mod exit;
 mod help;
 mod local_stores;
 mod output;
+mod project;
 mod roles;
 mod sizing_cmd;
 mod submit;
