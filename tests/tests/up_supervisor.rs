@@ -127,3 +127,61 @@ fn a_killed_worker_is_restarted_and_the_fleet_builds_again() {
     assert!(left.is_empty(), "still running after lian up stopped: {left:#?}");
     assert!(!Path::new(&format!("/proc/{new_pid}")).exists());
 }
+
+#[test]
+fn up_with_a_three_member_nats_cluster_replicates_everything_and_builds() {
+    assert!(
+        lian_test_support::docker_available(),
+        "this test builds an image: start a Docker engine (see .ci/run)"
+    );
+    let catalog = staged_examples();
+    let state = tempfile::tempdir().unwrap();
+    let fleet = Running::start(
+        &[
+            "up",
+            "--nats-cluster",
+            "3",
+            "--nats-port",
+            "0",
+            "--workers",
+            "1",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--catalog",
+            catalog.path().to_str().unwrap(),
+        ],
+        "Ctrl-C stops everything",
+    );
+    let nats_url = fleet
+        .stdout_lines
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("nats"))
+        .expect("lian up prints its NATS URL")
+        .trim()
+        .to_string();
+    assert_eq!(
+        nats_url.split(',').count(),
+        3,
+        "a seed list of the three members: {nats_url}"
+    );
+
+    // Every stream and bucket has three copies, one on each member.
+    let streams = common::nats_streams(&nats_url);
+    assert_eq!(streams.len(), 10, "{streams:#?}");
+    for s in &streams {
+        assert_eq!(s["replicas"], 3, "{s}");
+    }
+    let out = submit_with(
+        &nats_url,
+        "clustered",
+        "lian-test/clustered:latest",
+        &["--wait", "--timeout", "180"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let state_arg = std::fs::canonicalize(state.path()).unwrap();
+    let state_arg = state_arg.to_str().unwrap().to_string();
+    fleet.stop();
+    let left = processes_mentioning(&state_arg);
+    assert!(left.is_empty(), "still running after lian up stopped: {left:#?}");
+}

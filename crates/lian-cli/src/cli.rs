@@ -202,6 +202,11 @@ pub struct UpArgs {
     /// Use the NATS server at --nats-url instead of starting one.
     #[arg(long)]
     pub external_nats: bool,
+    /// Start this many nats-servers on loopback as one JetStream cluster (routes between
+    /// them, each its own store, `sync_interval: always`); every stream and bucket then has
+    /// min(3, N) copies. --nats-port is the first member's client port.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5), conflicts_with = "external_nats")]
+    pub nats_cluster: u16,
     /// The nats-server binary (>= 2.10).
     #[arg(long, env = "LIAN_NATS_SERVER", default_value = "nats-server")]
     pub nats_server: PathBuf,

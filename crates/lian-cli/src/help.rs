@@ -12,7 +12,8 @@ const EXAMPLES: &[(&str, &str)] = &[
         "up",
         "lian up                               # a fleet on this host: NATS, registry, S3, control, 2 workers, cascade
   lian up --demo --once --nats-port 0   # build the example catalog's root and its cascade, then stop
-  lian up --workers 4 --state-dir /var/lib/lian",
+  lian up --workers 4 --state-dir /var/lib/lian
+  lian up --nats-cluster 3              # three nats-servers as one cluster: every stream R3",
     ),
     (
         "worker",

@@ -313,15 +313,16 @@ pub fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Says `line` on stderr and appends it to the supervisor's log.
+/// Appends `line` to the supervisor's log, then says it on stderr: whoever reads it on
+/// stderr finds it in the log already.
 fn say(log: &Path, line: &str) {
-    eprintln!("lian up: {line}");
     let stamp = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     if let Ok(mut file) = fs::OpenOptions::new().create(true).append(true).open(log) {
         let _ = writeln!(file, "{stamp} {line}");
     }
+    eprintln!("lian up: {line}");
 }
 
 /// Watches one child until the fleet stops: restarts it when it dies, gives up after too

@@ -28,7 +28,14 @@ const CONTROL_FD: i32 = 3;
 const GATE_FD: i32 = 4;
 
 pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(global.config.as_deref())?;
+    let mut settings = Settings::load(global.config.as_deref())?;
+    // The cluster's size is known here; a client that connects while the routes are still
+    // forming would see fewer servers and make fewer copies.
+    let cluster_replicas =
+        (args.nats_cluster > 1 && settings.nats_replicas == 0).then(|| usize::from(args.nats_cluster).min(3));
+    if let Some(n) = cluster_replicas {
+        settings.nats_replicas = n;
+    }
     fs::create_dir_all(args.state_dir.join("logs"))
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
     let state_dir = fs::canonicalize(&args.state_dir)?;
@@ -71,6 +78,9 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             move || {
                 let mut cmd = Command::new(&me);
                 cmd.arg("--nats-url").arg(&nats_url);
+                if let Some(n) = cluster_replicas {
+                    cmd.env("LIAN_NATS_REPLICAS", n.to_string());
+                }
                 if log_format == crate::cli::LogFormat::Json {
                     cmd.args(["--log-format", "json"]);
                 }
@@ -361,6 +371,9 @@ async fn start_nats(fleet: &mut Supervisor, args: &UpArgs, state_dir: &Path) -> 
             Some(p)
         }
     };
+    if args.nats_cluster > 1 {
+        return start_nats_cluster(fleet, args, state_dir, fixed).await;
+    }
     let store = state_dir.join("nats");
     let conf_path = state_dir.join("nats.conf");
     let log = state_dir.join("logs/nats.log");
@@ -388,6 +401,59 @@ async fn start_nats(fleet: &mut Supervisor, args: &UpArgs, state_dir: &Path) -> 
     })
     .await?;
     Ok(format!("nats://127.0.0.1:{port}"))
+}
+
+/// `--nats-cluster N`: N nats-servers on loopback routed to each other as the cluster
+/// `lian-local`, each with its own store and `sync_interval: always` (as `deploy/nats/cluster`);
+/// returns the seed list of their client URLs. The ports are all picked before the first
+/// member starts, since every member's routes name every other.
+async fn start_nats_cluster(
+    fleet: &mut Supervisor,
+    args: &UpArgs,
+    state_dir: &Path,
+    fixed: Option<u16>,
+) -> anyhow::Result<String> {
+    let n = usize::from(args.nats_cluster);
+    let mut ports = crate::supervise::free_ports(2 * n)?;
+    if let Some(port) = fixed {
+        ports[0] = port;
+    }
+    let (clients, routes) = ports.split_at(n);
+    let route_list: Vec<String> = routes.iter().map(|p| format!("    \"nats://127.0.0.1:{p}\"")).collect();
+    for (i, (&port, &route)) in clients.iter().zip(routes).enumerate() {
+        let name = format!("lian-local-n{}", i + 1);
+        let store = state_dir.join(format!("nats-n{}", i + 1));
+        let conf_path = state_dir.join(format!("nats-n{}.conf", i + 1));
+        let conf = format!(
+            "listen: \"127.0.0.1:{port}\"\nserver_name: \"{name}\"\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: \"lian-local\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [\n{}\n  ]\n}}\n",
+            store.display(),
+            route_list.join("\n")
+        );
+        fs::write(&conf_path, conf)?;
+        let bin = args.nats_server.clone();
+        let spec = Spec::new(
+            &name,
+            Tier::Store,
+            &state_dir.join(format!("logs/{name}.log")),
+            move || {
+                let mut cmd = Command::new(&bin);
+                cmd.arg("-c").arg(&conf_path);
+                cmd
+            },
+        );
+        let greeted = name.clone();
+        let ready = Ready::new(format!("greets as {name} on port {port}"), move || {
+            local_stores::greeting(port).is_some_and(|g| g.starts_with("INFO") && g.contains(&format!("\"{greeted}\"")))
+        });
+        fleet.start(spec, Some(ready)).await.with_context(|| {
+            format!("cluster member {name} did not start (its ports were free a moment ago: run lian up again)")
+        })?;
+    }
+    Ok(clients
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 fn check_nats_version(bin: &Path) -> anyhow::Result<()> {
