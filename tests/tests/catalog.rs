@@ -179,3 +179,43 @@ fn suggest_names_the_layer_to_build_from_with_its_reasons() {
     assert_eq!(none.status.code(), Some(1), "{}", text(&none));
     assert!(text(&none).contains("has no Cargo.toml"), "{}", text(&none));
 }
+
+#[test]
+fn the_evaluation_cache_never_serves_a_changed_workflow() {
+    let cache = tempfile::tempdir().unwrap();
+    let env = [("XDG_CACHE_HOME", cache.path().to_str().unwrap())];
+    let catalog = tempfile::tempdir().unwrap();
+    copy_dir(&workspace_root().join("examples/catalog"), catalog.path());
+    let dir = catalog.path().to_str().unwrap();
+    let plan = || {
+        common::lian_with(
+            &[
+                "--output",
+                "json",
+                "catalog",
+                "--catalog",
+                dir,
+                "plan",
+                "--changed",
+                "base",
+            ],
+            &env,
+        )
+    };
+    let first = plan();
+    assert!(first.status.success(), "{}", text(&first));
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("lian"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(cached.len(), 1, "one cache file for the catalog");
+    assert_eq!(plan().stdout, first.stdout, "the cached catalog plans the same");
+    // A workflow changed after it was cached is evaluated again: here it now names another
+    // layer than its directory, which only evaluation can tell.
+    let workflow = catalog.path().join("app/workflow.ncl");
+    let text_before = std::fs::read_to_string(&workflow).unwrap();
+    std::fs::write(&workflow, text_before.replace("\"app\"", "\"app2\"")).unwrap();
+    let changed = plan();
+    assert!(!changed.status.success());
+    assert!(text(&changed).contains("names layer app2"), "{}", text(&changed));
+}

@@ -1,7 +1,14 @@
 //! Loading a catalog directory: every `<layer>/workflow.ncl` evaluated against
-//! `schemas/workflow.ncl`, then the DAG validated.
+//! `schemas/workflow.ncl`, then the DAG validated. Evaluating costs milliseconds a layer, so
+//! a large catalog keeps what each file evaluated to in a cache (under `$XDG_CACHE_HOME/lian`
+//! or `~/.cache/lian`), keyed by the file's content and the contracts compiled in; a file
+//! that imports another is always evaluated (the cache cannot see the other change).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use lian_catalog::{Catalog, CatalogError, Layer};
 use lian_nickel::{Contract, NickelError, Schemas};
@@ -29,14 +36,38 @@ pub fn load_catalog(dir: &Path, schemas: &Schemas) -> Result<Catalog, LoadError>
         .filter(|p| p.is_file())
         .collect();
     paths.sort();
+    let cache_file = schemas.fingerprint().and_then(|_| cache_path(dir));
+    let mut cache = cache_file
+        .as_deref()
+        .map(|f| Cache::read(f, schemas))
+        .unwrap_or_default();
+    let mut changed = false;
+    let mut used = std::collections::BTreeSet::new();
     let mut layers = Vec::with_capacity(paths.len());
     for path in paths {
-        let layer: Layer = schemas
-            .eval_file(&path, Contract::Workflow)
-            .map_err(|source| LoadError::Workflow {
-                path: path.clone(),
-                source,
-            })?;
+        let text = std::fs::read(&path).unwrap_or_default();
+        let key = data_encoding::HEXLOWER.encode(&Sha256::digest(&text));
+        let cacheable = !text.windows(6).any(|w| w == b"import");
+        if cacheable {
+            used.insert(key.clone());
+        }
+        let layer = match cache.layers.get(&key) {
+            Some(layer) if cacheable => layer.clone(),
+            _ => {
+                let layer: Layer =
+                    schemas
+                        .eval_file(&path, Contract::Workflow)
+                        .map_err(|source| LoadError::Workflow {
+                            path: path.clone(),
+                            source,
+                        })?;
+                if cacheable {
+                    cache.layers.insert(key, layer.clone());
+                    changed = true;
+                }
+                layer
+            }
+        };
         let dir_name = path
             .parent()
             .and_then(|p| p.file_name())
@@ -51,8 +82,56 @@ pub fn load_catalog(dir: &Path, schemas: &Schemas) -> Result<Catalog, LoadError>
         }
         layers.push(layer);
     }
+    if let (Some(file), true) = (cache_file, changed) {
+        cache.write(&file, schemas, &used);
+    }
     Catalog::new(layers).map_err(|errors| LoadError::Invalid {
         dir: dir.to_path_buf(),
         errors,
     })
+}
+
+/// What workflow files evaluated to, by the SHA-256 of their text, for one catalog
+/// directory and one version of the contracts.
+#[derive(Default, Serialize, Deserialize)]
+struct Cache {
+    schemas: String,
+    layers: BTreeMap<String, Layer>,
+}
+
+/// The cache file of the catalog at `dir`; `None` without a home for caches.
+fn cache_path(dir: &Path) -> Option<PathBuf> {
+    let root = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let id = data_encoding::HEXLOWER.encode(&Sha256::digest(dir.as_os_str().as_encoded_bytes())[..8]);
+    Some(root.join("lian").join(format!("catalog-{id}.json")))
+}
+
+impl Cache {
+    /// The cache at `file` if it was made with these contracts; empty otherwise.
+    fn read(file: &Path, schemas: &Schemas) -> Self {
+        std::fs::read(file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Cache>(&bytes).ok())
+            .filter(|c| Some(c.schemas.as_str()) == schemas.fingerprint())
+            .unwrap_or_default()
+    }
+
+    /// Keeps only the entries `used` by this load (a removed layer leaves), written beside
+    /// and renamed so a reader never sees half a file; a cache that cannot be written is
+    /// skipped.
+    fn write(mut self, file: &Path, schemas: &Schemas, used: &std::collections::BTreeSet<String>) {
+        self.schemas = schemas.fingerprint().unwrap_or_default().to_string();
+        self.layers.retain(|key, _| used.contains(key));
+        let written = file.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
+            let staging = file.with_extension(format!("json.{}", std::process::id()));
+            std::fs::write(&staging, serde_json::to_vec(&self).expect("layers serialize"))?;
+            std::fs::rename(&staging, file)
+        });
+        if let Err(err) = written {
+            tracing::debug!(%err, file = %file.display(), "catalog cache not written");
+        }
+    }
 }

@@ -147,6 +147,9 @@ impl NickelError {
 #[derive(Debug, Clone)]
 pub struct Schemas {
     dir: PathBuf,
+    /// A digest of the contracts' text, for the schemas compiled in: what a cache of
+    /// evaluated documents must match.
+    fingerprint: Option<String>,
 }
 
 impl Schemas {
@@ -180,12 +183,24 @@ impl Schemas {
                 let _ = std::fs::remove_dir_all(&staging);
             }
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            fingerprint: Some(tag),
+        })
     }
 
     /// Schemas from a directory (a checkout's `schemas/`).
     pub fn at(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            fingerprint: None,
+        }
+    }
+
+    /// What the contracts are, as a digest of their text; `None` for schemas read from a
+    /// directory, which may change under a cache.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.fingerprint.as_deref()
     }
 
     pub fn dir(&self) -> &Path {
