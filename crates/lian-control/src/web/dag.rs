@@ -122,6 +122,7 @@ fn state_label(view: &LayerView) -> String {
     match (view.state, &view.step) {
         (LayerState::Running, Some(step)) => format!("running: {step}"),
         (LayerState::CutOff, _) => "cut off".to_string(),
+        (LayerState::Blocked, _) => "blocked: a parent failed".to_string(),
         (state, _) => state.as_str().to_string(),
     }
 }

@@ -67,8 +67,10 @@ pub enum LayerState {
     Running,
     Done,
     Failed,
-    /// Not built: a layer it is built on failed in the same cascade.
+    /// Not rebuilt: every layer it is built on came out unchanged (early cutoff).
     CutOff,
+    /// Not built: a layer it is built on failed in the same cascade.
+    Blocked,
 }
 
 impl LayerState {
@@ -80,6 +82,7 @@ impl LayerState {
             Self::Done => "done",
             Self::Failed => "failed",
             Self::CutOff => "cut_off",
+            Self::Blocked => "blocked",
         }
     }
 }
@@ -157,9 +160,10 @@ pub struct Built {
 
 #[derive(Debug, Clone, Default)]
 struct LayerMark {
-    /// The layer's latest build, or `None` when the latest news is that it was cut off.
+    /// The layer's latest build, or `None` when the latest news is that it was not built
+    /// (`unbuilt` says why: cut off or blocked).
     build: Option<String>,
-    cut_off: bool,
+    unbuilt: Option<LayerState>,
     at: Option<OffsetDateTime>,
     built: Option<Built>,
 }
@@ -291,7 +295,7 @@ impl Live {
                     step: "requested".into(),
                     ..BuildRow::new(&id, e.workspace.as_str(), e.at, seen)
                 });
-                m.mark_layer(layer.as_str(), Some(&id), e.at);
+                m.mark_layer(layer.as_str(), Ok(&id), e.at);
                 let state = m.builds[&id].state.as_str().to_string();
                 Some(Change {
                     build: Some(id),
@@ -300,11 +304,15 @@ impl Live {
                 })
             }
             CascadeEvent::LayerBlocked { layer, .. } | CascadeEvent::LayerCutOff { layer, .. } => {
-                m.mark_layer(layer.as_str(), None, e.at);
+                let why = match &e.event {
+                    CascadeEvent::LayerBlocked { .. } => LayerState::Blocked,
+                    _ => LayerState::CutOff,
+                };
+                m.mark_layer(layer.as_str(), Err(why), e.at);
                 Some(Change {
                     build: None,
                     layer: Some(layer.to_string()),
-                    state: LayerState::CutOff.as_str().into(),
+                    state: why.as_str().into(),
                 })
             }
             _ => None,
@@ -391,7 +399,7 @@ impl Live {
         });
         let first_at = row.first_at;
         if let Some(layer) = &layer {
-            m.mark_layer(layer, Some(&id), first_at);
+            m.mark_layer(layer, Ok(&id), first_at);
             if let Some(built) = built {
                 let mark = m.layers.entry(layer.clone()).or_default();
                 let newer = mark
@@ -519,9 +527,10 @@ impl Model {
         self.seen
     }
 
-    /// Makes `build` (or a cut-off when `None`) the layer's latest news, unless the layer
-    /// already has newer news.
-    fn mark_layer(&mut self, layer: &str, build: Option<&str>, at: OffsetDateTime) {
+    /// Makes `news` (a build, or why the layer was not built) the layer's latest news,
+    /// unless the layer already has newer news.
+    fn mark_layer(&mut self, layer: &str, news: Result<&str, LayerState>, at: OffsetDateTime) {
+        let build = news.ok();
         let mark = self.layers.entry(layer.to_string()).or_default();
         let same = build.is_some() && mark.build.as_deref() == build;
         if same || mark.at.is_none_or(|t| t <= at) {
@@ -534,7 +543,7 @@ impl Model {
             }
             let mark = self.layers.get_mut(layer).expect("inserted above");
             mark.build = build.map(String::from);
-            mark.cut_off = build.is_none();
+            mark.unbuilt = news.err();
             mark.at = Some(mark.at.map_or(at, |t| if same { t } else { at }));
         }
     }
@@ -549,14 +558,14 @@ impl Model {
             };
         };
         let row = mark.build.as_ref().and_then(|b| self.builds.get(b));
-        let state = match (mark.cut_off, row.map(|r| r.state)) {
-            (true, _) => LayerState::CutOff,
+        let state = match (mark.unbuilt, row.map(|r| r.state)) {
+            (Some(why), _) => why,
             // A superseded build's successor is queued, whether or not it was seen yet.
-            (false, Some(BuildState::Queued | BuildState::Superseded)) => LayerState::Queued,
-            (false, Some(BuildState::Running)) => LayerState::Running,
-            (false, Some(BuildState::Completed)) => LayerState::Done,
-            (false, Some(BuildState::Failed)) => LayerState::Failed,
-            (false, None) => LayerState::Idle,
+            (None, Some(BuildState::Queued | BuildState::Superseded)) => LayerState::Queued,
+            (None, Some(BuildState::Running)) => LayerState::Running,
+            (None, Some(BuildState::Completed)) => LayerState::Done,
+            (None, Some(BuildState::Failed)) => LayerState::Failed,
+            (None, None) => LayerState::Idle,
         };
         LayerView {
             state,
@@ -706,7 +715,7 @@ mod tests {
             );
         }
         assert_eq!(live.layer("tools").state, LayerState::Failed);
-        assert_eq!(live.layer("app").state, LayerState::CutOff);
+        assert_eq!(live.layer("app").state, LayerState::Blocked, "blocked, not cut off");
         assert_eq!(live.build("b1").unwrap().reason.as_deref(), Some("no <Dockerfile>"));
         let (failed, total) = live.builds(None, Some(BuildState::Failed), 0, 10);
         assert_eq!((failed.len(), total), (1, 1));

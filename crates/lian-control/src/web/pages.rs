@@ -147,6 +147,7 @@ fn legend() -> Markup {
         LayerState::Done,
         LayerState::Failed,
         LayerState::CutOff,
+        LayerState::Blocked,
     ];
     html! { p.legend { @for s in states { (state_badge(s.as_str())) " " } } }
 }
