@@ -35,7 +35,7 @@ fn cascade_events(wire: &RawNats, cascade: &str) -> Vec<serde_json::Value> {
 fn a_burst_of_parent_completions_builds_each_descendant_once() {
     let fleet = Fleet::new("examples");
     let catalog = staged_examples();
-    let _cascade = cascade_service(&fleet.server.url, catalog.path(), &[]);
+    let cascade = cascade_service(&fleet.server.url, catalog.path(), &["--log-format", "json"]);
     let mut wire = fleet.wire();
     let within = Duration::from_secs(30);
 
@@ -93,6 +93,17 @@ fn a_burst_of_parent_completions_builds_each_descendant_once() {
         })
         .sum();
     assert_eq!(requested, 3, "each cascade asked for app once");
+
+    // The cascade's log lines carry the cascade, layer and build they are about.
+    let line = cascade.wait_stderr(within, "\"cascade_id\":\"c-t2\"");
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let span = line["spans"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(span["name"], "cascade", "{line}");
+    assert_eq!(span["workspace"], "examples", "{line}");
+    assert!(
+        ["t2", "c-t3-app"].contains(&span["build_id"].as_str().unwrap()),
+        "{line}"
+    );
 
     // A real worker drains the three requests: the superseded ones end where they are.
     let _worker = fleet.worker("worker-a", &[]);

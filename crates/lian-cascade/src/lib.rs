@@ -96,7 +96,20 @@ pub async fn run(
             }
             None => return Err(CascadeServiceError::StreamEnded),
         };
-        match service.handle(&job).await {
+        // One span per event handled, so a build's lines across worker, control plane and
+        // cascade can be pulled out by its id (`--log-format json`).
+        let tokens: Vec<&str> = job.subject().split('.').collect();
+        let span = tracing::info_span!(
+            "cascade",
+            workspace = tokens.get(1).copied().unwrap_or_default(),
+            build_id = tracing::field::Empty,
+            cascade_id = tracing::field::Empty,
+            layer = tracing::field::Empty,
+        );
+        if tokens.get(2) == Some(&"build") {
+            span.record("build_id", tokens.get(3).copied().unwrap_or_default());
+        }
+        match tracing::Instrument::instrument(service.handle(&job), span).await {
             Ok(()) => {
                 let _ = job.ack().await;
             }
@@ -149,6 +162,9 @@ impl Service {
             layer: layer.clone(),
             build_id: envelope.build_id.clone(),
         };
+        let span = tracing::Span::current();
+        span.record("cascade_id", id.as_str());
+        span.record("layer", layer.as_str());
         let turn = Turn {
             id: &id,
             ws: &envelope.workspace,
@@ -241,6 +257,7 @@ impl Service {
             return Ok(());
         };
         let id = envelope.cascade_id;
+        tracing::Span::current().record("cascade_id", id.as_str());
         let turn = Turn {
             id: &id,
             ws: &envelope.workspace,
