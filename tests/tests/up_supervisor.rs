@@ -29,6 +29,17 @@ fn pids_with(words: &[&str]) -> Vec<u32> {
     found
 }
 
+/// The NATS URL (a seed list for a cluster) `lian up` printed.
+fn nats_url_of(fleet: &Running) -> String {
+    fleet
+        .stdout_lines
+        .iter()
+        .find_map(|l| l.trim_start().strip_prefix("nats"))
+        .expect("lian up prints its NATS URL")
+        .trim()
+        .to_string()
+}
+
 /// Processes whose command line mentions `marker` anywhere.
 fn processes_mentioning(marker: &str) -> Vec<String> {
     std::fs::read_dir("/proc")
@@ -65,13 +76,7 @@ fn a_killed_worker_is_restarted_and_the_fleet_builds_again() {
         &[],
         "Ctrl-C stops everything",
     );
-    let nats_url = fleet
-        .stdout_lines
-        .iter()
-        .find_map(|l| l.trim_start().strip_prefix("nats"))
-        .expect("lian up prints its NATS URL")
-        .trim()
-        .to_string();
+    let nats_url = nats_url_of(&fleet);
 
     let state_canonical = std::fs::canonicalize(state.path()).unwrap();
     let state_arg = state_canonical.to_str().unwrap();
@@ -152,13 +157,7 @@ fn up_with_a_three_member_nats_cluster_replicates_everything_and_builds() {
         ],
         "Ctrl-C stops everything",
     );
-    let nats_url = fleet
-        .stdout_lines
-        .iter()
-        .find_map(|l| l.trim_start().strip_prefix("nats"))
-        .expect("lian up prints its NATS URL")
-        .trim()
-        .to_string();
+    let nats_url = nats_url_of(&fleet);
     assert_eq!(
         nats_url.split(',').count(),
         3,

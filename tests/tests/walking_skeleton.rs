@@ -243,8 +243,9 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
 
     // The impact preview of the next change to base, from the builds just recorded.
     let catalog_dir = catalog.path().to_str().unwrap();
-    let preview = |parallelism: &str| {
-        let out = lian(&[
+    // `lian --output json catalog --catalog DIR ARGS...` on this fleet.
+    let catalog_json = |args: &[&str]| {
+        let mut all = vec![
             "--nats-url",
             &nats_url,
             "--output",
@@ -252,13 +253,12 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
             "catalog",
             "--catalog",
             catalog_dir,
-            "plan",
-            "--changed",
-            "base",
-            "--estimate",
-            "--parallelism",
-            parallelism,
-        ]);
+        ];
+        all.extend_from_slice(args);
+        lian(&all)
+    };
+    let preview = |parallelism: &str| {
+        let out = catalog_json(&["plan", "--changed", "base", "--estimate", "--parallelism", parallelism]);
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["estimate"].clone()
     };
@@ -296,16 +296,7 @@ fn a_root_layer_build_and_its_cascade_run_through_every_step() {
     );
 
     // The catalog lock: the completed cascade locked its four layers by digest, in one write.
-    let lock = lian(&[
-        "--nats-url",
-        &nats_url,
-        "--output",
-        "json",
-        "catalog",
-        "--catalog",
-        catalog_dir,
-        "lock",
-    ]);
+    let lock = catalog_json(&["lock"]);
     assert!(lock.status.success(), "{}", text(&lock));
     let lock: serde_json::Value = serde_json::from_slice(&lock.stdout).unwrap();
     assert_eq!(lock["cascade_id"], cascade.as_str(), "{lock}");

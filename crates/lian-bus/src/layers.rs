@@ -2,6 +2,7 @@
 //! what tells a rebuilt layer that came out unchanged (early cutoff) from one that changed.
 
 use lian_core::subjects;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{Bus, BusError};
@@ -52,115 +53,6 @@ pub struct CatalogLock {
 // Layer names start with a letter or digit, so no layer is called this.
 const LOCK_KEY: &str = "_lock";
 
-impl Bus {
-    /// A layer's latest completed image, if it has one.
-    pub async fn layer_image(&self, layer: &str) -> Result<Option<LayerImage>, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let entry = kv
-            .get(layer)
-            .await
-            .map_err(|e| BusError::nats("read a layer's image", e))?;
-        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()))
-    }
-
-    /// The catalog lock; empty before any cascade completed.
-    pub async fn catalog_lock(&self) -> Result<CatalogLock, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let entry = kv
-            .get(LOCK_KEY)
-            .await
-            .map_err(|e| BusError::nats("read the catalog lock", e))?;
-        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
-    }
-
-    /// Puts `layers` into the catalog lock as `cascade` completed them, in one
-    /// compare-and-set (a concurrent writer makes this read and merge again). Writing the
-    /// same again changes nothing but the time.
-    pub async fn lock_layers(&self, cascade: &str, at: i64, layers: Vec<LayerImage>) -> Result<CatalogLock, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let entry = kv
-                .entry(LOCK_KEY)
-                .await
-                .map_err(|e| BusError::nats("read the catalog lock", e))?;
-            let revision = entry.as_ref().map_or(0, |e| e.revision);
-            let mut lock: CatalogLock = entry
-                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-                .and_then(|e| serde_json::from_slice(&e.value).ok())
-                .unwrap_or_default();
-            for layer in &layers {
-                lock.layers.insert(layer.layer.clone(), layer.clone());
-            }
-            lock.cascade_id = cascade.to_string();
-            lock.at = at;
-            let bytes = serde_json::to_vec(&lock).expect("json").into();
-            let written = if revision == 0 {
-                kv.create(LOCK_KEY, bytes).await.map(drop).map_err(|e| e.to_string())
-            } else {
-                kv.update(LOCK_KEY, bytes, revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            };
-            match written {
-                Ok(()) => return Ok(lock),
-                Err(err) => last_error = err,
-            }
-        }
-        Err(BusError::Nats {
-            op: "write the catalog lock",
-            message: last_error,
-        })
-    }
-
-    /// Records a completed build of a catalog layer as the layer's latest image and returns
-    /// the record, which says whether the image is the one the layer had. Recording the same
-    /// build again (a redelivered event) changes nothing and gives the same answer.
-    pub async fn record_layer_image(&self, next: LayerImage) -> Result<LayerImage, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let mut last_error = String::new();
-        // Compare-and-set: another cascade replica may record the same layer at once.
-        for _ in 0..5 {
-            let entry = kv
-                .entry(&next.layer)
-                .await
-                .map_err(|e| BusError::nats("read a layer's image", e))?;
-            let revision = entry.as_ref().map_or(0, |e| e.revision);
-            let known = entry
-                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-                .and_then(|e| serde_json::from_slice::<LayerImage>(&e.value).ok());
-            if let Some(known) = known.as_ref().filter(|k| k.build_id == next.build_id) {
-                return Ok(known.clone());
-            }
-            let record = LayerImage {
-                previous_image_id: known.map(|k| k.image_id),
-                ..next.clone()
-            };
-            let bytes = serde_json::to_vec(&record).expect("json");
-            let written = if revision == 0 {
-                kv.create(&record.layer, bytes.into())
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            } else {
-                kv.update(&record.layer, bytes.into(), revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            };
-            match written {
-                Ok(()) => return Ok(record),
-                Err(err) => last_error = err,
-            }
-        }
-        Err(BusError::Nats {
-            op: "record a layer's image",
-            message: last_error,
-        })
-    }
-}
-
 /// The build of a layer a cascade asked for last in a workspace (key
 /// `queued.<workspace>.<layer>`): the one a newer request for the layer may supersede if no
 /// worker took it yet.
@@ -180,14 +72,119 @@ fn followers_key(build: &str) -> String {
     format!("followers.{build}")
 }
 
+/// What a read-modify-write decides, given the value it read.
+enum Change<T, R> {
+    /// Write this value; answer that.
+    Write(T, R),
+    /// Write nothing; answer that.
+    Keep(R),
+}
+
 impl Bus {
-    pub async fn queued_layer(&self, workspace: &str, layer: &str) -> Result<Option<QueuedLayer>, BusError> {
+    /// The JSON value under `key` in the layers bucket, if there is one.
+    async fn layers_get<T: DeserializeOwned>(&self, op: &'static str, key: &str) -> Result<Option<T>, BusError> {
         let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let entry = kv
-            .get(queued_key(workspace, layer))
-            .await
-            .map_err(|e| BusError::nats("read a layer's queued build", e))?;
+        let entry = kv.get(key).await.map_err(|e| BusError::nats(op, e))?;
         Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Read-modify-write of the JSON value under `key` in the layers bucket, as a
+    /// compare-and-set: another writer in between makes it read and decide again (5 tries).
+    async fn layers_update<T, R>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut decide: impl FnMut(Option<T>) -> Change<T, R>,
+    ) -> Result<R, BusError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let kv = self.kv(subjects::LAYER_BUCKET).await?;
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let entry = kv.entry(key).await.map_err(|e| BusError::nats(op, e))?;
+            let revision = entry.as_ref().map_or(0, |e| e.revision);
+            let known = entry
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice::<T>(&e.value).ok());
+            let (value, answer) = match decide(known) {
+                Change::Keep(answer) => return Ok(answer),
+                Change::Write(value, answer) => (value, answer),
+            };
+            let bytes = serde_json::to_vec(&value).expect("json").into();
+            let written = if revision == 0 {
+                kv.create(key, bytes).await.map(drop).map_err(|e| e.to_string())
+            } else {
+                kv.update(key, bytes, revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(()) => return Ok(answer),
+                Err(err) => last_error = err,
+            }
+        }
+        Err(BusError::Nats {
+            op,
+            message: last_error,
+        })
+    }
+
+    /// A layer's latest completed image, if it has one.
+    pub async fn layer_image(&self, layer: &str) -> Result<Option<LayerImage>, BusError> {
+        self.layers_get("read a layer's image", layer).await
+    }
+
+    /// The catalog lock; empty before any cascade completed.
+    pub async fn catalog_lock(&self) -> Result<CatalogLock, BusError> {
+        Ok(self
+            .layers_get("read the catalog lock", LOCK_KEY)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Puts `layers` into the catalog lock as `cascade` completed them, in one
+    /// compare-and-set (a concurrent writer makes this read and merge again). Writing the
+    /// same again changes nothing but the time.
+    pub async fn lock_layers(&self, cascade: &str, at: i64, layers: Vec<LayerImage>) -> Result<CatalogLock, BusError> {
+        self.layers_update("write the catalog lock", LOCK_KEY, |known: Option<CatalogLock>| {
+            let mut lock = known.unwrap_or_default();
+            for layer in &layers {
+                lock.layers.insert(layer.layer.clone(), layer.clone());
+            }
+            lock.cascade_id = cascade.to_string();
+            lock.at = at;
+            Change::Write(lock.clone(), lock)
+        })
+        .await
+    }
+
+    /// Records a completed build of a catalog layer as the layer's latest image and returns
+    /// the record, which says whether the image is the one the layer had. Recording the same
+    /// build again (a redelivered event) changes nothing and gives the same answer.
+    pub async fn record_layer_image(&self, next: LayerImage) -> Result<LayerImage, BusError> {
+        let key = next.layer.clone();
+        self.layers_update(
+            "record a layer's image",
+            &key,
+            |known: Option<LayerImage>| match known {
+                Some(known) if known.build_id == next.build_id => Change::Keep(known),
+                known => {
+                    let record = LayerImage {
+                        previous_image_id: known.map(|k| k.image_id),
+                        ..next.clone()
+                    };
+                    Change::Write(record.clone(), record)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn queued_layer(&self, workspace: &str, layer: &str) -> Result<Option<QueuedLayer>, BusError> {
+        self.layers_get("read a layer's queued build", &queued_key(workspace, layer))
+            .await
     }
 
     pub async fn set_queued_layer(&self, workspace: &str, layer: &str, queued: &QueuedLayer) -> Result<(), BusError> {
@@ -203,52 +200,28 @@ impl Bus {
 
     /// The cascades following `build` (see `add_followers`), in the order they joined.
     pub async fn followers(&self, build: &str) -> Result<Vec<String>, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let entry = kv
-            .get(followers_key(build))
-            .await
-            .map_err(|e| BusError::nats("read a build's followers", e))?;
-        Ok(entry.and_then(|v| serde_json::from_slice(&v).ok()).unwrap_or_default())
+        Ok(self
+            .layers_get("read a build's followers", &followers_key(build))
+            .await?
+            .unwrap_or_default())
     }
 
     /// Adds cascades to those that take `build`'s end as the end of their own build of the
     /// layer; one already there is not added twice (a handler run again after a crash).
     pub async fn add_followers(&self, build: &str, cascades: &[String]) -> Result<Vec<String>, BusError> {
-        let kv = self.kv(subjects::LAYER_BUCKET).await?;
-        let key = followers_key(build);
-        let mut last_error = String::new();
-        for _ in 0..5 {
-            let entry = kv
-                .entry(&key)
-                .await
-                .map_err(|e| BusError::nats("read a build's followers", e))?;
-            let revision = entry.as_ref().map_or(0, |e| e.revision);
-            let mut list: Vec<String> = entry
-                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-                .and_then(|e| serde_json::from_slice(&e.value).ok())
-                .unwrap_or_default();
-            for c in cascades {
-                if !list.contains(c) {
-                    list.push(c.clone());
+        self.layers_update(
+            "add a build's followers",
+            &followers_key(build),
+            |known: Option<Vec<String>>| {
+                let mut list = known.unwrap_or_default();
+                for c in cascades {
+                    if !list.contains(c) {
+                        list.push(c.clone());
+                    }
                 }
-            }
-            let bytes = serde_json::to_vec(&list).expect("json").into();
-            let written = if revision == 0 {
-                kv.create(&key, bytes).await.map(drop).map_err(|e| e.to_string())
-            } else {
-                kv.update(&key, bytes, revision)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            };
-            match written {
-                Ok(()) => return Ok(list),
-                Err(err) => last_error = err,
-            }
-        }
-        Err(BusError::Nats {
-            op: "add a build's followers",
-            message: last_error,
-        })
+                Change::Write(list.clone(), list)
+            },
+        )
+        .await
     }
 }
