@@ -186,3 +186,52 @@ fn colour_only_on_a_terminal_and_never_with_no_color() {
     let piped = worker_log_until_serving(&nats.url, false, &[]);
     assert!(!piped.contains('\u{1b}'), "a pipe: {piped:?}");
 }
+
+/// `lian submit --wait` of a small build, under a terminal (`script`) or on a pipe: what it
+/// wrote on stderr and stdout together, and whether it succeeded.
+fn submit_wait(fleet: &common::Fleet, terminal: bool) -> (String, bool) {
+    let context = common::context_with("RUN echo waited\n");
+    let directives = common::directives_json(context.path(), fleet.workspace, "lian-test/waited:latest");
+    let submit = format!(
+        "{} --nats-url {} submit {} --context {} --wait --timeout 180",
+        lian_bin().display(),
+        fleet.server.url,
+        directives.display(),
+        context.path().display()
+    );
+    let mut command = if terminal {
+        let mut c = Command::new("script");
+        c.args(["-qfec", &submit, "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("exec {submit} 2>&1")]);
+        c
+    };
+    let out = command
+        .env("LIAN_CONFIG", "/dev/null")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .output()
+        .expect("script and sh run");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), out.status.success())
+}
+
+#[test]
+fn wait_shows_the_current_step_on_a_terminal_only() {
+    let fleet = common::Fleet::new("waiting");
+    let _worker = fleet.worker("w", &[("LIAN_RUNNER_ISOLATION", "shared")]);
+    let (on_terminal, ok) = submit_wait(&fleet, true);
+    assert!(ok, "{on_terminal}");
+    assert!(
+        on_terminal.contains("/8, "),
+        "a spinner naming the step: {on_terminal:?}"
+    );
+    let (piped, ok) = submit_wait(&fleet, false);
+    assert!(ok, "{piped}");
+    assert!(
+        !piped.contains("/8, ") && !piped.contains('\u{1b}'),
+        "plain lines on a pipe: {piped:?}"
+    );
+    assert!(piped.contains("completed lian-test/waited:latest"), "{piped}");
+}

@@ -1,6 +1,7 @@
 //! `lian watch` and `lian status`, and the one-line rendering of events they share.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::bail;
 use futures::StreamExt;
@@ -159,13 +160,30 @@ pub async fn status(global: Global, args: StatusArgs) -> anyhow::Result<ExitCode
 /// Prints the build's events until it ends; 0 when it completed, 1 when it failed.
 pub async fn follow(bus: &Bus, build_id: &BuildId, json: bool) -> anyhow::Result<ExitCode> {
     let mut events = Box::pin(bus.follow(&subjects::build_history(build_id)).await?);
+    // On a terminal: a spinner under the event lines, saying which of the eight steps runs.
+    let bar = (!json && crate::term::decorated(&std::io::stderr())).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar.set_message(format!("build {build_id}: waiting for a worker"));
+        bar
+    });
     while let Some(record) = events.next().await {
         let record = record?;
         let envelope: Envelope = record.decode()?;
         if json {
             println!("{}", String::from_utf8_lossy(&record.payload));
+        } else if let Some(bar) = &bar {
+            bar.println(build_line(&envelope));
+            if let Some(step) = envelope.event.step_number() {
+                bar.set_message(format!("build {build_id}: step {step}/8, {}", envelope.event.kind()));
+            }
         } else {
             eprintln!("{}", build_line(&envelope));
+        }
+        if envelope.event.is_terminal()
+            && let Some(bar) = &bar
+        {
+            bar.finish_and_clear();
         }
         match &envelope.event {
             BuildEvent::Completed { image, .. } => {

@@ -296,6 +296,32 @@ impl BuildEvent {
         }
     }
 
+    /// Which of the eight lifecycle steps the event belongs to (1-8); `None` for intake
+    /// and ownership notes (accepted, resumed, a refusal at validation).
+    pub fn step_number(&self) -> Option<usize> {
+        Some(match self {
+            Self::Accepted { .. } | Self::Resumed { .. } => return None,
+            Self::Sized(_) => 1,
+            Self::Started { .. } => 2,
+            Self::RunnerRequested { .. } | Self::RunnerLeased { .. } => 3,
+            Self::ContextSynced { .. } => 4,
+            Self::ImageBuilt { .. } | Self::OomEscalated { .. } => 5,
+            Self::MetricsRecorded { .. } => 6,
+            Self::RunnerDestroyed { .. } => 7,
+            Self::Completed { .. } | Self::Failed { .. } | Self::Superseded { .. } => 8,
+            Self::StepFailed { step, .. } => match step {
+                Step::Validate => return None,
+                Step::Size => 1,
+                Step::SpawnRunner => 3,
+                Step::SyncContext => 4,
+                Step::Build => 5,
+                Step::RecordMetrics => 6,
+                Step::DestroyRunner => 7,
+                Step::TimeBudget | Step::Cancelled | Step::Abandoned => 8,
+            },
+        })
+    }
+
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,

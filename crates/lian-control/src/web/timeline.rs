@@ -1,7 +1,6 @@
 //! A build's history as its eight steps: which event ends which step, how long each took
 //! (the time from the event before), how often it failed, and the tiers it ran on.
 
-use lian_core::event::Step;
 use lian_core::{BuildEvent, Envelope};
 use time::OffsetDateTime;
 
@@ -32,31 +31,6 @@ pub struct StepSpan {
     pub events: Vec<&'static str>,
 }
 
-/// Which step an event belongs to (1-8); `None` for intake and ownership notes.
-fn step_of(event: &BuildEvent) -> Option<usize> {
-    Some(match event {
-        BuildEvent::Accepted { .. } | BuildEvent::Resumed { .. } => return None,
-        BuildEvent::Sized(_) => 1,
-        BuildEvent::Started { .. } => 2,
-        BuildEvent::RunnerRequested { .. } | BuildEvent::RunnerLeased { .. } => 3,
-        BuildEvent::ContextSynced { .. } => 4,
-        BuildEvent::ImageBuilt { .. } | BuildEvent::OomEscalated { .. } => 5,
-        BuildEvent::MetricsRecorded { .. } => 6,
-        BuildEvent::RunnerDestroyed { .. } => 7,
-        BuildEvent::Completed { .. } | BuildEvent::Failed { .. } | BuildEvent::Superseded { .. } => 8,
-        BuildEvent::StepFailed { step, .. } => match step {
-            Step::Validate => return None,
-            Step::Size => 1,
-            Step::SpawnRunner => 3,
-            Step::SyncContext => 4,
-            Step::Build => 5,
-            Step::RecordMetrics => 6,
-            Step::DestroyRunner => 7,
-            Step::TimeBudget | Step::Cancelled | Step::Abandoned => 8,
-        },
-    })
-}
-
 fn ms(from: OffsetDateTime, to: OffsetDateTime) -> u64 {
     (to - from).whole_milliseconds().max(0) as u64
 }
@@ -71,7 +45,7 @@ pub fn steps(history: &[Envelope]) -> Vec<StepSpan> {
     let mut previous = first.at;
     for e in history {
         let gap = ms(previous, e.at);
-        if let Some(n) = step_of(&e.event) {
+        if let Some(n) = e.event.step_number() {
             let span = spans[n - 1].get_or_insert_with(|| StepSpan {
                 number: n,
                 name: STEP_NAMES[n - 1],
