@@ -36,6 +36,7 @@ fn serve(rt: &tokio::runtime::Runtime, nats_url: &str, catalog: Catalog) -> Stri
                 ssh_pool: None,
                 hcloud: None,
                 proxmox: None,
+                noop: None,
             },
             reap_every: Duration::from_secs(3600),
             catalog: Some(catalog),

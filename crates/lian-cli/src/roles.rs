@@ -94,6 +94,9 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
             max_files: settings.max_context_files,
             max_bytes: settings.max_context_bytes,
         },
+        // Read here, not from lian.toml: a fake build must take an explicit act on the
+        // worker's own host, never a shared config file.
+        enable_noop_provider: std::env::var("LIAN_ENABLE_NOOP_PROVIDER").is_ok_and(|v| v == "1"),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;
     Ok(Exit::Ok.code())

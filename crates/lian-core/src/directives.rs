@@ -59,11 +59,21 @@ pub enum ComputeProvider {
     SshPool,
     Hcloud,
     Proxmox,
+    /// For benchmarks only: a lease that returns at once and a build that runs nothing. A
+    /// worker refuses it unless started with it enabled, so no production build can be
+    /// completed with a fake image by naming it.
+    Noop,
 }
 
 impl ComputeProvider {
     /// Every provider a build can name.
-    pub const ALL: [ComputeProvider; 4] = [Self::DockerLocal, Self::SshPool, Self::Hcloud, Self::Proxmox];
+    pub const ALL: [ComputeProvider; 5] = [
+        Self::DockerLocal,
+        Self::SshPool,
+        Self::Hcloud,
+        Self::Proxmox,
+        Self::Noop,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,6 +81,7 @@ impl ComputeProvider {
             Self::SshPool => "ssh_pool",
             Self::Hcloud => "hcloud",
             Self::Proxmox => "proxmox",
+            Self::Noop => "noop",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod dockerfile;
 mod engine;
 mod engine_store;
 pub mod hcloud;
+mod noop;
 pub mod progress;
 mod provider;
 pub mod proxmox;
@@ -29,6 +30,7 @@ pub use control::{ControlClient, ControlError};
 pub use docker_build::{BuildFailure, BuildInvocation, BuildOutput, DockerBuilder, StepCounts};
 pub use docker_local::{DockerLocal, Isolation};
 pub use hcloud::{Hcloud, HcloudConfig};
+pub use noop::{NOOP_IMAGE_ID, Noop};
 pub use provider::{Built, CloudRunners, Held, OnStep, Provider, RunnerHandle, Unconfigured, ViaControl};
 pub use proxmox::{Proxmox, ProxmoxConfig};
 pub use ssh_pool::{HostBuilder, SshHost, SshPool};
@@ -147,13 +149,15 @@ pub(crate) fn lease_host_key(key: &LeaseKey) -> Result<ssh::HostKeyPair, RunnerE
 }
 
 /// The registry of providers: the ones this worker (or control plane) can lease from. Only
-/// the control plane has hcloud and proxmox: it alone holds their credentials.
+/// the control plane has hcloud and proxmox: it alone holds their credentials. `noop` is
+/// there only where a worker was started for a benchmark ([`Providers::enable_noop`]).
 #[derive(Debug, Clone)]
 pub struct Providers {
     pub docker_local: Option<DockerLocal>,
     pub ssh_pool: Option<SshPool>,
     pub hcloud: Option<Hcloud>,
     pub proxmox: Option<Proxmox>,
+    pub noop: Option<Noop>,
 }
 
 /// How to configure a provider this host does not have.
@@ -168,6 +172,10 @@ fn hint(provider: ComputeProvider) -> &'static str {
         ComputeProvider::Proxmox => {
             "proxmox runners are leased through the control plane: configure [proxmox] in its \
              lian.toml (the token secret in LIAN_PROXMOX_TOKEN_SECRET)"
+        }
+        ComputeProvider::Noop => {
+            "noop is a benchmark-only provider (it builds nothing): a worker serves it only when started \
+             with LIAN_ENABLE_NOOP_PROVIDER=1"
         }
     }
 }
@@ -206,7 +214,16 @@ impl Providers {
             ssh_pool: Some(SshPool::new(ssh_hosts, runners_dir.join("ssh-staging"), build_network)),
             hcloud: None,
             proxmox: None,
+            noop: None,
         }
+    }
+
+    /// These providers plus `noop`, for benchmarks: builds naming it complete with a fake
+    /// image, its contexts staged under `dir`. Never enabled by default, so a request cannot
+    /// get a production worker to report a build it did not run.
+    pub fn enable_noop(mut self, dir: &std::path::Path) -> Self {
+        self.noop = Some(Noop::new(dir));
+        self
     }
 
     /// These providers plus the cloud ones configured (the control plane's: it alone holds
@@ -258,6 +275,7 @@ impl Providers {
                 .map(|p| p as &dyn Provider),
             ComputeProvider::Hcloud => self.hcloud.as_ref().map(|p| p as &dyn Provider),
             ComputeProvider::Proxmox => self.proxmox.as_ref().map(|p| p as &dyn Provider),
+            ComputeProvider::Noop => self.noop.as_ref().map(|p| p as &dyn Provider),
         };
         found.ok_or(RunnerError::NotConfigured {
             provider: kind.as_str(),
@@ -286,6 +304,10 @@ impl Providers {
                     Some(p) => Arc::new(p.clone()),
                     None => Arc::new(Unconfigured { kind, hint: hint(kind) }),
                 },
+                ComputeProvider::Noop => match &self.noop {
+                    Some(p) => Arc::new(p.clone()),
+                    None => Arc::new(Unconfigured { kind, hint: hint(kind) }),
+                },
                 ComputeProvider::Hcloud | ComputeProvider::Proxmox => Arc::new(CloudRunners {
                     kind,
                     control: control.cloned(),
@@ -297,11 +319,12 @@ impl Providers {
         let providers = ComputeProvider::ALL
             .iter()
             .map(|&kind| match control {
-                Some(control) => Arc::new(ViaControl {
+                // noop leases nothing anywhere: the control plane would only refuse it.
+                Some(control) if kind != ComputeProvider::Noop => Arc::new(ViaControl {
                     control: control.clone(),
                     here: here(kind),
                 }) as Arc<dyn Provider>,
-                None => here(kind),
+                _ => here(kind),
             })
             .collect();
         Registry { providers }

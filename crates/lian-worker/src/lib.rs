@@ -69,6 +69,9 @@ pub struct WorkerOptions {
     /// A context over these (any client can publish a manifest) fails its build before a
     /// byte of it is read.
     pub context_limits: lian_bus::ContextLimits,
+    /// Serve builds that name the benchmark-only `noop` provider (a fake build, nothing
+    /// run); off unless the worker is started with `LIAN_ENABLE_NOOP_PROVIDER=1`.
+    pub enable_noop_provider: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,12 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
         options.ssh_hosts.clone(),
         &options.builder.network,
     );
+    let providers = if options.enable_noop_provider {
+        tracing::warn!("the benchmark-only noop provider is enabled: builds naming it run nothing");
+        providers.enable_noop(&options.runners_dir.join("noop"))
+    } else {
+        providers
+    };
     let runners = providers.for_worker(
         &options.builder,
         options.control.as_ref(),
