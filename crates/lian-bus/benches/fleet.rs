@@ -406,6 +406,7 @@ fn request(ws: &Workspace, context: &ContextRef, id: &BuildId) -> BuildRequest {
         context: context.clone(),
         layer: None,
         cascade: None,
+        parents: Default::default(),
     }
 }
 
