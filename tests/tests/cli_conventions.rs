@@ -117,6 +117,19 @@ fn clap_usage_errors_are_the_json_error_line_with_exit_2() {
     );
 }
 
+/// `line` run under a terminal (`script` gives it one) or on a pipe, stderr with stdout.
+fn shell(line: &str, terminal: bool) -> Command {
+    if terminal {
+        let mut c = Command::new("script");
+        c.args(["-qfec", line, "/dev/null"]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("exec {line} 2>&1")]);
+        c
+    }
+}
+
 /// A worker's log lines up to the one saying it serves, run under a terminal (`script`
 /// gives it one) with `env`, or on a pipe.
 fn worker_log_until_serving(nats_url: &str, terminal: bool, env: &[(&str, &str)]) -> String {
@@ -126,15 +139,7 @@ fn worker_log_until_serving(nats_url: &str, terminal: bool, env: &[(&str, &str)]
         lian_bin().display(),
         state.path().display()
     );
-    let mut command = if terminal {
-        let mut c = Command::new("script");
-        c.args(["-qfec", &worker, "/dev/null"]);
-        c
-    } else {
-        let mut c = Command::new("sh");
-        c.args(["-c", &format!("exec {worker} 2>&1")]);
-        c
-    };
+    let mut command = shell(&worker, terminal);
     let mut child = command
         .env("LIAN_CONFIG", "/dev/null")
         .env("LIAN_RUNNER_ISOLATION", "shared")
@@ -199,15 +204,7 @@ fn submit_wait(fleet: &common::Fleet, terminal: bool) -> (String, bool) {
         directives.display(),
         context.path().display()
     );
-    let mut command = if terminal {
-        let mut c = Command::new("script");
-        c.args(["-qfec", &submit, "/dev/null"]);
-        c
-    } else {
-        let mut c = Command::new("sh");
-        c.args(["-c", &format!("exec {submit} 2>&1")]);
-        c
-    };
+    let mut command = shell(&submit, terminal);
     let out = command
         .env("LIAN_CONFIG", "/dev/null")
         .env_remove("NO_COLOR")

@@ -62,6 +62,34 @@ struct Service {
     options: CascadeOptions,
 }
 
+/// What `plan` will cost, from the fleet's recorded builds of each layer (`lian-metrics`),
+/// on `parallelism` workers (default: those the fleet has now, idle or building): what
+/// `lian catalog plan --estimate` prints and the gate's minute limit reads.
+pub async fn estimate_plan(
+    bus: &Bus,
+    catalog: &Catalog,
+    plan: &[LayerName],
+    parallelism: Option<usize>,
+) -> Result<lian_catalog::estimate::Estimate, BusError> {
+    let mut history: std::collections::BTreeMap<LayerName, Vec<lian_catalog::estimate::Sample>> = Default::default();
+    for record in bus.layer_metrics().await? {
+        let Some(layer) = record.layer else { continue };
+        history.entry(layer).or_default().push(lian_catalog::estimate::Sample {
+            runner_type: record.runner_type.map(|t| t.as_str().to_string()).unwrap_or_default(),
+            seconds: record.duration_ms as f64 / 1000.0,
+            at: record.at,
+        });
+    }
+    let parallelism = match parallelism {
+        Some(n) => n,
+        None => {
+            let depth = bus.queue_depth().await?;
+            (depth.idle_pulls + depth.in_flight).max(1) as usize
+        }
+    };
+    Ok(lian_catalog::estimate::estimate(catalog, plan, &history, parallelism))
+}
+
 /// Serves terminal build events until `shutdown` resolves.
 pub async fn run(
     bus: Bus,
@@ -234,19 +262,7 @@ impl Service {
     /// The plan's expected wall time (P50) from the fleet's recorded builds, on the
     /// workers it has now.
     async fn expected_minutes(&self, plan: &[LayerName]) -> Result<f64, BusError> {
-        let mut history: std::collections::BTreeMap<LayerName, Vec<lian_catalog::estimate::Sample>> =
-            Default::default();
-        for record in self.bus.layer_metrics().await? {
-            let Some(layer) = record.layer else { continue };
-            history.entry(layer).or_default().push(lian_catalog::estimate::Sample {
-                runner_type: record.runner_type.map(|t| t.as_str().to_string()).unwrap_or_default(),
-                seconds: record.duration_ms as f64 / 1000.0,
-                at: record.at,
-            });
-        }
-        let depth = self.bus.queue_depth().await?;
-        let workers = (depth.idle_pulls + depth.in_flight).max(1) as usize;
-        let estimate = lian_catalog::estimate::estimate(&self.catalog, plan, &history, workers);
+        let estimate = estimate_plan(&self.bus, &self.catalog, plan, None).await?;
         Ok(estimate.wall_p50_secs / 60.0)
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 
 use lian_catalog::GraphFormat;
-use lian_catalog::estimate::{Estimate, Sample};
+use lian_catalog::estimate::Estimate;
 use lian_nickel::Schemas;
 
 use crate::cli::{CatalogArgs, CatalogCommand, Format, Global};
@@ -136,7 +136,7 @@ pub async fn run(global: &Global, args: CatalogArgs) -> anyhow::Result<ExitCode>
     Ok(Exit::Ok.code())
 }
 
-/// The plan's cost from the fleet's recorded builds of each layer (`lian-metrics`).
+/// The plan's cost, from the fleet this command reaches.
 async fn estimate(
     global: &Global,
     catalog: &lian_catalog::Catalog,
@@ -145,23 +145,7 @@ async fn estimate(
 ) -> anyhow::Result<Estimate> {
     let settings = crate::config::Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(global, "lian-catalog-plan", &settings).await?;
-    let mut history: BTreeMap<lian_core::LayerName, Vec<Sample>> = BTreeMap::new();
-    for record in bus.layer_metrics().await? {
-        let Some(layer) = record.layer else { continue };
-        history.entry(layer).or_default().push(Sample {
-            runner_type: record.runner_type.map(|t| t.as_str().to_string()).unwrap_or_default(),
-            seconds: record.duration_ms as f64 / 1000.0,
-            at: record.at,
-        });
-    }
-    let parallelism = match parallelism {
-        Some(n) => n,
-        None => {
-            let depth = bus.queue_depth().await?;
-            (depth.idle_pulls + depth.in_flight).max(1) as usize
-        }
-    };
-    Ok(lian_catalog::estimate::estimate(catalog, plan, &history, parallelism))
+    Ok(lian_cascade::estimate_plan(&bus, catalog, plan, parallelism).await?)
 }
 
 fn render_estimate(changed: &str, e: &Estimate) -> String {
