@@ -33,6 +33,24 @@ pub struct Layer {
     pub artifact_paths: Vec<String>,
     #[serde(default)]
     pub native_deps: Vec<String>,
+    #[serde(default)]
+    pub suggest_when: SuggestWhen,
+}
+
+/// What in a Rust project says to build FROM a layer: the catalog states it, so that no
+/// layer's name or tool is known to code (lamina ADR-003).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuggestWhen {
+    /// Crates a project depends on directly.
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    /// Targets it builds for; one ending in `*` matches by prefix.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Tables under `[package.metadata]` or `[workspace.metadata]`.
+    #[serde(default)]
+    pub metadata: Vec<String>,
 }
 
 impl Layer {

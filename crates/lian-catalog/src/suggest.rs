@@ -1,7 +1,9 @@
 //! `lian catalog suggest`: the catalog layer a Rust project should build FROM, and why,
-//! from the facts its manifests state (read by the caller: this crate does no I/O). Every
-//! rule is a question about the project that names a layer; the answer is the most specific
-//! layer that matched (one built on another wins over it), and every match is reported.
+//! from the facts its manifests state (read by the caller: this crate does no I/O). What
+//! points at a layer is the layer's own `suggest_when` in the catalog, or its class (a layer
+//! made for the project, a layer with the native libraries its tree links); the answer is
+//! the most specific layer that matched (one built on another wins over it), and every
+//! match is reported.
 
 use std::collections::BTreeSet;
 
@@ -23,8 +25,8 @@ pub struct Project {
     pub locked: BTreeSet<String>,
     /// Targets it builds for (`build.target`, the toolchain file's `targets`).
     pub targets: BTreeSet<String>,
-    /// `[package.metadata.leptos]` or `[[workspace.metadata.leptos]]`: built by cargo-leptos.
-    pub leptos_metadata: bool,
+    /// The tables under `[package.metadata]` and `[workspace.metadata]`: tools configured there.
+    pub metadata: BTreeSet<String>,
 }
 
 /// `-sys` crates and the Debian packages that provide what they link.
@@ -73,23 +75,20 @@ pub fn suggest(catalog: &Catalog, project: &Project) -> Result<Suggestion, Sugge
                 "the catalog has a layer made for the project {name}: its dependencies are cooked there"
             ));
         }
-        if layer.tools_provided.iter().any(|t| t == "cargo-leptos") {
-            if has("leptos") {
-                reasons.push(format!("it depends on leptos, and {name} adds cargo-leptos"));
-            }
-            if project.leptos_metadata {
-                reasons.push("its Cargo.toml configures cargo-leptos ([package.metadata.leptos])".into());
-            }
+        let when = &layer.suggest_when;
+        for dep in when.dependencies.iter().filter(|d| has(d)) {
+            reasons.push(format!("it depends on {dep}, which {name} is made for{}", tools(layer)));
         }
-        if layer.tools_provided.iter().any(|t| t == "wasm-bindgen") {
-            if let Some(target) = project.targets.iter().find(|t| t.starts_with("wasm32-")) {
+        for pattern in &when.targets {
+            let matches = |t: &&String| pattern.strip_suffix('*').map_or(*t == pattern, |p| t.starts_with(p));
+            if let Some(target) = project.targets.iter().find(matches) {
                 reasons.push(format!("it builds for {target}, which {name} installs"));
             }
-            if has("wasm-bindgen") {
-                reasons.push(format!(
-                    "it depends on wasm-bindgen, and {name} has wasm-bindgen-cli and wasm-opt"
-                ));
-            }
+        }
+        for table in when.metadata.iter().filter(|t| project.metadata.contains(*t)) {
+            reasons.push(format!(
+                "its Cargo.toml configures [package.metadata.{table}], which {name}'s tools read"
+            ));
         }
         if layer.class == LayerClass::NativeDep && !layer.native_deps.is_empty() {
             let provided: BTreeSet<&str> = layer.native_deps.iter().map(String::as_str).collect();
@@ -149,13 +148,23 @@ pub fn suggest(catalog: &Catalog, project: &Project) -> Result<Suggestion, Sugge
     })
 }
 
+/// ` (it adds a, b)` from the layer's tools, or nothing.
+fn tools(layer: &crate::Layer) -> String {
+    if layer.tools_provided.is_empty() {
+        String::new()
+    } else {
+        format!(" (it adds {})", layer.tools_provided.join(", "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Base, Layer};
+    use crate::{Base, Layer, SuggestWhen};
 
     fn layer(name: &str, class: LayerClass, on: Option<&str>, tools: &[&str], native: &[&str]) -> Layer {
         Layer {
+            suggest_when: SuggestWhen::default(),
             name: LayerName::new(name).unwrap(),
             class,
             description: String::new(),
@@ -177,17 +186,29 @@ mod tests {
         }
     }
 
+    /// Layer names of this test's own, not the lamina catalog's: code names no catalog
+    /// layer (lamina ADR-003), and the rules under test come from each layer's `suggest_when`.
     fn catalog() -> Catalog {
+        let web = Layer {
+            suggest_when: SuggestWhen {
+                dependencies: vec!["bindgen".into()],
+                targets: vec!["web32-*".into()],
+                metadata: vec![],
+            },
+            ..layer("web", LayerClass::Toolchain, Some("rust"), &["bindgen-cli"], &[])
+        };
+        let ui = Layer {
+            suggest_when: SuggestWhen {
+                dependencies: vec!["ui-kit".into()],
+                targets: vec![],
+                metadata: vec!["ui-kit".into()],
+            },
+            ..layer("ui", LayerClass::Toolchain, Some("web"), &["cargo-ui"], &[])
+        };
         Catalog::new(vec![
             layer("rust", LayerClass::Toolchain, None, &["cargo", "rustc"], &[]),
-            layer(
-                "wasm",
-                LayerClass::Toolchain,
-                Some("rust"),
-                &["wasm-bindgen", "wasm-opt"],
-                &[],
-            ),
-            layer("leptos", LayerClass::Toolchain, Some("wasm"), &["cargo-leptos"], &[]),
+            web,
+            ui,
             layer(
                 "vault",
                 LayerClass::NativeDep,
@@ -208,12 +229,10 @@ mod tests {
 
     #[test]
     fn the_lock_file_counts_for_native_libraries_only() {
-        // A Cargo.lock lists every platform's dependencies: wasm-bindgen deep in it says
+        // A Cargo.lock lists every platform's dependencies: bindgen deep in it says
         // nothing about the project; openssl-sys anywhere in it still needs libssl.
         let deep = Project {
-            locked: ["wasm-bindgen", "leptos", "openssl-sys", "oqs-sys"]
-                .map(String::from)
-                .into(),
+            locked: ["bindgen", "ui-kit", "openssl-sys", "oqs-sys"].map(String::from).into(),
             ..Default::default()
         };
         let s = suggest(&catalog(), &deep).unwrap();
@@ -223,10 +242,19 @@ mod tests {
 
     #[test]
     fn the_most_specific_layer_wins_and_every_match_is_said() {
-        let s = suggest(&catalog(), &project(&["leptos", "wasm-bindgen"])).unwrap();
-        assert_eq!(s.layer.as_str(), "leptos", "leptos is built on wasm: {s:?}");
+        let s = suggest(&catalog(), &project(&["ui-kit", "bindgen"])).unwrap();
+        assert_eq!(s.layer.as_str(), "ui", "ui is built on web: {s:?}");
         assert_eq!(s.matched.len(), 2);
-        assert!(s.matched.iter().any(|m| m.layer.as_str() == "wasm"));
+        assert!(s.matched.iter().any(|m| m.layer.as_str() == "web"));
+        assert!(
+            s.reasons[0].contains("cargo-ui"),
+            "the reason names the layer's tools: {s:?}"
+        );
+        let configured = Project {
+            metadata: ["ui-kit".to_string()].into(),
+            ..Default::default()
+        };
+        assert_eq!(suggest(&catalog(), &configured).unwrap().layer.as_str(), "ui");
     }
 
     #[test]
@@ -238,10 +266,15 @@ mod tests {
         assert_eq!(only_ssl.layer.as_str(), "rust", "vault installs more than it needs");
         let both = suggest(&catalog(), &project(&["openssl-sys", "oqs-sys"])).unwrap();
         assert_eq!(both.layer.as_str(), "vault", "{both:?}");
-        let wasm_target = Project {
-            targets: ["wasm32-unknown-unknown".to_string()].into(),
+        let web_target = Project {
+            targets: ["web32-unknown-unknown".to_string()].into(),
             ..Default::default()
         };
-        assert_eq!(suggest(&catalog(), &wasm_target).unwrap().layer.as_str(), "wasm");
+        assert_eq!(suggest(&catalog(), &web_target).unwrap().layer.as_str(), "web");
+        let other_target = Project {
+            targets: ["web64-unknown-unknown".to_string()].into(),
+            ..Default::default()
+        };
+        assert_eq!(suggest(&catalog(), &other_target).unwrap().layer.as_str(), "rust");
     }
 }

@@ -38,6 +38,7 @@ pub fn synthetic(trees: usize, per_tree: usize, shared_root: bool) -> Catalog {
                 tools_provided: vec![],
                 artifact_paths: vec!["/opt".into()],
                 native_deps: vec![],
+                suggest_when: Default::default(),
             });
         }
     }

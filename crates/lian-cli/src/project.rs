@@ -91,12 +91,11 @@ pub fn read_project(dir: &Path) -> anyhow::Result<Project> {
         if let Some(name) = package.and_then(|p| p.get("name")).and_then(toml::Value::as_str) {
             project.names.insert(name.to_string());
         }
-        let leptos = |t: Option<&toml::Value>| {
-            t.and_then(|t| t.get("metadata"))
-                .and_then(|m| m.get("leptos"))
-                .is_some()
-        };
-        project.leptos_metadata |= leptos(package) || leptos(m.get("workspace"));
+        for owner in [package, m.get("workspace")] {
+            if let Some(tables) = owner.and_then(|o| o.get("metadata")).and_then(toml::Value::as_table) {
+                project.metadata.extend(tables.keys().cloned());
+            }
+        }
         dependency_names(m, &mut project.dependencies);
     }
     if let Some(lock) = read_toml(&dir.join("Cargo.lock"))? {

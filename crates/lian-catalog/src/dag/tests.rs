@@ -26,6 +26,7 @@ fn layer(n: &str, base: Option<&str>, donors: &[&str]) -> Layer {
         tools_provided: vec![],
         artifact_paths: vec![],
         native_deps: vec![],
+        suggest_when: Default::default(),
     }
 }
 

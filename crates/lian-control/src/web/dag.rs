@@ -195,6 +195,7 @@ mod tests {
             tools_provided: vec![],
             artifact_paths: vec![],
             native_deps: vec![],
+            suggest_when: Default::default(),
         }
     }
 
