@@ -11,7 +11,13 @@ use lian_test_support::{Registry, docker_cli, http};
 fn push(registry: &Registry, repository: &str, tag: &str, content: &str) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("Dockerfile"), "FROM scratch\nCOPY f /f\n").unwrap();
-    std::fs::write(dir.path().join("f"), content).unwrap();
+    // Content of this run only: the same bytes built before would come out of the engine's
+    // build cache with that earlier build's creation time, which is what gc reads.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::fs::write(dir.path().join("f"), format!("{content} {nonce}")).unwrap();
     let host = registry.url.trim_start_matches("http://");
     let reference = format!("{host}/{repository}:{tag}");
     let docker = docker_cli();
