@@ -170,43 +170,67 @@ impl Bus {
 
     /// Everything stored on `filter` in the events stream, oldest first.
     pub async fn read_all(&self, filter: &str) -> Result<Vec<Record>, BusError> {
+        // Most histories read are a new build's, which has none: one direct get says so,
+        // where a consumer costs a round trip to create and one to delete.
+        if self.head(filter).await? == 0 {
+            return Ok(Vec::new());
+        }
+        let messages = self
+            .read_stream(subjects::EVENTS_STREAM, filter, consumer::DeliverPolicy::All)
+            .await?;
+        messages
+            .iter()
+            .map(|message| {
+                let info = message.info().map_err(|e| BusError::nats("read history", e))?;
+                Ok(Record {
+                    subject: message.subject.to_string(),
+                    payload: message.payload.clone(),
+                    sequence: info.stream_sequence,
+                })
+            })
+            .collect()
+    }
+
+    /// What is stored on `filter` in `stream` now, as `policy` picks it, in stream order:
+    /// one ordered consumer read until nothing is pending.
+    pub(crate) async fn read_stream(
+        &self,
+        stream: &str,
+        filter: &str,
+        policy: consumer::DeliverPolicy,
+    ) -> Result<Vec<async_nats::jetstream::Message>, BusError> {
         let stream = self
             .js
-            .get_stream(subjects::EVENTS_STREAM)
+            .get_stream_no_info(stream)
             .await
-            .map_err(|e| BusError::nats("open events stream", e))?;
+            .map_err(|e| BusError::nats("open stream", e))?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 filter_subject: filter.to_string(),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: policy,
                 ..Default::default()
             })
             .await
-            .map_err(|e| BusError::nats("read history", e))?;
+            .map_err(|e| BusError::nats("read stream", e))?;
         let mut remaining = consumer.cached_info().num_pending;
-        let mut records = Vec::with_capacity(remaining as usize);
+        let mut read = Vec::with_capacity(remaining as usize);
         if remaining == 0 {
-            return Ok(records);
+            return Ok(read);
         }
         let mut messages = consumer
             .messages()
             .await
-            .map_err(|e| BusError::nats("read history", e))?;
+            .map_err(|e| BusError::nats("read stream", e))?;
         while remaining > 0 {
             let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
                 .await
-                .map_err(|_| BusError::nats("read history", "timed out"))?;
+                .map_err(|_| BusError::nats("read stream", "timed out"))?;
             let Some(message) = next else { break };
-            let message = message.map_err(|e| BusError::nats("read history", e))?;
-            let info = message.info().map_err(|e| BusError::nats("read history", e))?;
-            remaining = info.pending;
-            records.push(Record {
-                subject: message.subject.to_string(),
-                payload: message.payload.clone(),
-                sequence: info.stream_sequence,
-            });
+            let message = message.map_err(|e| BusError::nats("read stream", e))?;
+            remaining = message.info().map_err(|e| BusError::nats("read stream", e))?.pending;
+            read.push(message);
         }
-        Ok(records)
+        Ok(read)
     }
 
     /// Every message on `filter` in the events stream, history first, then live.

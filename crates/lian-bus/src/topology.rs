@@ -335,7 +335,6 @@ impl Bus {
             .collect())
     }
 
-    /// The metrics records of a workspace's builds, newest build id first.
     /// Every metrics record of a catalog layer's build, whatever the workspace: what
     /// `lian catalog plan --estimate` reads.
     pub async fn layer_metrics(&self) -> Result<Vec<lian_core::control::MetricsRecord>, BusError> {
@@ -348,6 +347,7 @@ impl Bus {
             .collect())
     }
 
+    /// The metrics records of a workspace's builds, newest build id first.
     pub async fn workspace_metrics(&self, workspace: &str) -> Result<Vec<serde_json::Value>, BusError> {
         let mut entries = self
             .kv_entries(subjects::METRICS_BUCKET, &format!("{workspace}."))
@@ -378,12 +378,9 @@ impl Bus {
 
     /// The tier-2 approval of a workspace, if an operator gave one.
     pub async fn sizing_approval(&self, workspace: &str) -> Result<Option<serde_json::Value>, BusError> {
-        Ok(self
-            .kv_entries(subjects::SIZING_BUCKET, workspace)
-            .await?
-            .into_iter()
-            .find(|(k, _)| k == workspace)
-            .map(|(_, v)| v))
+        let kv = self.kv(subjects::SIZING_BUCKET).await?;
+        let value = kv.get(workspace).await.map_err(|e| BusError::nats("read key", e))?;
+        Ok(value.map(|bytes| serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
     }
 
     /// Records (or, with `None`, withdraws) a workspace's tier-2 approval.
@@ -474,25 +471,34 @@ impl Bus {
             .map_err(|e| BusError::nats("open key-value bucket", e))
     }
 
-    /// The entries of a bucket whose key starts with `prefix`, in key order.
+    /// The entries of a bucket whose key starts with `prefix`, in key order: one read of the
+    /// bucket's stream, filtered on the server when the prefix ends a token, rather than a
+    /// listing of every key and a get per key.
     async fn kv_entries(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, serde_json::Value)>, BusError> {
-        use futures::StreamExt;
-        let kv = self.kv(bucket).await?;
-        let mut keys: Vec<String> = kv
-            .keys()
-            .await
-            .map_err(|e| BusError::nats("list keys", e))?
-            .filter_map(|k| async move { k.ok() })
-            .filter(|k| futures::future::ready(k.starts_with(prefix)))
-            .collect()
-            .await;
-        keys.sort();
-        let mut entries = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some(bytes) = kv.get(&key).await.map_err(|e| BusError::nats("read key", e))? {
-                entries.push((key, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)));
-            }
-        }
+        let keys = format!("$KV.{bucket}.");
+        let filter = match prefix {
+            p if p.is_empty() || p.ends_with('.') => format!("{keys}{p}>"),
+            _ => format!("{keys}>"),
+        };
+        let messages = self
+            .read_stream(
+                &format!("KV_{bucket}"),
+                &filter,
+                jetstream::consumer::DeliverPolicy::LastPerSubject,
+            )
+            .await?;
+        let mut entries: Vec<(String, serde_json::Value)> = messages
+            .into_iter()
+            .filter(|m| !kv_removed(m))
+            .filter_map(|m| {
+                let key = m.subject.strip_prefix(keys.as_str())?.to_string();
+                key.starts_with(prefix).then(|| {
+                    let value = serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null);
+                    (key, value)
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(entries)
     }
 
@@ -522,6 +528,15 @@ impl Bus {
             Err(e) => Err(BusError::nats("read control", e)),
         }
     }
+}
+
+/// A key-value message that deletes or purges its key rather than setting it.
+fn kv_removed(message: &jetstream::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
 }
 
 /// A JetStream answer that means "not yet" on a cluster electing its leaders.

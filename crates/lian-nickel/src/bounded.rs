@@ -9,14 +9,17 @@
 //! own words for an allocation failure or a stack overflow.
 
 use std::io::{Read, Write};
+use std::num::NonZeroUsize;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use sha2::{Digest, Sha256};
 
 use crate::confine::Confinement;
 use crate::{Contract, Exceeded, MAX_JSON_DEPTH, NickelError, Schemas, check_json_depth, typed};
@@ -28,6 +31,9 @@ pub const EVAL_SUBCOMMAND: &str = "__eval";
 const MAX_REPLY_BYTES: u64 = 16 << 20;
 /// How much of the child's stderr is searched for the runtime's last words.
 const MAX_STDERR_BYTES: u64 = 64 << 10;
+/// Values remembered per evaluator, and the largest remembered: at most 16 MiB in all.
+const REMEMBERED: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
+const MAX_REMEMBERED_BYTES: usize = 64 << 10;
 
 /// The bounds of one evaluation of a user-supplied document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +97,20 @@ pub struct Evaluator {
     schemas: Schemas,
     program: PathBuf,
     limits: EvalLimits,
+    remembered: Arc<Mutex<Remembered>>,
+}
+
+/// Values of in-memory documents this evaluator accepted, by a digest of the request. Such
+/// a document imports nothing but the schemas, so its value is a pure function of the
+/// request and of the contracts' text; the same one (a workspace's directives, sent with
+/// every build) costs a child process once, not once per build. Refusals are not
+/// remembered: a limit hit under load may not be hit again.
+struct Remembered(lru::LruCache<[u8; 32], serde_json::Value>);
+
+impl std::fmt::Debug for Remembered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} remembered values", self.0.len())
+    }
 }
 
 impl Evaluator {
@@ -100,6 +120,7 @@ impl Evaluator {
             schemas,
             program,
             limits,
+            remembered: Arc::new(Mutex::new(Remembered(lru::LruCache::new(REMEMBERED)))),
         }
     }
 
@@ -180,6 +201,31 @@ impl Evaluator {
 
     fn run(&self, request: &Request, what: &str) -> Result<serde_json::Value, NickelError> {
         let payload = serde_json::to_vec(request).expect("a request serializes");
+        // Only with the contracts compiled in: schemas in a directory may change under us.
+        let key = match (&request.input, self.schemas.fingerprint()) {
+            (Input::File(_), _) | (_, None) => None,
+            (_, Some(fingerprint)) => Some(<[u8; 32]>::from(
+                Sha256::new()
+                    .chain_update(fingerprint)
+                    .chain_update(&payload)
+                    .finalize(),
+            )),
+        };
+        let lock = || self.remembered.lock().expect("remembered values lock");
+        if let Some(value) = key.as_ref().and_then(|k| lock().0.get(k).cloned()) {
+            return Ok(value);
+        }
+        let (value, reply_bytes) = self.spawn(payload, what)?;
+        if let Some(key) = key
+            && reply_bytes <= MAX_REMEMBERED_BYTES
+        {
+            lock().0.put(key, value.clone());
+        }
+        Ok(value)
+    }
+
+    /// One evaluation in a child process: its value and the size of its reply.
+    fn spawn(&self, payload: Vec<u8>, what: &str) -> Result<(serde_json::Value, usize), NickelError> {
         let limits = self.limits;
         let mut command = Command::new(&self.program);
         command
@@ -273,8 +319,9 @@ impl Evaluator {
         let Ok(Ok(reply)) = reply else {
             return Err(crashed("its reply could not be read".into()));
         };
-        serde_json::from_slice::<Result<serde_json::Value, NickelError>>(&reply)
-            .map_err(|e| crashed(format!("its reply is not readable: {e}")))?
+        let value = serde_json::from_slice::<Result<serde_json::Value, NickelError>>(&reply)
+            .map_err(|e| crashed(format!("its reply is not readable: {e}")))??;
+        Ok((value, reply.len()))
     }
 }
 

@@ -231,3 +231,80 @@ fn the_summary_keeps_the_location_and_drops_the_snippet() {
     assert!(summary.contains(".build-spec.ncl:1:"), "{summary}");
     assert!(!summary.contains('\n') && !summary.contains('│'), "{summary}");
 }
+
+/// An evaluator program that counts its runs in `runs` and answers `reply` to anything.
+fn counting_program(dir: &Path, reply: &str) -> PathBuf {
+    let program = dir.join("evaluator.sh");
+    let runs = dir.join("runs");
+    std::fs::write(
+        &program,
+        format!(
+            "#!/bin/sh\ncat >/dev/null\necho run >> '{}'\necho '{reply}'\n",
+            runs.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    program
+}
+
+fn runs(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("runs")).map_or(0, |r| r.lines().count())
+}
+
+#[test]
+fn an_accepted_document_is_evaluated_once_and_a_refused_one_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = Evaluator::new(
+        schemas(),
+        counting_program(dir.path(), r#"{"Ok": {"cpu": 2}}"#),
+        EvalLimits::default(),
+    );
+    let spec = |doc: &str| ok.eval_str::<serde_json::Value>(doc, ".build-spec.ncl", Contract::BuildSpec);
+    assert_eq!(spec("{ cpu = 2 }").unwrap()["cpu"], 2);
+    assert_eq!(spec("{ cpu = 2 }").unwrap()["cpu"], 2);
+    assert_eq!(runs(dir.path()), 1, "the same document again is not evaluated again");
+    spec("{ cpu = 2, }").unwrap();
+    assert_eq!(runs(dir.path()), 2, "another document is");
+    let json = ok.eval_json::<serde_json::Value>(r#"{"cpu": 2}"#, "request", Contract::BuildSpec);
+    assert!(json.is_ok());
+    assert_eq!(
+        runs(dir.path()),
+        3,
+        "the same text under another contract or kind is another request"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let refusing = Evaluator::new(
+        schemas(),
+        counting_program(
+            dir.path(),
+            r#"{"Err": {"Crashed": {"what": "x", "status": "refused"}}}"#,
+        ),
+        EvalLimits::default(),
+    );
+    for _ in 0..2 {
+        let err = refusing
+            .eval_str::<serde_json::Value>("{ cpu = 2 }", ".build-spec.ncl", Contract::BuildSpec)
+            .unwrap_err();
+        assert!(err.to_string().contains("x"), "{err}");
+    }
+    assert_eq!(runs(dir.path()), 2, "a refusal is asked again");
+
+    let dir = tempfile::tempdir().unwrap();
+    let from_a_directory = Evaluator::new(
+        Schemas::at(schemas().dir()),
+        counting_program(dir.path(), r#"{"Ok": {"cpu": 2}}"#),
+        EvalLimits::default(),
+    );
+    for _ in 0..2 {
+        from_a_directory
+            .eval_str::<serde_json::Value>("{ cpu = 2 }", ".build-spec.ncl", Contract::BuildSpec)
+            .unwrap();
+    }
+    assert_eq!(
+        runs(dir.path()),
+        2,
+        "schemas read from a directory may change: nothing is remembered"
+    );
+}
