@@ -63,8 +63,8 @@ impl Bus {
             .get_consumer_from_stream(consumer, stream)
             .await
             .map_err(|e| BusError::nats("open consumer", e))?;
-        // One message at a time: a worker holds one build, and what it has not taken is
-        // free for the next worker.
+        // One message per pull, pulled only while the worker has a free slot: what it has
+        // not taken is free for the next worker.
         let messages = consumer
             .stream()
             .max_messages_per_batch(1)

@@ -33,6 +33,8 @@ pub struct Settings {
     pub nats_replicas: usize,
     /// Seconds between reaper passes over this host's runners.
     pub reap_every_secs: u64,
+    /// Builds one worker drives at once.
+    pub builds_in_flight: usize,
     /// docker_local runners: "shared" (the host's engine, no limits) or "engine" (an engine
     /// per lease under a cgroup with the tier's limits).
     pub runner_isolation: String,
@@ -181,6 +183,7 @@ impl Default for Settings {
             max_deliver: 5,
             nats_replicas: 0,
             reap_every_secs: 60,
+            builds_in_flight: 1,
             ssh_hosts: Vec::new(),
             runner_isolation: "engine".into(),
             secrets: Default::default(),
@@ -232,6 +235,7 @@ const ENV: &[EnvVar] = &[
     var("LIAN_MAX_DELIVER", "max_deliver", true, None),
     var("LIAN_NATS_REPLICAS", "nats_replicas", true, None),
     var("LIAN_REAP_EVERY_SECS", "reap_every_secs", true, None),
+    var("LIAN_BUILDS_IN_FLIGHT", "builds_in_flight", true, None),
     var("LIAN_RUNNER_ISOLATION", "runner_isolation", false, None),
     var("LIAN_MEMORY_SCALE", "memory_scale", true, None),
     var("LIAN_WARM_POOL", "warm_pool", true, None),

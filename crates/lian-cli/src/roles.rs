@@ -96,6 +96,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
         },
         // Read here, not from lian.toml: a fake build must take an explicit act on the
         // worker's own host, never a shared config file.
+        builds_in_flight: settings.builds_in_flight,
         enable_noop_provider: std::env::var("LIAN_ENABLE_NOOP_PROVIDER").is_ok_and(|v| v == "1"),
     };
     lian_worker::run(bus, options, shutdown_signal()).await?;

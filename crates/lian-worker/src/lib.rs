@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
 use lian_bus::Bus;
 use lian_core::subjects;
 use lian_nickel::Evaluator;
@@ -69,6 +70,9 @@ pub struct WorkerOptions {
     /// A context over these (any client can publish a manifest) fails its build before a
     /// byte of it is read.
     pub context_limits: lian_bus::ContextLimits,
+    /// Builds this worker drives at once (at least 1). A build mostly waits on its runner,
+    /// so one worker can drive several; each holds its own lease and heartbeats.
+    pub builds_in_flight: usize,
     /// Serve builds that name the benchmark-only `noop` provider (a fake build, nothing
     /// run); off unless the worker is started with `LIAN_ENABLE_NOOP_PROVIDER=1`.
     pub enable_noop_provider: bool,
@@ -140,33 +144,29 @@ pub async fn run(bus: Bus, options: WorkerOptions, shutdown: impl Future<Output 
     let mut expired = bus.expired_requests().await?;
     tracing::info!(worker = %worker.options.name, "serving build requests");
     tokio::pin!(shutdown);
+    // Builds in flight are polled in this task (each waits on NATS or its runner; the
+    // Nickel checks run on blocking threads). A request is pulled only while a slot is free:
+    // what this worker cannot start now stays in the queue for another.
+    let slots = worker.options.builds_in_flight.max(1);
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
+        let free = in_flight.len() < slots;
         let job = tokio::select! {
             () = &mut shutdown => break,
-            job = jobs.next() => job,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+            job = jobs.next(), if free => job,
             // A request whose last delivery died with its worker: this worker ends it.
-            job = expired.next() => job,
+            job = expired.next(), if free => job,
         };
         let Some(job) = job else { break };
-        let job = match job {
-            Ok(job) => job,
-            Err(err) => {
-                tracing::warn!(%err, "cannot take a request");
-                continue;
-            }
-        };
-        let handle = worker.handle(job);
-        tokio::pin!(handle);
-        tokio::select! {
-            () = &mut shutdown => {
-                // Finish the effect in flight, then hand the build back.
-                stopping.store(true, Ordering::SeqCst);
-                handle.await;
-                break;
-            }
-            () = &mut handle => {}
+        match job {
+            Ok(job) => in_flight.push(worker.handle(job)),
+            Err(err) => tracing::warn!(%err, "cannot take a request"),
         }
     }
+    // Each build in flight finishes the effect it is in, then is handed back.
+    stopping.store(true, Ordering::SeqCst);
+    while in_flight.next().await.is_some() {}
     reaper.abort();
     if let Some((pool, local)) = pool {
         pool.abort();
