@@ -5,6 +5,7 @@
 # crates/lian-bus/benches/fleet.rs, which prints Markdown tables. Needs nats-server >= 2.11.
 # Arguments go to the bench: --builds N (P1, 200), --in-flight N (P2, 500), --workers N (P2's
 # fleet, 4), --builds-per-slot N (P2's append path, 4), --rss-in-flight N (P7, 100),
+# --slots N (each worker's builds_in_flight, 100),
 # --only single|cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -5,7 +5,7 @@
 //! provider, so what is timed is the fleet and not an engine.
 //!
 //! `scripts/bench/fleet.sh` builds the binary and runs this (`cargo bench -p lian-bus --bench
-//! fleet -- [--builds N] [--in-flight N] [--workers N] [--only single|cluster]`); it prints
+//! fleet -- [--builds N] [--in-flight N] [--workers N] [--slots N] [--only single|cluster]`); it prints
 //! Markdown tables, recorded in BENCHMARKS.md.
 //!
 //! - P1: a request published -> its `started` event seen on `lian.<ws>.build.<id>.started`,
@@ -49,6 +49,8 @@ struct Args {
     workers: usize,
     builds_per_slot: usize,
     rss_in_flight: usize,
+    /// Each worker's `builds_in_flight`.
+    slots: usize,
     single: bool,
     cluster: bool,
 }
@@ -72,6 +74,7 @@ fn args() -> Args {
         workers: value("--workers", 4),
         builds_per_slot: value("--builds-per-slot", 4),
         rss_in_flight: value("--rss-in-flight", 100),
+        slots: value("--slots", 100),
         single: only.as_deref() != Some("cluster"),
         cluster: only.as_deref() != Some("single"),
     }
@@ -138,7 +141,7 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
     let raw_ack = raw_acked(&js, args.builds.max(1000)).await;
     let ws = Workspace::new(WS).expect("a workspace");
     let context = upload_context(&bus, &ws).await;
-    let fleet = Fleet::start(lian, url, 1);
+    let fleet = Fleet::start(lian, url, 1, args.slots);
     let idle_at_start = rss.then(|| Memory::of(fleet.pids()[0]));
     let p1 = p1(&bus, &ws, &context, args.builds).await;
     println!("### P1: request published -> `started` seen (one worker, noop provider, one build at a time)\n");
@@ -199,8 +202,11 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
             idle_after.hwm
         );
         println!(
-            "| lian worker | {} builds in flight (published at once; it drives one at a time) | {} (max sampled) | {} |",
-            args.rss_in_flight, peak.rss, peak.hwm
+            "| lian worker | {} builds published at once ({} in flight at most) | {} (max sampled) | {} |",
+            args.rss_in_flight,
+            args.rss_in_flight.min(args.slots),
+            peak.rss,
+            peak.hwm
         );
         println!(
             "\nTargets: idle <= 20 MB ({}), {} in flight <= 80 MB ({})\n",
@@ -224,7 +230,7 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
     } else {
         raw_after
     };
-    let fleet = Fleet::start(lian, url, args.workers);
+    let fleet = Fleet::start(lian, url, args.workers, args.slots);
     let whole = fleet_rate(&bus, &ws, &context, args.in_flight).await;
     drop(fleet);
     let mean_payload = template.iter().map(|(_, v)| v.to_string().len()).sum::<usize>() / template.len();
@@ -434,8 +440,9 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Starts `n` workers and returns once each said it serves requests (bounded).
-    fn start(lian: &std::path::Path, url: &str, n: usize) -> Self {
+    /// Starts `n` workers of `slots` builds in flight each, and returns once each said it
+    /// serves requests (bounded).
+    fn start(lian: &std::path::Path, url: &str, n: usize, slots: usize) -> Self {
         let state = tempfile::tempdir().expect("temp dir");
         let (tx, rx) = std::sync::mpsc::channel();
         let children = (0..n)
@@ -451,6 +458,7 @@ impl Fleet {
                     ])
                     .arg(state.path())
                     .env("LIAN_ENABLE_NOOP_PROVIDER", "1")
+                    .env("LIAN_BUILDS_IN_FLIGHT", slots.to_string())
                     .env("NO_COLOR", "1")
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())

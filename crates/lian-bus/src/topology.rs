@@ -347,19 +347,54 @@ impl Bus {
             .collect())
     }
 
-    /// The metrics records of a workspace's builds, newest build id first.
-    pub async fn workspace_metrics(&self, workspace: &str) -> Result<Vec<serde_json::Value>, BusError> {
-        let mut entries = self
-            .kv_entries(subjects::METRICS_BUCKET, &format!("{workspace}."))
-            .await?;
-        entries.reverse();
-        Ok(entries.into_iter().map(|(_, v)| v).collect())
+    /// The metrics records of a workspace's newest `n` builds, newest first (in the order
+    /// they were recorded: build ids are random, so their order says nothing of age).
+    /// Read back from the workspace's newest record, over a span of the bucket that widens
+    /// until it holds `n` of them, so the cost follows `n` and not the fleet's history.
+    pub async fn workspace_metrics(&self, workspace: &str, n: usize) -> Result<Vec<serde_json::Value>, BusError> {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let stream_name = format!("KV_{}", subjects::METRICS_BUCKET);
+        let filter = format!("$KV.{}.{workspace}.>", subjects::METRICS_BUCKET);
+        let stream = self
+            .js
+            .get_stream_no_info(&stream_name)
+            .await
+            .map_err(|e| BusError::nats("open metrics bucket", e))?;
+        let newest = match stream.direct_get_last_for_subject(&filter).await {
+            Ok(message) => message.sequence,
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(BusError::nats("read metrics", e)),
+        };
+        let mut span = 2 * n as u64;
+        loop {
+            let start = newest.saturating_sub(span).max(1);
+            let messages = self
+                .read_stream(
+                    &stream_name,
+                    &filter,
+                    jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                )
+                .await?;
+            let records: Vec<serde_json::Value> = messages
+                .iter()
+                .rev()
+                .filter(|m| !kv_removed(m))
+                .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+                .take(n)
+                .collect();
+            if records.len() >= n || start == 1 {
+                return Ok(records);
+            }
+            span *= 4;
+        }
     }
 
     /// What tier 2 sizing sees for a workspace: the P95 of its recent builds' usage (when it
     /// has enough builds with usage) and whether an operator approved using it.
     pub async fn sizing_history(&self, workspace: &str) -> Result<lian_core::sizing::SizingHistory, BusError> {
-        let recent = self.workspace_metrics(workspace).await?;
+        let recent = self
+            .workspace_metrics(workspace, lian_core::sizing::HISTORY_WINDOW)
+            .await?;
         let usage: Vec<(f64, f64)> = recent
             .iter()
             .filter_map(|m| Some((m["cpu_p95"].as_f64()?, m["mem_p95_gb"].as_f64()?)))

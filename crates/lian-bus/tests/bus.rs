@@ -309,3 +309,32 @@ async fn only_stored_events_reach_subscribers() {
     );
     assert_eq!(bus.head("lian.*.build.nobody.*").await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn a_workspace_s_newest_metrics_are_read_in_the_order_they_were_recorded() {
+    let server = NatsServer::start();
+    let bus = bus(&server).await;
+    // Build ids are random: key order is not age. Another workspace's records interleave.
+    let ids = ["r9", "r1", "r5", "r3", "r7", "r2"];
+    for (n, id) in ids.iter().enumerate() {
+        bus.record_metrics(&format!("ws.{id}"), &serde_json::json!({"n": n}))
+            .await
+            .unwrap();
+        for m in 0..25 {
+            bus.record_metrics(&format!("other.{id}x{m}"), &serde_json::json!({"m": m}))
+                .await
+                .unwrap();
+        }
+    }
+    let newest: Vec<u64> = bus
+        .workspace_metrics("ws", 4)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(newest, [5, 4, 3, 2], "the four recorded last, newest first");
+    let all = bus.workspace_metrics("ws", 20).await.unwrap();
+    assert_eq!(all.len(), ids.len(), "fewer than asked: every one");
+    assert!(bus.workspace_metrics("none", 20).await.unwrap().is_empty());
+}
