@@ -4,6 +4,7 @@
 //! imports async-nats.
 
 mod context;
+mod direct;
 mod error;
 mod history;
 mod layers;

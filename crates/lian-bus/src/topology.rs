@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use lian_core::subjects;
 
+use crate::direct::{Batch, header, kv_removed};
 use crate::{Bus, BusError, Record};
 
 /// The settings of the topology that an operator may want to change.
@@ -350,39 +351,44 @@ impl Bus {
     /// The metrics records of a workspace's newest `n` builds, newest first (in the order
     /// they were recorded: build ids are random, so their order says nothing of age).
     /// Read back from the workspace's newest record, over a span of the bucket that widens
-    /// until it holds `n` of them, so the cost follows `n` and not the fleet's history.
+    /// until it holds `n` of them, so the cost follows `n` and not the fleet's history; each
+    /// read is one direct get, no consumer.
     pub async fn workspace_metrics(&self, workspace: &str, n: usize) -> Result<Vec<serde_json::Value>, BusError> {
-        use async_nats::jetstream::stream::DirectGetErrorKind;
-        let stream_name = format!("KV_{}", subjects::METRICS_BUCKET);
+        const WHAT: &str = "read metrics";
+        let stream = format!("KV_{}", subjects::METRICS_BUCKET);
         let filter = format!("$KV.{}.{workspace}.>", subjects::METRICS_BUCKET);
-        let stream = self
-            .js
-            .get_stream_no_info(&stream_name)
-            .await
-            .map_err(|e| BusError::nats("open metrics bucket", e))?;
-        let newest = match stream.direct_get_last_for_subject(&filter).await {
-            Ok(message) => message.sequence,
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(BusError::nats("read metrics", e)),
+        let newest = self
+            .direct_batch(
+                &stream,
+                &Batch::Last {
+                    multi_last: std::slice::from_ref(&filter),
+                    batch: 1,
+                },
+                WHAT,
+            )
+            .await?;
+        let Some(newest) = newest.first().and_then(|m| header(m.headers.as_ref(), "Nats-Sequence")) else {
+            return Ok(Vec::new());
         };
+        let newest: u64 = newest.parse().map_err(|e| BusError::nats(WHAT, e))?;
         let mut span = 2 * n as u64;
         loop {
-            let start = newest.saturating_sub(span).max(1);
-            let messages = self
-                .read_stream(
-                    &stream_name,
-                    &filter,
-                    jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
-                )
-                .await?;
+            let seq = newest.saturating_sub(span).max(1);
+            let request = Batch::From {
+                seq,
+                next_by_subj: &filter,
+                // Everything up to the newest: this workspace has at most span + 1 there.
+                batch: span as usize + 1,
+            };
+            let messages = self.direct_batch(&stream, &request, WHAT).await?;
             let records: Vec<serde_json::Value> = messages
                 .iter()
                 .rev()
-                .filter(|m| !kv_removed(m))
+                .filter(|m| !kv_removed(m.headers.as_ref()))
                 .filter_map(|m| serde_json::from_slice(&m.payload).ok())
                 .take(n)
                 .collect();
-            if records.len() >= n || start == 1 {
+            if records.len() >= n || seq == 1 {
                 return Ok(records);
             }
             span *= 4;
@@ -413,9 +419,22 @@ impl Bus {
 
     /// The tier-2 approval of a workspace, if an operator gave one.
     pub async fn sizing_approval(&self, workspace: &str) -> Result<Option<serde_json::Value>, BusError> {
-        let kv = self.kv(subjects::SIZING_BUCKET).await?;
-        let value = kv.get(workspace).await.map_err(|e| BusError::nats("read key", e))?;
-        Ok(value.map(|bytes| serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+        let key = [format!("$KV.{}.{workspace}", subjects::SIZING_BUCKET)];
+        let request = Batch::Last {
+            multi_last: &key,
+            batch: 1,
+        };
+        let found = self
+            .direct_batch(
+                &format!("KV_{}", subjects::SIZING_BUCKET),
+                &request,
+                "read sizing approval",
+            )
+            .await?;
+        Ok(found
+            .first()
+            .filter(|m| !kv_removed(m.headers.as_ref()))
+            .map(|m| serde_json::from_slice(&m.payload).unwrap_or(serde_json::Value::Null)))
     }
 
     /// Records (or, with `None`, withdraws) a workspace's tier-2 approval.
@@ -524,7 +543,7 @@ impl Bus {
             .await?;
         let mut entries: Vec<(String, serde_json::Value)> = messages
             .into_iter()
-            .filter(|m| !kv_removed(m))
+            .filter(|m| !kv_removed(m.headers.as_ref()))
             .filter_map(|m| {
                 let key = m.subject.strip_prefix(keys.as_str())?.to_string();
                 key.starts_with(prefix).then(|| {
@@ -563,15 +582,6 @@ impl Bus {
             Err(e) => Err(BusError::nats("read control", e)),
         }
     }
-}
-
-/// A key-value message that deletes or purges its key rather than setting it.
-fn kv_removed(message: &jetstream::Message) -> bool {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("KV-Operation"))
-        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
 }
 
 /// A JetStream answer that means "not yet" on a cluster electing its leaders.

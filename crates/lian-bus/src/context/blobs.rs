@@ -9,14 +9,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::direct::{Batch, header};
 use crate::{Bus, BusError};
 
 pub const STREAM: &str = "LIAN_CONTEXTS";
@@ -34,8 +33,6 @@ const BATCH_SUBJECTS: usize = 1024;
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Publishes awaiting their acknowledgement at once.
 const PUBLISH_WINDOW: usize = 64;
-/// How long a read waits for the next message of a batch.
-const READ_PATIENCE: Duration = Duration::from_secs(30);
 
 fn chunk_subject(sha256: &str, index: u64) -> String {
     format!("lian-ctx.blob.{sha256}.{index}")
@@ -59,12 +56,6 @@ pub struct Chunk {
     pub sha256: String,
     pub index: u64,
     pub data: Bytes,
-}
-
-#[derive(Serialize)]
-struct MultiLast<'a> {
-    multi_last: &'a [String],
-    batch: usize,
 }
 
 /// A publish awaiting its acknowledgement, tagged with the blob whose chunk it carries
@@ -146,7 +137,7 @@ impl Bus {
         let fresh_since = OffsetDateTime::now_utc() - REFRESH_AFTER;
         for group in shas.chunks(BATCH_SUBJECTS) {
             let subjects: Vec<String> = group.iter().map(|s| marker_subject(s)).collect();
-            for message in self.direct_batch(&subjects, subjects.len()).await? {
+            for message in self.last_on(&subjects, subjects.len()).await? {
                 let headers = message.headers.as_ref();
                 let stamp = header(headers, "Nats-Time-Stamp")
                     .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
@@ -184,7 +175,7 @@ impl Bus {
         }
         // One request ahead of the one being written: the next answer is on its way while
         // the sink works, and at most two requests' bytes are held.
-        let mut pending = futures::stream::iter(requests.iter().map(|r| self.direct_batch(r, r.len()))).buffered(2);
+        let mut pending = futures::stream::iter(requests.iter().map(|r| self.last_on(r, r.len()))).buffered(2);
         while let Some(messages) = pending.next().await {
             sink(messages?.into_iter().map(chunk_of).collect::<Result<_, _>>()?)?;
         }
@@ -193,7 +184,7 @@ impl Bus {
 
     /// The value last remembered under `subject` (one message per subject), if any.
     pub(crate) async fn read_last(&self, subject: &str) -> Result<Option<String>, BusError> {
-        let found = self.direct_batch(&[subject.to_string()], 1).await?;
+        let found = self.last_on(&[subject.to_string()], 1).await?;
         Ok(found
             .into_iter()
             .next()
@@ -212,7 +203,7 @@ impl Bus {
     pub(crate) async fn read_small_blob(&self, sha256: &str, limit: u64) -> Result<Vec<u8>, BusError> {
         let wildcard = [format!("lian-ctx.blob.{sha256}.*")];
         let mut chunks: Vec<Chunk> = self
-            .direct_batch(&wildcard, chunks(limit) as usize)
+            .last_on(&wildcard, chunks(limit) as usize)
             .await?
             .into_iter()
             .map(chunk_of)
@@ -234,45 +225,13 @@ impl Bus {
         Ok(whole)
     }
 
-    /// One batched direct get: the last message on each subject `subjects` match (at most
-    /// `batch` of them), read until the server's end-of-batch. No consumer is created.
-    async fn direct_batch(&self, subjects: &[String], batch: usize) -> Result<Vec<async_nats::Message>, BusError> {
-        let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| BusError::nats("read context store", e))?;
-        let body = serde_json::to_vec(&MultiLast {
+    /// The last message on each subject `subjects` match, at most `batch` of them.
+    async fn last_on(&self, subjects: &[String], batch: usize) -> Result<Vec<async_nats::Message>, BusError> {
+        let request = Batch::Last {
             multi_last: subjects,
             batch,
-        })
-        .expect("json");
-        self.client
-            .publish_with_reply(format!("$JS.API.DIRECT.GET.{STREAM}"), inbox, body.into())
-            .await
-            .map_err(|e| BusError::nats("read context store", e))?;
-        let mut messages = Vec::new();
-        loop {
-            let next = tokio::time::timeout(READ_PATIENCE, replies.next()).await;
-            let Ok(Some(message)) = next else {
-                return Err(BusError::nats(
-                    "read context store",
-                    "no answer from the JetStream direct get API within 30 s",
-                ));
-            };
-            match message.status.map(|s| s.as_u16()) {
-                // End of batch; 404: none of the subjects holds a message.
-                Some(204) | Some(404) => break,
-                Some(code) if code >= 300 => {
-                    let why = message.description.clone().unwrap_or_default();
-                    return Err(BusError::nats("read context store", format!("status {code}: {why}")));
-                }
-                _ => messages.push(message),
-            }
-        }
-        let _ = replies.unsubscribe().await;
-        Ok(messages)
+        };
+        self.direct_batch(STREAM, &request, "read context store").await
     }
 }
 
@@ -288,8 +247,4 @@ fn chunk_of(message: async_nats::Message) -> Result<Chunk, BusError> {
         index,
         data: message.payload,
     })
-}
-
-fn header<'h>(headers: Option<&'h HeaderMap>, name: &str) -> Option<&'h str> {
-    headers?.get(name).map(|v| v.as_str())
 }
