@@ -398,9 +398,10 @@ impl Bus {
     /// What tier 2 sizing sees for a workspace: the P95 of its recent builds' usage (when it
     /// has enough builds with usage) and whether an operator approved using it.
     pub async fn sizing_history(&self, workspace: &str) -> Result<lian_core::sizing::SizingHistory, BusError> {
-        let recent = self
-            .workspace_metrics(workspace, lian_core::sizing::HISTORY_WINDOW)
-            .await?;
+        let (recent, approval) = tokio::try_join!(
+            self.workspace_metrics(workspace, lian_core::sizing::HISTORY_WINDOW),
+            self.sizing_approval(workspace),
+        )?;
         let usage: Vec<(f64, f64)> = recent
             .iter()
             .filter_map(|m| Some((m["cpu_p95"].as_f64()?, m["mem_p95_gb"].as_f64()?)))
@@ -412,7 +413,7 @@ impl Bus {
             .collect();
         Ok(lian_core::sizing::SizingHistory {
             p95: lian_core::sizing::workspace_p95(&usage),
-            approved: self.sizing_approval(workspace).await?.is_some(),
+            approved: approval.is_some(),
             learned: lian_core::sizing::learned_from_oom(&escalations),
         })
     }

@@ -168,11 +168,21 @@ impl Worker {
             if self.stopping.load(Ordering::SeqCst) {
                 return Err(Stop::ShuttingDown);
             }
-            self.own(&mut h, deliveries).await?;
             // Safe point: nothing is in flight. Stop here if asked to, or if this is the
             // request's last delivery (bounded redelivery: the build ends now, as failed).
-            if h.state.failure.is_none() {
-                if let Some(reason) = self.cancel_requested(&h).await? {
+            // The fence and the cancel check are independent reads: both at once.
+            let healthy = h.state.failure.is_none();
+            let cancel_subject = subjects::cancel(&h.workspace, &h.build_id);
+            let (owned, cancel) = tokio::join!(self.own(&mut h, deliveries), async {
+                if healthy {
+                    self.cancel_requested(&cancel_subject).await
+                } else {
+                    Ok(None)
+                }
+            });
+            owned?;
+            if healthy {
+                if let Some(reason) = cancel? {
                     outcome = Some(failed(Step::Cancelled, format!("cancelled: {reason}")));
                     continue;
                 }
@@ -325,11 +335,10 @@ impl Worker {
         Ok(())
     }
 
-    async fn cancel_requested(&self, h: &History) -> Result<Option<String>, Stop> {
-        let subject = subjects::cancel(&h.workspace, &h.build_id);
+    async fn cancel_requested(&self, subject: &str) -> Result<Option<String>, Stop> {
         let record = self
             .bus
-            .last_control(&subject)
+            .last_control(subject)
             .await
             .map_err(|e| Stop::Transient(e.to_string()))?;
         Ok(record.map(|r| {

@@ -368,16 +368,18 @@ impl Worker {
     }
 
     async fn resolve_size(&self, request: &BuildRequest) -> Result<Outcome, String> {
-        let spec = match self
-            .bus
+        let directives = &request.directives;
+        // Two independent reads, at once: each is a round trip to the server.
+        let (spec, history) = tokio::join!(
             // Past the evaluator's input limit a spec is refused before it is read.
-            .context_file(
+            self.bus.context_file(
                 &request.context,
                 BUILD_SPEC_FILE,
                 self.options.evaluator.limits().input_bytes,
-            )
-            .await
-        {
+            ),
+            self.bus.sizing_history(directives.workspace.as_str()),
+        );
+        let spec = match spec {
             Ok(None) => None,
             Ok(Some(bytes)) => {
                 let text = match String::from_utf8(bytes) {
@@ -404,11 +406,7 @@ impl Worker {
             }
             Err(e) => return Ok(failed(Step::Size, e.to_string())),
         };
-        let directives = &request.directives;
-        let history = match self.bus.sizing_history(directives.workspace.as_str()).await {
-            Ok(h) => h,
-            Err(e) => return Err(e.to_string()),
-        };
+        let history = history.map_err(|e| e.to_string())?;
         let inputs = SizingInputs {
             override_type: directives.runner_override.as_ref().and_then(|o| o.runner_type),
             override_budget: directives.runner_override.as_ref().and_then(|o| o.time_budget_min),
