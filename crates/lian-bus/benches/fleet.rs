@@ -261,9 +261,10 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
         appends.rate() / raw.rate()
     );
     println!(
-        "| whole fleet: {} requests at once, {} worker processes (each drives one build at a time) | {} | {:.2} s | {:.0} | {:.2} |",
+        "| whole fleet: {} requests at once, {} worker processes of {} builds in flight each | {} | {:.2} s | {:.0} | {:.2} |",
         args.in_flight,
         args.workers,
+        args.slots,
         whole.count,
         whole.wall.as_secs_f64(),
         whole.rate(),
