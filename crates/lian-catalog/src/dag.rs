@@ -110,14 +110,10 @@ impl Catalog {
     }
 
     pub fn get(&self, name: &str) -> Result<&Layer, CatalogError> {
-        self.layers
-            .iter()
-            .find(|(n, _)| n.as_str() == name)
-            .map(|(_, l)| l)
-            .ok_or_else(|| CatalogError::UnknownLayer {
-                layer: name.to_string(),
-                known: self.names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
-            })
+        self.layers.get(name).ok_or_else(|| CatalogError::UnknownLayer {
+            layer: name.to_string(),
+            known: self.names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+        })
     }
 
     fn index(&self, name: &LayerName) -> usize {

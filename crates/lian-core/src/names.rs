@@ -105,6 +105,13 @@ macro_rules! token_name {
                 f.write_str(&self.0)
             }
         }
+
+        // Eq, Ord and Hash are the inner string's, so maps keyed by name look up by &str.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 
