@@ -7,6 +7,7 @@
 # the evaluation cache (~/.cache/lian) and are what farm-bench times.
 #
 #   scripts/bench/plan-cli.sh [LIAN_BINARY]     (default: target/release/lian, else debug)
+#   TREES="100" scripts/bench/plan-cli.sh        (only the 10,000-layer catalog)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LIAN=${1:-target/release/lian}
@@ -45,7 +46,7 @@ PY
 }
 
 echo "binary: $LIAN ($(git rev-parse --short HEAD))"
-for trees in 10 100; do
+for trees in ${TREES:-10 100}; do
   dir="$WORK/catalog-$trees"
   gen "$dir" "$trees"
   layers=$((trees * 100))
