@@ -18,10 +18,10 @@ missing=()
 [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
-# The web view's browser tests (tests/tests/web_view.rs): headless Chromium over WebDriver.
+# The web view's browser tests (tests/web_view.rs): headless Chromium over WebDriver.
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
-# deploy/'s units are checked with systemd-analyze verify (tests/tests/deploy.rs).
+# deploy/'s units are checked with systemd-analyze verify (tests/deploy.rs).
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
@@ -50,7 +50,7 @@ if [ ${#pip_tools[@]} -gt 0 ]; then
   done
 fi
 
-# tests/tests/foreign_client.rs submits through tests/python/submit_with_context.py.
+# tests/foreign_client.rs submits through tests/python/submit_with_context.py.
 if ! python3 -c 'import nats.js' >/dev/null 2>&1; then
   echo "setup: installing nats-py (pip)"
   python3 -m pip install -q nats-py

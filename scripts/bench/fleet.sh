@@ -9,5 +9,5 @@
 # --only single|cluster.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --quiet -p lian-cli --release
+cargo build --quiet -p lian --release
 exec cargo bench --quiet -p lian-bus --bench fleet -- "$@"

@@ -6,4 +6,4 @@
 # (scripts/setup.sh) and nats-server. Extra arguments go to cargo test (e.g. --release).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec cargo test -p lian-tests --test web_bench "$@" -- --ignored --nocapture
+exec cargo test -p lian --test web_bench "$@" -- --ignored --nocapture

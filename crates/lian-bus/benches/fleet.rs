@@ -114,7 +114,7 @@ fn lian_bin() -> PathBuf {
     });
     assert!(
         bin.exists(),
-        "{} is missing: build it first (`cargo build -p lian-cli --release`) or set LIAN_BIN",
+        "{} is missing: build it first (`cargo build -p lian --release`) or set LIAN_BIN",
         bin.display()
     );
     bin

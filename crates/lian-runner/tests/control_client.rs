@@ -1,5 +1,5 @@
 //! `ControlClient::lease_info` against a stub control plane on 127.0.0.1 (the real one is
-//! exercised end to end in tests/tests/cloud_control.rs): the path, the bearer token, the
+//! exercised end to end in tests/cloud_control.rs): the path, the bearer token, the
 //! lease with its host key, and a 404 as a refusal.
 
 use std::io::{BufRead, BufReader, Write};

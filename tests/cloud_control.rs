@@ -13,7 +13,7 @@ use std::process::Command;
 use common::Running;
 
 use lian_test_support::{
-    FakeHcloud, FakeProxmox, HcloudBehaviour, NatsServer, ProxmoxBehaviour, free_port, http, lian_bin, workspace_root,
+    FakeHcloud, FakeProxmox, HcloudBehaviour, NatsServer, ProxmoxBehaviour, free_port, http, workspace_root,
 };
 
 const TOKEN: &str = "test-control-token-c10d";
@@ -335,7 +335,7 @@ fn a_cloud_provider_with_no_token_keeps_control_from_starting() {
     let fake = FakeHcloud::start(HcloudBehaviour::default());
     let config = dir.path().join("no-token.toml");
     std::fs::write(&config, hcloud_config(&fake, 22)).unwrap();
-    let out = Command::new(lian_bin())
+    let out = Command::new(common::lian_bin())
         .current_dir(workspace_root())
         .args(["--nats-url", &nats.url, "--config", config.to_str().unwrap()])
         .args(["control", "--listen", "127.0.0.1:0", "--state-dir"])

@@ -337,7 +337,7 @@ fn bootstrap_without_a_registry_stops_before_any_work() {
 
 /// The whole bootstrap, as `lian catalog bootstrap` runs it: debootstrap (about 2 minutes),
 /// the host's toolchain, import, push; then the image is pulled back by digest and builds a
-/// crate that fetches from crates.io over HTTPS. Run with `cargo test -p lian-tests --test
+/// crate that fetches from crates.io over HTTPS. Run with `cargo test -p lian --test
 /// stores -- --ignored`.
 #[test]
 #[ignore = "about 3 minutes (debootstrap); run by hand"]

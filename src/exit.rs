@@ -1,5 +1,5 @@
 //! The exit codes of `lian`, and the one place an error becomes one (`Exit::of`). Listed in
-//! `lian --help` (`Exit::HELP`) and the README; each is tested (`tests/tests/exit_codes.rs`).
+//! `lian --help` (`Exit::HELP`) and the README; each is tested (`tests/exit_codes.rs`).
 
 use std::process::ExitCode;
 

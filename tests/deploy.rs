@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::nats_streams;
-use lian_test_support::{NatsCluster, lian_bin, workspace_root};
+use lian_test_support::{NatsCluster, workspace_root};
 
 fn deploy() -> PathBuf {
     workspace_root().join("deploy")
@@ -45,7 +45,7 @@ fn every_systemd_unit_passes_systemd_analyze_verify() {
     for unit in units {
         let text = std::fs::read_to_string(&unit).unwrap();
         let text = text
-            .replace("/usr/local/bin/lian ", &format!("{} ", lian_bin().display()))
+            .replace("/usr/local/bin/lian ", &format!("{} ", common::lian_bin().display()))
             .replace("/usr/local/bin/nats-server ", &format!("{} ", nats_server.display()));
         // A template is verified as one of its instances.
         let name = unit.file_name().unwrap().to_string_lossy().replace("@.", "@1.");

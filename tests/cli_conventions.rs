@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{lian, lian_with, text};
-use lian_test_support::lian_bin;
 
 /// The commands `lian --help` lists.
 fn commands() -> Vec<String> {
@@ -136,7 +135,7 @@ fn worker_log_until_serving(nats_url: &str, terminal: bool, env: &[(&str, &str)]
     let state = tempfile::tempdir().unwrap();
     let worker = format!(
         "{} --nats-url {nats_url} worker --name conventions --state-dir {}",
-        lian_bin().display(),
+        common::lian_bin().display(),
         state.path().display()
     );
     let mut command = shell(&worker, terminal);
@@ -199,7 +198,7 @@ fn submit_wait(fleet: &common::Fleet, terminal: bool) -> (String, bool) {
     let directives = common::directives_json(context.path(), fleet.workspace, "lian-test/waited:latest");
     let submit = format!(
         "{} --nats-url {} submit {} --context {} --wait --timeout 180",
-        lian_bin().display(),
+        common::lian_bin().display(),
         fleet.server.url,
         directives.display(),
         context.path().display()

@@ -83,7 +83,10 @@ fn adr_lamina_003_no_layer_names_in_runner_code() {
         .map(|(n, _)| n)
         .filter(|n| n != "rust")
         .collect();
-    for file in rust_sources(&workspace_root().join("crates")) {
+    let sources = rust_sources(&workspace_root().join("crates"))
+        .into_iter()
+        .chain(rust_sources(&workspace_root().join("src")));
+    for file in sources {
         let source = std::fs::read_to_string(&file).unwrap();
         for name in &names {
             assert!(

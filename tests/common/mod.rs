@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lian_test_support::{lian_bin, workspace_root};
+use lian_test_support::workspace_root;
+
+/// The `lian` binary Cargo built for these tests.
+pub fn lian_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lian"))
+}
 
 fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(lian_bin());

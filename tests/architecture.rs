@@ -6,8 +6,13 @@ use lian_test_support::workspace_root;
 
 fn dependencies() -> BTreeMap<String, Vec<String>> {
     let mut deps = BTreeMap::new();
-    for entry in std::fs::read_dir(workspace_root().join("crates")).unwrap().flatten() {
-        let manifest = std::fs::read_to_string(entry.path().join("Cargo.toml")).unwrap();
+    // The crates, and the `lian` binary's package at the root.
+    let crates = std::fs::read_dir(workspace_root().join("crates")).unwrap().flatten();
+    let packages = crates
+        .map(|entry| (entry.file_name().to_string_lossy().into_owned(), entry.path()))
+        .chain([("lian".to_string(), workspace_root())]);
+    for (package, dir) in packages {
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
         let normal = manifest
             .split("[dependencies]")
             .nth(1)
@@ -21,7 +26,7 @@ fn dependencies() -> BTreeMap<String, Vec<String>> {
             .filter(|n| !n.is_empty() && !n.starts_with('#'))
             .map(String::from)
             .collect();
-        deps.insert(entry.file_name().to_string_lossy().into_owned(), names);
+        deps.insert(package, names);
     }
     deps
 }

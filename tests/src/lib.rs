@@ -1,1 +1,0 @@
-//! End-to-end tests and repository checks live in tests/; see README.
