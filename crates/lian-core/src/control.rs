@@ -74,8 +74,12 @@ pub struct LeaseView {
 }
 
 /// `POST /api/v1/metrics`: what one build used (step 6 of the lifecycle).
+///
+/// Unlike a request, a record is written by one version of lian and read by others (a
+/// worker newer than its control plane, sizing reading records of older builds), so fields
+/// are only ever added, each optional, and a field this version does not know is ignored:
+/// refusing it would lose the record of a build a newer worker ran.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MetricsRecord {
     pub workspace: Workspace,
     pub build_id: BuildId,
