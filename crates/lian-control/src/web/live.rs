@@ -102,6 +102,8 @@ pub struct BuildRow {
     pub last_at: OffsetDateTime,
     pub runner_type: Option<String>,
     pub image_id: Option<String>,
+    /// The image pushed, by digest: what the catalog lock records for its layer.
+    pub pinned: Option<String>,
     /// Dockerfile steps served from cache, of steps.
     pub cache: Option<(u32, u32)>,
     pub reason: Option<String>,
@@ -127,6 +129,7 @@ impl BuildRow {
             last_at: at,
             runner_type: None,
             image_id: None,
+            pinned: None,
             cache: None,
             reason: None,
             superseded_by: None,
@@ -154,6 +157,8 @@ impl BuildRow {
 pub struct Built {
     pub build_id: String,
     pub image_id: String,
+    /// The pushed image by digest (what a cascade pins its children to, and the lock records).
+    pub pinned: Option<String>,
     pub duration_ms: u64,
     pub cache: Option<(u32, u32)>,
 }
@@ -197,6 +202,22 @@ struct Model {
     seen: u64,
     /// Stored events applied (history and live).
     events: u64,
+    /// Cascades held by the gate, by id, until approved, refused or ended.
+    gates: BTreeMap<String, Gate>,
+}
+
+/// A cascade over the gate's limit, waiting for `lian cascade approve <id>`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gate {
+    pub cascade: String,
+    pub workspace: String,
+    pub layers: usize,
+    /// Expected wall time at P50, when the fleet has recorded builds.
+    pub minutes: Option<f64>,
+    /// Which limit it is over, in words.
+    pub over: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
 }
 
 pub struct Live {
@@ -303,6 +324,33 @@ impl Live {
                     state,
                 })
             }
+            CascadeEvent::AwaitingApproval { layers, minutes, over } => {
+                let cascade = e.cascade_id.to_string();
+                m.gates.insert(
+                    cascade.clone(),
+                    Gate {
+                        cascade,
+                        workspace: e.workspace.to_string(),
+                        layers: *layers,
+                        minutes: *minutes,
+                        over: over.clone(),
+                        since: e.at,
+                    },
+                );
+                Some(Change {
+                    build: None,
+                    layer: None,
+                    state: "awaiting_approval".into(),
+                })
+            }
+            CascadeEvent::Approved { .. }
+            | CascadeEvent::Refused { .. }
+            | CascadeEvent::Completed { .. }
+            | CascadeEvent::Failed { .. } => m.gates.remove(e.cascade_id.as_str()).map(|_| Change {
+                build: None,
+                layer: None,
+                state: e.event.kind().into(),
+            }),
             CascadeEvent::LayerBlocked { layer, .. } | CascadeEvent::LayerCutOff { layer, .. } => {
                 let why = match &e.event {
                     CascadeEvent::LayerBlocked { .. } => LayerState::Blocked,
@@ -360,6 +408,7 @@ impl Live {
                 row.image_id = Some(image_id.clone());
                 if let Some(c) = cache {
                     row.cache = Some((c.cached_steps, c.steps));
+                    row.pinned.clone_from(&c.pinned);
                 }
                 if layer.is_none() {
                     layer = done_layer.as_ref().map(|l| l.to_string());
@@ -394,6 +443,7 @@ impl Live {
         let built = (state == BuildState::Completed).then(|| Built {
             build_id: id.clone(),
             image_id: row.image_id.clone().unwrap_or_default(),
+            pinned: row.pinned.clone(),
             duration_ms: row.duration(row.last_at).as_millis() as u64,
             cache: row.cache,
         });
@@ -480,6 +530,14 @@ impl Live {
         let total = rows.len();
         rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.seen));
         (rows.into_iter().skip(skip).take(take).cloned().collect(), total)
+    }
+
+    /// Cascades waiting for approval, oldest first.
+    pub fn gates(&self) -> Vec<Gate> {
+        let m = self.model.read().expect("web model lock");
+        let mut gates: Vec<Gate> = m.gates.values().cloned().collect();
+        gates.sort_by_key(|g| g.since);
+        gates
     }
 
     pub fn build(&self, id: &str) -> Option<BuildRow> {
@@ -762,5 +820,40 @@ mod tests {
         let tail = live.progress("b1");
         assert_eq!(tail.len(), PROGRESS_LINES);
         assert_eq!(tail.last().unwrap(), &format!("#{} RUN x done", PROGRESS_LINES + 4));
+    }
+    #[test]
+    fn a_held_cascade_is_listed_until_approved_and_a_pushed_layer_shows_its_pin() {
+        let live = Live::default();
+        let gate = |seq, event: serde_json::Value| {
+            let kind = event["type"].as_str().unwrap().to_string();
+            live.apply_stored(
+                &format!("lian.ws.cascade.c-9.{kind}"),
+                &cascade_event("c-9", seq, 50 + i64::from(seq), event),
+            );
+        };
+        gate(
+            2,
+            serde_json::json!({"type": "awaiting_approval", "layers": 12, "minutes": 41.5, "over": "10 layers"}),
+        );
+        let held = live.gates();
+        assert_eq!(held.len(), 1);
+        assert_eq!((held[0].cascade.as_str(), held[0].layers), ("c-9", 12));
+        assert_eq!(held[0].minutes, Some(41.5));
+        gate(3, serde_json::json!({"type": "approved", "by": "ops"}));
+        assert!(live.gates().is_empty(), "approved: no longer waiting");
+
+        let pin = "lamina/deps@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        live.apply_stored(
+            "lian.ws.build.c-9-deps.completed",
+            &build_event(
+                "ws",
+                "c-9-deps",
+                10,
+                60,
+                serde_json::json!({"type": "completed", "image": "x:1", "image_id": "sha256:abc", "layer": "deps",
+                "cache": {"steps": 4, "cached_steps": 3, "pinned": pin}}),
+            ),
+        );
+        assert_eq!(live.layer("deps").built.unwrap().pinned.as_deref(), Some(pin));
     }
 }

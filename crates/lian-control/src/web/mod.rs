@@ -285,6 +285,7 @@ async fn catalog_page(State(app): State<Arc<App>>, headers: HeaderMap, Query(q):
                 layout: v.layout,
                 views: v.views,
                 capped: v.capped,
+                gates: app.web.live.gates(),
             });
             html(
                 StatusCode::OK,
@@ -562,5 +563,33 @@ mod tests {
             !html.contains("<script>") && !html.contains("<img") && !html.contains("<b>"),
             "{html}"
         );
+    }
+    #[test]
+    fn the_catalog_page_says_which_cascade_waits_and_how_to_let_it_go() {
+        let live = Live::default();
+        let at = "2026-01-01T00:00:00Z";
+        let held = serde_json::json!({"cascade_id": "c-7", "workspace": "ws", "seq": 2, "at": at,
+            "type": "awaiting_approval", "layers": 3, "over": "2 layers"});
+        live.apply_stored(
+            "lian.ws.cascade.c-7.awaiting_approval",
+            &serde_json::to_vec(&held).unwrap(),
+        );
+        let index = chain(3);
+        let q = query(None, "");
+        let v = catalog_view(&index, &live, &q).unwrap();
+        let html = pages::catalog(&pages::CatalogPage {
+            layers: 3,
+            focus: v.focus,
+            query: "",
+            matches: v.matches,
+            layout: v.layout,
+            views: v.views,
+            capped: v.capped,
+            gates: live.gates(),
+        })
+        .into_string();
+        assert!(html.contains("Waiting for approval"), "{html}");
+        assert!(html.contains("lian cascade approve c-7"), "{html}");
+        assert!(html.contains("3 layers"), "{html}");
     }
 }

@@ -12,7 +12,7 @@ use maud::{DOCTYPE, Markup, html};
 use time::OffsetDateTime;
 
 use super::dag::{self, human_ms, short_digest};
-use super::live::{BuildRow, BuildState, LayerState, LayerView};
+use super::live::{BuildRow, BuildState, Gate, LayerState, LayerView};
 use super::timeline;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,8 @@ pub struct CatalogPage<'a> {
     pub layout: Option<dag::Layout>,
     pub views: BTreeMap<String, LayerView>,
     pub capped: Option<usize>,
+    /// Cascades held by the gate.
+    pub gates: Vec<Gate>,
 }
 
 pub fn catalog(p: &CatalogPage) -> Markup {
@@ -115,6 +117,23 @@ pub fn catalog(p: &CatalogPage) -> Markup {
             @if p.layout.is_some() { ", " (p.views.len()) " shown" }
             @for (state, n) in &counts { " · " (state_badge(state)) " " (n) }
             @if p.focus.is_some() { " · " a href="/catalog" { "whole catalog" } }
+        }
+        @if !p.gates.is_empty() {
+            section.gates role="status" {
+                h2 { "Waiting for approval" }
+                ul {
+                    @for g in &p.gates {
+                        li data-cascade=(g.cascade) {
+                            "cascade " span.mono { (g.cascade) } " in " (g.workspace) ": "
+                            (g.layers) " layers"
+                            @if let Some(m) = g.minutes { ", about " (format!("{m:.0}")) " min" }
+                            ", over " (g.over) ". Run "
+                            code { "lian cascade approve " (g.cascade) }
+                            " to build it."
+                        }
+                    }
+                }
+            }
         }
         form.search method="get" action="/catalog" {
             label for="q" { "Layer" }
@@ -155,7 +174,7 @@ fn legend() -> Markup {
 fn layer_table(layout: &dag::Layout, views: &BTreeMap<String, LayerView>) -> Markup {
     html! {
         table.layers {
-            thead { tr { th { "layer" } th { "state" } th { "latest build" } th { "digest" } th { "last duration" } th { "cache" } } }
+            thead { tr { th { "layer" } th { "state" } th { "latest build" } th { "digest" } th { "pinned" } th { "last duration" } th { "cache" } } }
             tbody {
                 @for n in &layout.nodes {
                     @let v = &views[&n.name];
@@ -166,10 +185,16 @@ fn layer_table(layout: &dag::Layout, views: &BTreeMap<String, LayerView>) -> Mar
                         @match &v.built {
                             Some(b) => {
                                 td.mono { (short_digest(&b.image_id)) }
+                                td.mono title=[b.pinned.as_deref()] {
+                                    @match b.pinned.as_deref().and_then(|p| p.split_once("@")) {
+                                        Some((repository, digest)) => { (repository) "@" (short_digest(digest)) }
+                                        None => "-",
+                                    }
+                                }
                                 td { (human_ms(b.duration_ms)) }
                                 td { @if let Some((hit, of)) = b.cache { (hit) "/" (of) " steps cached" } @else { "-" } }
                             }
-                            None => { td { "-" } td { "-" } td { "-" } }
+                            None => { td { "-" } td { "-" } td { "-" } td { "-" } }
                         }
                     }
                 }
