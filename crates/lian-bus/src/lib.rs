@@ -66,31 +66,29 @@ impl Bus {
                 message: format!("{seed:?} is not a NATS URL: {err}"),
             });
         }
-        let deadline = tokio::time::Instant::now() + patience;
-        loop {
-            let options = async_nats::ConnectOptions::new()
+        let options = || {
+            async_nats::ConnectOptions::new()
                 .name(name)
                 .connection_timeout(Duration::from_secs(5))
                 // After the first connection, keep retrying forever: a NATS restart must not
                 // take the fleet down.
-                .max_reconnects(None);
-            match options.connect(seeds.as_slice()).await {
-                Ok(client) => {
-                    let js = jetstream::new(client.clone());
-                    return Ok(Self { client, js });
-                }
-                Err(err) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(%url, %err, "nats not reachable yet");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(err) => {
-                    return Err(BusError::Connect {
-                        url: url.to_string(),
-                        message: err.to_string(),
-                    });
-                }
-            }
-        }
+                .max_reconnects(None)
+        };
+        // Until then, every 200 ms for about `patience`: a fleet may start before its server.
+        use backon::Retryable;
+        let every = backon::ConstantBuilder::new()
+            .with_delay(Duration::from_millis(200))
+            .with_max_times((patience.as_millis() / 200) as usize);
+        let client = (|| options().connect(seeds.as_slice()))
+            .retry(every)
+            .notify(|err, _| tracing::debug!(%url, %err, "nats not reachable yet"))
+            .await
+            .map_err(|err| BusError::Connect {
+                url: url.to_string(),
+                message: err.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
     }
 
     /// Publishes on core NATS only (not persisted): for live notices nobody needs to replay.

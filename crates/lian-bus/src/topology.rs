@@ -99,18 +99,15 @@ impl Bus {
     /// JetStream leader answers "temporarily unavailable": that is retried for up to 30 s,
     /// so a fleet can start together with its cluster.
     pub async fn ensure_topology(&self, t: &Topology) -> Result<(), BusError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.try_ensure_topology(t).await {
-                Err(BusError::Nats { message, .. })
-                    if tokio::time::Instant::now() < deadline && retryable(&message) =>
-                {
-                    tracing::debug!(%message, "JetStream not ready yet");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                other => return other,
-            }
-        }
+        use backon::{ConstantBuilder, Retryable};
+        let every = ConstantBuilder::new()
+            .with_delay(Duration::from_millis(250))
+            .with_max_times(120);
+        (|| self.try_ensure_topology(t))
+            .retry(every)
+            .when(|e| matches!(e, BusError::Nats { message, .. } if retryable(message)))
+            .notify(|e, _| tracing::debug!(%e, "JetStream not ready yet"))
+            .await
     }
 
     async fn try_ensure_topology(&self, t: &Topology) -> Result<(), BusError> {

@@ -208,7 +208,27 @@ pub fn host_key_from_label(label: &str) -> Option<String> {
 }
 
 /// Retries of a request answered 429 or 5xx.
-const RETRIES: u32 = 5;
+const RETRIES: usize = 5;
+
+/// How one API call failed: for good, or busy (429, 5xx) and worth asking again.
+enum Failed {
+    Now(HcloudError),
+    Busy { error: HcloudError, reset: Option<u64> },
+}
+
+impl Failed {
+    fn error(&self) -> &HcloudError {
+        match self {
+            Self::Now(error) | Self::Busy { error, .. } => error,
+        }
+    }
+
+    fn into_error(self) -> HcloudError {
+        match self {
+            Self::Now(error) | Self::Busy { error, .. } => error,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Hcloud {
@@ -243,68 +263,82 @@ impl Hcloud {
         self.config.ssh_port
     }
 
-    /// One API call, retried on 429 (after the rate limit resets) and on 5xx.
+    /// One API call, retried on 429 (after the rate limit resets) and on 5xx, with
+    /// exponential backoff from the poll interval.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, HcloudError> {
+        use backon::{ExponentialBuilder, Retryable};
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.poll())
+            .with_max_times(RETRIES - 1);
+        let poll = self.poll();
+        (|| self.call_once(method.clone(), path, body))
+            .retry(backoff)
+            .when(|failed| matches!(failed, Failed::Busy { .. }))
+            // RateLimit-Reset is a UNIX timestamp: wait until then (at most a minute).
+            .adjust(move |failed, backoff| match failed {
+                Failed::Busy { reset: Some(at), .. } => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    backoff.map(|_| Duration::from_secs(at.saturating_sub(now).min(60)).max(poll))
+                }
+                _ => backoff,
+            })
+            .notify(|failed, wait| tracing::warn!(error = %failed.error(), ?wait, "hcloud asked us to wait; retrying"))
+            .await
+            .map_err(Failed::into_error)
+    }
+
+    async fn call_once(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, Failed> {
         let what = format!("{method} {path}");
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut req = self
-                .http
-                .request(
-                    method.clone(),
-                    format!("{}{path}", self.config.endpoint.trim_end_matches('/')),
-                )
-                .bearer_auth(self.config.token.expose_secret());
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let resp = req.send().await.map_err(|e| HcloudError::Transport {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.config.endpoint.trim_end_matches('/')))
+            .bearer_auth(self.config.token.expose_secret());
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| {
+            Failed::Now(HcloudError::Transport {
                 what: what.clone(),
                 message: e.to_string(),
-            })?;
-            let status = resp.status();
-            let reset = resp
-                .headers()
-                .get("RateLimit-Reset")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            let text = resp.text().await.unwrap_or_default();
-            if status.is_success() {
-                return Ok(if text.is_empty() {
-                    serde_json::Value::Null
-                } else {
-                    serde_json::from_str(&text).unwrap_or_default()
-                });
-            }
-            let retryable = status.as_u16() == 429 || status.is_server_error();
-            if retryable && attempt < RETRIES {
-                let wait = match reset {
-                    // RateLimit-Reset is a UNIX timestamp.
-                    Some(at) => {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        Duration::from_secs(at.saturating_sub(now).min(60))
-                    }
-                    None => self.poll() * attempt,
-                };
-                tracing::warn!(%what, %status, ?wait, "hcloud asked us to wait; retrying");
-                tokio::time::sleep(wait.max(self.poll())).await;
-                continue;
-            }
-            let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
-                Ok(e) => (e.error.code, e.error.message),
-                Err(_) => (status.as_u16().to_string(), text.chars().take(200).collect()),
-            };
-            return Err(HcloudError::Api { what, code, message });
+            })
+        })?;
+        let status = resp.status();
+        let reset = resp
+            .headers()
+            .get("RateLimit-Reset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            return Ok(if text.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&text).unwrap_or_default()
+            });
         }
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(e) => (e.error.code, e.error.message),
+            Err(_) => (status.as_u16().to_string(), text.chars().take(200).collect()),
+        };
+        let error = HcloudError::Api { what, code, message };
+        Err(if status.as_u16() == 429 || status.is_server_error() {
+            Failed::Busy { error, reset }
+        } else {
+            Failed::Now(error)
+        })
     }
 
     /// The server recorded under the lease key, if any.

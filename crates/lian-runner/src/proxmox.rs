@@ -265,7 +265,7 @@ fn error_message(status: reqwest::StatusCode, text: &str) -> String {
 }
 
 /// Attempts of a request answered 5xx (4xx are not retried).
-const ATTEMPTS: u32 = 3;
+const ATTEMPTS: usize = 3;
 
 #[derive(Clone)]
 pub struct Proxmox {
@@ -338,71 +338,56 @@ impl Proxmox {
         text.replace(self.config.token_secret.expose_secret(), "<redacted>")
     }
 
-    /// One API call, retried on 5xx; answers the `data` of the body.
+    /// One API call, retried on 5xx (and a GET on a transport error) with exponential
+    /// backoff from the poll interval; answers the `data` of the body.
     async fn call(&self, method: Method, path: &str, params: &[(&str, String)]) -> Result<Value, ProxmoxError> {
-        self.request(method, path, params, ATTEMPTS).await
+        use backon::{ExponentialBuilder, Retryable};
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.poll())
+            .with_max_times(ATTEMPTS - 1);
+        let get = method == Method::GET;
+        (|| self.call_once(method.clone(), path, params))
+            .retry(backoff)
+            .when(|e| match e {
+                ProxmoxError::Transport { .. } => get,
+                ProxmoxError::Api { status, .. } => *status >= 500,
+                _ => false,
+            })
+            .notify(|e, wait| tracing::warn!(error = %e, ?wait, "proxmox failed; retrying"))
+            .await
     }
 
     /// One API call, not retried: for polls whose 5xx means "not yet".
     async fn call_once(&self, method: Method, path: &str, params: &[(&str, String)]) -> Result<Value, ProxmoxError> {
-        self.request(method, path, params, 1).await
-    }
-
-    async fn request(
-        &self,
-        method: Method,
-        path: &str,
-        params: &[(&str, String)],
-        attempts: u32,
-    ) -> Result<Value, ProxmoxError> {
         let what = format!("{method} {path}");
         let url = format!("{}{path}", self.config.endpoint.trim_end_matches('/'));
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut req = self
-                .http
-                .request(method.clone(), &url)
-                .header(AUTHORIZATION, self.auth.clone());
-            if method == Method::POST || method == Method::PUT {
-                req = req.form(params);
-            } else if !params.is_empty() {
-                req = req.query(params);
-            }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if method == Method::GET && attempt < attempts => {
-                    tracing::warn!(%what, error = %self.scrub(e.to_string()), "proxmox unreachable; retrying");
-                    tokio::time::sleep(self.poll() * attempt).await;
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ProxmoxError::Transport {
-                        what,
-                        message: self.scrub(e.to_string()),
-                    });
-                }
-            };
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            if status.is_success() {
-                let body: Value = serde_json::from_str(&text).map_err(|e| ProxmoxError::Transport {
-                    what: what.clone(),
-                    message: format!("unexpected answer (not JSON): {e}"),
-                })?;
-                return Ok(body.get("data").cloned().unwrap_or(Value::Null));
-            }
-            if status.is_server_error() && attempt < attempts {
-                tracing::warn!(%what, %status, "proxmox answered a server error; retrying");
-                tokio::time::sleep(self.poll() * attempt).await;
-                continue;
-            }
-            return Err(ProxmoxError::Api {
-                what,
-                status: status.as_u16(),
-                message: self.scrub(error_message(status, &text)),
-            });
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .header(AUTHORIZATION, self.auth.clone());
+        if method == Method::POST || method == Method::PUT {
+            req = req.form(params);
+        } else if !params.is_empty() {
+            req = req.query(params);
         }
+        let resp = req.send().await.map_err(|e| ProxmoxError::Transport {
+            what: what.clone(),
+            message: self.scrub(e.to_string()),
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            let body: Value = serde_json::from_str(&text).map_err(|e| ProxmoxError::Transport {
+                what: what.clone(),
+                message: format!("unexpected answer (not JSON): {e}"),
+            })?;
+            return Ok(body.get("data").cloned().unwrap_or(Value::Null));
+        }
+        Err(ProxmoxError::Api {
+            what,
+            status: status.as_u16(),
+            message: self.scrub(error_message(status, &text)),
+        })
     }
 
     fn qemu(&self, vm: &ProxmoxVm, rest: &str) -> String {

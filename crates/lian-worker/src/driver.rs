@@ -41,7 +41,7 @@ pub struct Worker {
 }
 
 /// Attempts at an expired request (see `lian_bus::Bus::expired_requests`) before it is left.
-const EXPIRED_TRIES: u32 = 5;
+const EXPIRED_TRIES: usize = 5;
 
 /// Why the driver stopped before the build ended.
 enum Stop {
@@ -97,14 +97,15 @@ impl Worker {
 
     /// Drives the build and settles its request.
     async fn carry(&self, job: Job, build_id: BuildId, workspace: Workspace, first: BuildEvent) {
-        let mut result = self.drive(&job, &build_id, &workspace, first.clone()).await;
+        use backon::{ConstantBuilder, Retryable};
         // An expired request has no redelivery to fall back on: a hiccup is retried here.
-        let mut tries = 1;
-        while job.is_expired() && matches!(result, Err(Stop::Transient(_))) && tries < EXPIRED_TRIES {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tries += 1;
-            result = self.drive(&job, &build_id, &workspace, first.clone()).await;
-        }
+        let every = ConstantBuilder::new()
+            .with_delay(Duration::from_secs(2))
+            .with_max_times(EXPIRED_TRIES - 1);
+        let result = (|| self.drive(&job, &build_id, &workspace, first.clone()))
+            .retry(every)
+            .when(|stop| job.is_expired() && matches!(stop, Stop::Transient(_)))
+            .await;
         let settle = match result {
             Ok(()) => job.ack().await,
             Err(Stop::LostRace) => {
