@@ -133,6 +133,7 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
     let bus = Bus::connect(url, "bench", Duration::from_secs(30))
         .await
         .expect("connect");
+    // As the fleet creates it (replicas from the cluster: R3 here), before any worker does.
     bus.ensure_topology(&Topology::default()).await.expect("topology");
     let js = raw_context(url).await;
     raw_stream(&js, replicas).await;
@@ -547,7 +548,7 @@ async fn p1(bus: &Bus, ws: &Workspace, context: &ContextRef, builds: usize) -> P
     for i in 0..builds + WARMUP {
         let id = BuildId::new(format!("p1-{i:05}")).expect("an id");
         let start = Instant::now();
-        submit_patiently(bus, &request(ws, context, &id), &id).await;
+        bus.submit(&request(ws, context, &id), &id).await.expect("submit");
         let acked = start.elapsed();
         let (mut accepted, mut sized, mut started) = (None, None, None);
         let completed = loop {
@@ -796,16 +797,4 @@ fn submit_all<'a>(
             async move { bus.submit(&request, id).await }
         })
         .collect()
-}
-
-/// A submit retried on a missed ack (deduplicated by build id, so never two requests): a
-/// fresh cluster's request stream may still be settling its leader.
-async fn submit_patiently(bus: &Bus, request: &BuildRequest, id: &BuildId) {
-    for attempt in 1.. {
-        match bus.submit(request, id).await {
-            Ok(_) => return,
-            Err(err) if attempt < 3 => eprintln!("{id}: submit retried after {err}"),
-            Err(err) => panic!("{id}: submit failed 3 times: {err}"),
-        }
-    }
 }

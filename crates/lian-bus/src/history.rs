@@ -12,6 +12,11 @@ use serde::de::DeserializeOwned;
 
 use crate::{Bus, BusError};
 
+/// Tries of one request publish (each waits the JetStream context's ack timeout, 5 s):
+/// about 20 s, above the elections seen on a three-node cluster and well inside the
+/// request stream's 120 s dedup window, so the tries stay one request.
+pub const SUBMIT_ATTEMPTS: u32 = 4;
+
 /// The server's answer to an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -88,27 +93,55 @@ impl Bus {
         message: PublishMessage,
         value: &T,
     ) -> Result<Appended, BusError> {
+        self.publish_retrying(subject, message, value, 1).await
+    }
+
+    /// Publishes and awaits the ack, publishing the same message again (up to `attempts`
+    /// times in all) when no ack comes in time. Only for messages carrying a `Nats-Msg-Id`:
+    /// the stream drops a repeat within its dedup window, so a retried publish whose first
+    /// try was stored after all is answered `duplicate`, never stored twice.
+    async fn publish_retrying<T: Serialize>(
+        &self,
+        subject: &str,
+        message: PublishMessage,
+        value: &T,
+        attempts: u32,
+    ) -> Result<Appended, BusError> {
         use async_nats::jetstream::context::PublishErrorKind;
-        let payload = serde_json::to_vec(value).expect("lian values serialize");
-        let ack = self
-            .js
-            .send_publish(
-                subjects::append_subject(subject).into_owned(),
-                message.payload(payload.into()),
-            )
-            .await
-            .map_err(|e| BusError::nats("publish", e))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => BusError::Conflict {
-                    subject: subject.to_string(),
-                },
-                _ => BusError::nats("publish ack", e),
-            })?;
-        Ok(Appended {
-            stream_sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        let payload: bytes::Bytes = serde_json::to_vec(value).expect("lian values serialize").into();
+        let target = subjects::append_subject(subject).into_owned();
+        let mut attempt = 1;
+        loop {
+            let ack = self
+                .js
+                .send_publish(target.clone(), message.clone().payload(payload.clone()))
+                .await
+                .map_err(|e| BusError::nats("publish", e))?
+                .await;
+            match ack {
+                Ok(ack) => {
+                    return Ok(Appended {
+                        stream_sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(BusError::Conflict {
+                        subject: subject.to_string(),
+                    });
+                }
+                Err(e) if e.kind() == PublishErrorKind::TimedOut && attempt < attempts => {
+                    tracing::warn!(
+                        subject,
+                        attempt,
+                        attempts,
+                        "no ack in time (the stream may be electing a leader): publishing again"
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(BusError::nats("publish ack", e)),
+            }
+        }
     }
 
     /// Uploads `context_dir` as the build's context and publishes the request built from
@@ -142,28 +175,38 @@ impl Bus {
     }
 
     /// Publishes a build request on `lian.<ws>.build.request`, deduplicated by build id so
-    /// a retried submit within the dedup window is one request.
+    /// a retried submit within the dedup window is one request. A publish that gets no ack
+    /// in time is sent again, up to [`SUBMIT_ATTEMPTS`] times: on a cluster the request
+    /// stream has no leader for a few seconds after its leader's node died, after a
+    /// stepdown, or while its replicas are raised (seen: 10 s for R1 -> R3), and a request
+    /// published then is lost with no ack; the build id keeps the retries one request.
     pub async fn submit(
         &self,
         request: &lian_core::BuildRequest,
         build_id: &lian_core::BuildId,
     ) -> Result<Appended, BusError> {
         let subject = subjects::request(&request.directives.workspace);
-        self.append(&subject, build_id.as_str(), request).await
+        let message = PublishMessage::build().message_id(build_id.as_str());
+        self.publish_retrying(&subject, message, request, SUBMIT_ATTEMPTS).await
     }
 
     /// The stream sequence of the last event stored on `filter` (a wildcard subject), 0 when
-    /// there is none: one direct get, to check a history was not extended by someone else.
+    /// there is none, as the stream's leader holds it: to check a history was not extended
+    /// by someone else. Not a direct get: any replica answers those, a follower too, and on
+    /// a cluster a follower a few appends behind said 0 or an older sequence for a history
+    /// whose last event this worker had just appended (acknowledged), so the worker took the
+    /// build for lost and left it until the ack wait redelivered it (the fleet benchmark on
+    /// three nodes). `STREAM.MSG.GET` is answered by the leader only.
     pub async fn head(&self, filter: &str) -> Result<u64, BusError> {
-        use async_nats::jetstream::stream::DirectGetErrorKind;
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let stream = self
             .js
             .get_stream_no_info(subjects::EVENTS_STREAM)
             .await
             .map_err(|e| BusError::nats("open events stream", e))?;
-        match stream.direct_get_last_for_subject(filter).await {
+        match stream.get_last_raw_message_by_subject(filter).await {
             Ok(message) => Ok(message.sequence),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(BusError::nats("read the history's head", e)),
         }
     }

@@ -70,7 +70,12 @@ impl Default for Topology {
             max_deliver: 5,
             duplicate_window: Duration::from_secs(120),
             max_request_bytes: 1024 * 1024,
-            replicas: 1,
+            // As the fleet's own default (`nats_replicas = 0`): whoever creates the topology
+            // first creates it as the roles will want it. With 1 here, the fleet benchmark
+            // created R1 streams on a three-node cluster and its first worker raised them to
+            // R3, which left the request stream without a leader for 10 s while the bench
+            // published.
+            replicas: 0,
         }
     }
 }
