@@ -125,6 +125,15 @@ pub enum NatsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Spread the streams' and buckets' leaders over the cluster's nodes: a node leading
+    /// more than its share (ceil(streams / nodes)) hands the excess to the least-loaded
+    /// followers. Nothing is moved when no node is over its share; the roles do the same
+    /// once as they start. Exits 1 if a move failed.
+    Rebalance {
+        /// The same as `--output json`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]

@@ -96,11 +96,15 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "nats",
-        "lian nats status\n  lian --nats-url nats://a:4222,nats://b:4222 nats status --output json",
+        "lian nats status\n  lian --nats-url nats://a:4222,nats://b:4222 nats status --output json\n  lian nats rebalance",
     ),
     (
         "nats status",
         "lian nats status\n  lian --nats-url nats://a:4222,nats://b:4222 nats status --output json",
+    ),
+    (
+        "nats rebalance",
+        "lian nats rebalance\n  lian --nats-url nats://a:4222,nats://b:4222 nats rebalance --output json",
     ),
     (
         "config",

@@ -275,7 +275,10 @@ pub async fn dead_letters(global: Global, args: DeadLettersArgs) -> anyhow::Resu
 /// `lian nats status`: what the cluster holds of the topology (created as configured on
 /// connect, so this also raises streams that have fewer copies than `nats_replicas`).
 pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<ExitCode> {
-    let crate::cli::NatsCommand::Status { json } = args.command;
+    let json = match args.command {
+        crate::cli::NatsCommand::Status { json } => json,
+        crate::cli::NatsCommand::Rebalance { json } => return nats_rebalance(global, json).await,
+    };
     let settings = Settings::load(global.config.as_deref())?;
     let bus = crate::roles::connect(&global, "lian-nats-status", &settings).await?;
     let streams = bus.topology_status().await?;
@@ -311,6 +314,38 @@ pub async fn nats(global: Global, args: crate::cli::NatsArgs) -> anyhow::Result<
         crate::table::table(&["stream", "copies", "leader", "messages", "followers"], rows)
     );
     Ok(Exit::Ok.code())
+}
+
+/// `lian nats rebalance`: spreads the leaders (`Bus::spread_leaders`), prints each move and
+/// the leaders per node after; exit 1 if a move failed.
+async fn nats_rebalance(global: Global, json: bool) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(global.config.as_deref())?;
+    let bus = crate::roles::connect(&global, "lian-nats-rebalance", &settings).await?;
+    let moves = bus.spread_leaders().await?;
+    let leaders = lian_bus::leaders_per_node(&bus.topology_status().await?);
+    let failed = moves
+        .iter()
+        .any(|m| matches!(m.outcome, lian_bus::MoveOutcome::Failed(_)));
+    let code = if failed { Exit::Failed } else { Exit::Ok };
+    if global.json(json) {
+        println!("{}", serde_json::json!({ "moves": moves, "leaders_per_node": leaders }));
+        return Ok(code.code());
+    }
+    if moves.is_empty() {
+        println!("no node leads more than its share: nothing to move");
+    }
+    for m in &moves {
+        let what = match &m.outcome {
+            lian_bus::MoveOutcome::Moved(now) => format!("moved, now led by {now}"),
+            lian_bus::MoveOutcome::Skipped(why) => format!("skipped: {why}"),
+            lian_bus::MoveOutcome::Failed(why) => format!("failed: {why}"),
+            lian_bus::MoveOutcome::Planned => "planned".into(),
+        };
+        println!("{}: {} -> {}: {what}", m.stream, m.from, m.to);
+    }
+    let per_node: Vec<String> = leaders.iter().map(|(node, n)| format!("{node} {n}")).collect();
+    println!("leaders per node: {}", per_node.join(", "));
+    Ok(code.code())
 }
 
 pub async fn leases(global: Global, args: LeasesArgs) -> anyhow::Result<ExitCode> {

@@ -53,9 +53,20 @@ pub async fn connect(global: &Global, name: &str, settings: &Settings) -> anyhow
     Ok(bus)
 }
 
+/// `connect`, then, for a role starting (worker, cascade, control, `lian up`), the leaders
+/// spread over the cluster once (`Bus::spread_leaders`): a move that fails is logged and the
+/// role starts all the same; a cluster already spread is left alone.
+pub async fn connect_role(global: &Global, name: &str, settings: &Settings) -> anyhow::Result<Bus> {
+    let bus = connect(global, name, settings).await?;
+    if let Err(err) = bus.spread_leaders().await {
+        tracing::warn!(%err, "cannot read the streams' leaders to spread them; starting anyway");
+    }
+    Ok(bus)
+}
+
 pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(global.config.as_deref())?;
-    let bus = connect(&global, &args.name, &settings).await?;
+    let bus = connect_role(&global, &args.name, &settings).await?;
     let options = lian_worker::WorkerOptions {
         name: args.name,
         runners_dir: args.state_dir.join("runners"),
@@ -105,7 +116,7 @@ pub async fn worker(global: Global, args: WorkerArgs) -> anyhow::Result<ExitCode
 
 pub async fn cascade(global: Global, args: CascadeArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(global.config.as_deref())?;
-    let bus = connect(&global, "cascade", &settings).await?;
+    let bus = connect_role(&global, "cascade", &settings).await?;
     let options = lian_cascade::CascadeOptions {
         catalog_dir: args.catalog,
         schemas: Schemas::embedded()?,
@@ -132,7 +143,7 @@ pub async fn control(global: Global, args: ControlArgs) -> anyhow::Result<ExitCo
     let providers = settings
         .providers(&args.state_dir)
         .with_clouds(settings.hcloud.clone(), settings.proxmox.clone())?;
-    let bus = connect(&global, &args.name, &settings).await?;
+    let bus = connect_role(&global, &args.name, &settings).await?;
     let listener = match args.listen_fd {
         Some(fd) => inherited_listener(fd)?,
         None => tokio::net::TcpListener::bind(args.listen)

@@ -67,7 +67,7 @@ pub async fn run(global: Global, args: UpArgs) -> anyhow::Result<ExitCode> {
             nats_url: nats_url.clone(),
             ..global.clone()
         };
-        let bus = roles::connect(&global, "lian-up", &settings).await?;
+        let bus = roles::connect_role(&global, "lian-up", &settings).await?;
         let me = std::env::current_exe()?;
         // The roles read the file this process read, wherever they run from.
         let config =

@@ -3,12 +3,13 @@
 //! the node that leads the event stream in the middle of a build (and leaving it down)
 //! loses no acknowledged event: that build and one submitted while the node is gone both
 //! complete once, through workers that were given the seed list and reconnect by themselves.
+//! Roles starting on a cluster whose leaders all sit on one node spread them over the nodes.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Running, STEPS, history_kinds, nats_streams, submit_to};
+use common::{Running, STEPS, history_kinds, lian, nats_streams, submit_to, text};
 use lian_test_support::{NatsCluster, RawNats};
 
 const WS: &str = "clu";
@@ -41,13 +42,10 @@ fn a_build_completes_once_after_the_event_stream_leader_is_killed() {
             .expect("the event stream")
             .clone()
     };
-    let leader = events(&before)["leader"].as_str().unwrap().to_string();
-    assert!(!leader.is_empty(), "{before:?}");
-
     let workers: Vec<Running> = ["worker-a", "worker-b"]
         .iter()
         .map(|name| {
-            Running::start_with(
+            Running::start_hearing(
                 &[
                     "--nats-url",
                     &seeds,
@@ -57,11 +55,17 @@ fn a_build_completes_once_after_the_event_stream_leader_is_killed() {
                     "--name",
                     name,
                 ],
-                &env,
+                &[env[0], ("LIAN_LOG", "info,async_nats=warn")],
                 "",
             )
         })
         .collect();
+    // Workers spread the leaders as they start: the event stream's leader is read after.
+    for w in &workers {
+        w.wait_stderr(Duration::from_secs(60), "serving build requests");
+    }
+    let leader = events(&nats_streams(&seeds))["leader"].as_str().unwrap().to_string();
+    assert!(!leader.is_empty(), "{before:?}");
     // Watch from a node that stays up.
     let survivor = cluster.nodes.iter().find(|n| n.name != leader).unwrap().port;
     let mut wire = RawNats::subscribe(survivor, "lian.>");
@@ -131,5 +135,91 @@ fn a_build_completes_once_after_the_event_stream_leader_is_killed() {
             "{leader} did not catch up within 60 s: {behind:?}"
         );
     }
+    drop(workers);
+}
+
+/// Leaders per node, from `lian nats status --json`.
+fn leaders_per_node(streams: &[serde_json::Value]) -> std::collections::BTreeMap<String, usize> {
+    let mut load = std::collections::BTreeMap::new();
+    for s in streams {
+        *load.entry(s["leader"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    load
+}
+
+#[test]
+fn roles_starting_together_spread_the_stream_leaders_over_the_nodes() {
+    let cluster = NatsCluster::start(3);
+    let seeds = cluster.seeds();
+    // The topology, as a client command creates it (clients do not move leaders).
+    let streams = nats_streams(&seeds);
+    assert_eq!(streams.len(), 10, "{streams:?}");
+
+    // Every leader on n1, as NATS often leaves them on a fresh cluster: asked with the same
+    // stepdown request the spread uses, through a client that is not lian.
+    let mut api = RawNats::subscribe(cluster.nodes[0].port, "_INBOX.skew.>");
+    for (i, s) in streams.iter().enumerate().filter(|(_, s)| s["leader"] != "n1") {
+        let reply = format!("_INBOX.skew.{i}");
+        api.publish_with_reply(
+            &format!("$JS.API.STREAM.LEADER.STEPDOWN.{}", s["stream"].as_str().unwrap()),
+            &reply,
+            br#"{"placement":{"preferred":"n1"}}"#,
+        );
+        let answer = api.wait_for(Duration::from_secs(10), "a stepdown's answer", |m| m.subject == reply);
+        assert_eq!(answer.json()["success"], true, "{}", answer.json());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let load = leaders_per_node(&nats_streams(&seeds));
+        if load.get("n1") == Some(&10) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not all on n1 within 30 s: {load:?}"
+        );
+    }
+
+    // Two workers starting at once: both may plan the same moves; the result must still be
+    // every node within its share, ceil(10 / 3) = 4.
+    let state = tempfile::tempdir().unwrap();
+    let workers: Vec<Running> = ["spread-a", "spread-b"]
+        .iter()
+        .map(|name| {
+            let args = [
+                "--nats-url",
+                &seeds,
+                "worker",
+                "--state-dir",
+                state.path().to_str().unwrap(),
+                "--name",
+                name,
+            ];
+            // At info: the line this waits for, and each move, are info lines.
+            Running::start_hearing(&args, &[("LIAN_LOG", "info,async_nats=warn")], "")
+        })
+        .collect();
+    for w in &workers {
+        // A role spreads the leaders (and waits for the elections) before it serves.
+        w.wait_stderr(Duration::from_secs(60), "serving build requests");
+    }
+    let streams = nats_streams(&seeds);
+    let load = leaders_per_node(&streams);
+    assert!(!load.contains_key(""), "every stream has a leader: {streams:#?}");
+    assert!(load.len() >= 2, "leaders on at least two nodes: {load:?}");
+    assert!(load.values().all(|&n| n <= 4), "no node over its share of 4: {load:?}");
+
+    // An operator's rebalance finds nothing to move, and says how the leaders sit.
+    let out = lian(&["--nats-url", &seeds, "--output", "json", "nats", "rebalance"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["moves"], serde_json::json!([]), "{report}");
+    let per_node = report["leaders_per_node"].as_object().unwrap();
+    assert_eq!(per_node.len(), 3, "{report}");
+    assert_eq!(
+        per_node.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        10,
+        "{report}"
+    );
     drop(workers);
 }

@@ -8,6 +8,7 @@ mod direct;
 mod error;
 mod history;
 mod layers;
+mod leaders;
 mod topology;
 mod views;
 mod work;
@@ -18,6 +19,7 @@ pub use context::{
 pub use error::BusError;
 pub use history::{After, Appended, Lineage, Record};
 pub use layers::{CatalogLock, LayerImage, QueuedLayer};
+pub use leaders::{LeaderMove, MoveOutcome, leaders_per_node, plan_spread};
 pub use topology::{ReplicaState, StreamStatus, Topology};
 pub use views::QueueDepth;
 pub use work::{ExpiredRequests, Job, JobStream};

@@ -106,6 +106,15 @@ impl RawNats {
         self.writer.flush().unwrap();
     }
 
+    /// Publishes on core NATS with a reply subject (one this client subscribed to, to read
+    /// the answer with `wait_for`): a request, e.g. to the JetStream API.
+    pub fn publish_with_reply(&mut self, subject: &str, reply: &str, payload: &[u8]) {
+        write!(self.writer, "PUB {subject} {reply} {}\r\n", payload.len()).unwrap();
+        self.writer.write_all(payload).unwrap();
+        self.writer.write_all(b"\r\n").unwrap();
+        self.writer.flush().unwrap();
+    }
+
     /// Waits for the first message (new or already seen) that satisfies `pred`; panics
     /// with what was seen if none comes within `within`.
     pub fn wait_for(&mut self, within: Duration, what: &str, pred: impl Fn(&RawMessage) -> bool) -> RawMessage {
