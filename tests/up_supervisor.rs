@@ -170,6 +170,22 @@ fn up_with_a_three_member_nats_cluster_replicates_everything_and_builds() {
     for s in &streams {
         assert_eq!(s["replicas"], 3, "{s}");
     }
+    // The roles spread the leaders as they start: on at least two members once every
+    // stream has one (read until then, bounded; a role may still be starting).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let leaders: std::collections::BTreeSet<String> = common::nats_streams(&nats_url)
+            .iter()
+            .map(|s| s["leader"].as_str().unwrap().to_string())
+            .collect();
+        if !leaders.contains("") && leaders.len() >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "leaders not spread within 30 s: {leaders:?}"
+        );
+    }
     let out = submit_with(
         &nats_url,
         "clustered",
