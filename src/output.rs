@@ -331,7 +331,9 @@ async fn nats_rebalance(global: Global, json: bool) -> anyhow::Result<ExitCode> 
         println!("{}", serde_json::json!({ "moves": moves, "leaders_per_node": leaders }));
         return Ok(code.code());
     }
-    if moves.is_empty() {
+    if bus.cluster_size() < 2 {
+        println!("a lone server: nothing to spread");
+    } else if moves.is_empty() {
         println!("no node leads more than its share: nothing to move");
     }
     for m in &moves {
