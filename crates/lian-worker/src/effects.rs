@@ -343,18 +343,32 @@ impl Worker {
     /// The request's context downloaded into `dest`, emptied first: a resumed sync starts
     /// from an empty directory, so no half-written file survives. Files and bytes, or the
     /// outcome of a context that cannot be had.
+    ///
+    /// A context found incomplete is read again, twice at most, before the build fails: the
+    /// store is read by direct get, which on a cluster any replica answers, a follower too
+    /// once it is 90% caught up (nats-server's `monitorStream`), so a worker reading a context
+    /// just uploaded may ask a follower that has not all of its chunks yet. That follower
+    /// catches up within milliseconds and the next read may go to another replica.
     async fn stage_context(&self, request: &BuildRequest, dest: &Path) -> Result<Result<Downloaded, Outcome>, String> {
-        let _ = tokio::fs::remove_dir_all(dest).await;
-        tokio::fs::create_dir_all(dest).await.map_err(|e| e.to_string())?;
-        match self
-            .bus
-            .download_context(&request.context, dest, &self.options.context_limits)
-            .await
-        {
-            Ok(staged) => Ok(Ok(staged)),
-            Err(lian_bus::BusError::Nats { op, message }) => Err(format!("{op}: {message}")),
-            Err(e) => Ok(Err(failed(Step::SyncContext, e.to_string()))),
+        const TRIES: u32 = 3;
+        for attempt in 1..=TRIES {
+            let _ = tokio::fs::remove_dir_all(dest).await;
+            tokio::fs::create_dir_all(dest).await.map_err(|e| e.to_string())?;
+            match self
+                .bus
+                .download_context(&request.context, dest, &self.options.context_limits)
+                .await
+            {
+                Ok(staged) => return Ok(Ok(staged)),
+                Err(lian_bus::BusError::Nats { op, message }) => return Err(format!("{op}: {message}")),
+                Err(e @ lian_bus::BusError::MissingObject { .. }) if attempt < TRIES => {
+                    tracing::warn!(%e, attempt, "context incomplete as read (a replica behind?): reading it again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(e) => return Ok(Err(failed(Step::SyncContext, e.to_string()))),
+            }
         }
+        unreachable!("the last try returns")
     }
 
     /// The runner of the lease the build holds, reached from this worker.
