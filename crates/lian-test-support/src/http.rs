@@ -1,9 +1,12 @@
-//! A plain HTTP/1.1 client on std's TcpStream, so tests call the control plane with a
-//! client that is not ours (and pull in no HTTP crate).
+//! A plain HTTP client for tests (reqwest's blocking one), so tests call the control plane
+//! and the registry with a client that is not ours: no redirects followed, 120 s timeout.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use reqwest::Method;
+use reqwest::blocking::Client;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 
 /// An answer: status, headers (names lower-cased) and body.
 #[derive(Debug)]
@@ -18,62 +21,69 @@ impl HttpAnswer {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
+    /// The first value of a header, its name matched without regard to case.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
+
+/// One client for every test of the process (each blocking client owns a runtime thread).
+fn client(timeout: Duration) -> Client {
+    // reqwest is built without a default TLS provider; plain http needs none, but building
+    // a client does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("an HTTP client")
+}
+
+static CLIENT: LazyLock<Client> = LazyLock::new(|| client(Duration::from_secs(120)));
+static QUICK: LazyLock<Client> = LazyLock::new(|| client(Duration::from_secs(2)));
 
 /// `METHOD http://host:port/path` with an optional bearer token and JSON body.
 pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> HttpAnswer {
-    let rest = url.strip_prefix("http://").expect("an http:// url");
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let mut stream = TcpStream::connect(authority).unwrap_or_else(|e| panic!("connect {authority}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    let method = Method::from_bytes(method.as_bytes()).unwrap_or_else(|e| panic!("method {method}: {e}"));
+    let mut request = CLIENT.request(method.clone(), url);
     if let Some(t) = token {
-        request.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        request = request.header(AUTHORIZATION, format!("Bearer {t}"));
     }
     let body = body.unwrap_or("");
-    if !body.is_empty() || method == "POST" {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    if !body.is_empty() || method == Method::POST {
+        request = request.header(CONTENT_TYPE, "application/json").body(body.to_string());
     }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
+    let answer = request.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = answer.status().as_u16();
+    let headers = answer
+        .headers()
         .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
-    HttpAnswer { status, headers, body }
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = answer
+        .bytes()
+        .unwrap_or_else(|e| panic!("{url}: reading the body: {e}"));
+    HttpAnswer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n.min(rest.len())]);
-        s = rest.get(n + 2..).unwrap_or("");
-    }
-    out
+/// The status of `GET http://127.0.0.1:{port}{path}`, or `None` when nothing answers within
+/// 2 s: for waiting until a service is up.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    QUICK
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .ok()
+        .map(|a| a.status().as_u16())
 }

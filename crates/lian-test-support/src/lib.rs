@@ -13,11 +13,11 @@ mod stores;
 
 pub use fake_hcloud::{Behaviour as HcloudBehaviour, FakeHcloud, FakeServer};
 pub use fake_proxmox::{Behaviour as ProxmoxBehaviour, FakeProxmox, FakeVm};
-pub use http::{HttpAnswer, http};
+pub use http::{HttpAnswer, http, http_status};
 pub use nats::{ClusterNode, Member, NatsCluster, NatsServer};
 pub use raw::{RawMessage, RawNats};
 pub use sshd::Sshd;
-pub use stores::{Registry, S3Store, http_status};
+pub use stores::{Registry, S3Store};
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -4,12 +4,12 @@
 //! `src/local_stores.rs` (loopback only, deletes enabled, every weed port
 //! given, WebDAV/Iceberg/Lance/admin UI/telemetry off).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::free_port;
+use crate::http::http_status;
 
 /// An OCI registry on 127.0.0.1, no auth, storage in a temp dir.
 pub struct Registry {
@@ -203,21 +203,6 @@ fn wait_until(child: &mut Child, name: &str, log: &std::path::Path, ready: impl 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The status of `GET path` on 127.0.0.1:port, `None` while nothing answers.
-pub fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head).ok()?;
-    std::str::from_utf8(&head[..n])
-        .ok()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn hex(bytes: usize) -> String {
