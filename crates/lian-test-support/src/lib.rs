@@ -8,6 +8,7 @@ mod fake_proxmox;
 mod http;
 mod nats;
 mod raw;
+mod serve;
 mod sshd;
 mod stores;
 
