@@ -7,17 +7,31 @@
 //! tasks (UPIDs) polled on `/nodes/{node}/tasks/{upid}/status`, `/cluster/nextid`,
 //! `/cluster/resources`, clone/config/start/stop/delete of QEMU VMs and the guest agent
 //! (`network-get-interfaces`, `file-write`, `exec`, `exec-status`). Behaviour knobs make it
-//! slow, out of storage, refuse the clone, never start its guest agent, or fail once.
+//! slow, out of storage, refuse the clone, never start its guest agent, or fail once. An axum
+//! router (`serve.rs`): the transport's checks in middleware, the parameters through one
+//! extractor (`PveParams`), each endpoint a handler.
 //!
 //! One node (`pve1`) with one template (VMID 9000, protected), one pool (`ci`) and two
 //! storages (`local-lvm`, `fast`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State as Shared};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, TRANSFER_ENCODING};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, delete, get, post};
+use axum::{Extension, Router};
+use percent_encoding::percent_decode_str;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+use crate::serve::Served;
 
 #[derive(Debug, Clone, Default)]
 pub struct Behaviour {
@@ -97,7 +111,29 @@ pub struct FakeProxmox {
     pub node: String,
     pub template_vmid: u32,
     state: Arc<Mutex<State>>,
+    _served: Served,
 }
+
+/// What every handler shares.
+#[derive(Clone)]
+struct Fake {
+    state: Arc<Mutex<State>>,
+    behaviour: Arc<Behaviour>,
+    token_id: Arc<str>,
+    token_secret: Arc<str>,
+}
+
+impl Fake {
+    /// Runs an endpoint on the fake's state and answers as Proxmox does.
+    fn answer(&self, endpoint: impl FnOnce(&mut State, &Behaviour) -> Reply) -> Response {
+        let mut st = self.state.lock().unwrap();
+        reply(endpoint(&mut st, &self.behaviour))
+    }
+}
+
+/// The API token that authenticated the request (tasks are its).
+#[derive(Clone)]
+struct User(String);
 
 const NODE: &str = "pve1";
 const TEMPLATE: u32 = 9000;
@@ -109,8 +145,6 @@ type Reply = (u16, Value);
 
 impl FakeProxmox {
     pub fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a port");
-        let url = format!("http://{}{BASE}", listener.local_addr().unwrap());
         let token_id = "lian@pve!workers".to_string();
         let token_secret = "5f0c1d2e-7a3b-4c5d-9e8f-0123456789ab".to_string();
         let mut state = State::default();
@@ -130,19 +164,21 @@ impl FakeProxmox {
             },
         );
         let state = Arc::new(Mutex::new(state));
-        let (s, id, secret) = (state.clone(), token_id.clone(), token_secret.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                serve(stream, &s, &id, &secret, &behaviour);
-            }
-        });
+        let fake = Fake {
+            state: state.clone(),
+            behaviour: Arc::new(behaviour),
+            token_id: token_id.as_str().into(),
+            token_secret: token_secret.as_str().into(),
+        };
+        let served = Served::start(router(fake));
         Self {
-            url,
+            url: format!("http://{}{BASE}", served.addr),
             token_id,
             token_secret,
             node: NODE.into(),
             template_vmid: TEMPLATE,
             state,
+            _served: served,
         }
     }
 
@@ -182,39 +218,6 @@ fn param_fail<K: AsRef<str>>(errors: &[(K, String)]) -> Reply {
 
 fn ok(data: Value) -> Reply {
     (200, json!({ "data": data }))
-}
-
-fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn parse_form(s: &str) -> Option<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for kv in s.split(['&', ';']).filter(|kv| !kv.is_empty()) {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        out.push((percent_decode(k, true)?, percent_decode(v, true)?));
-    }
-    Some(out)
 }
 
 /// The parameters of a request, checked against the endpoint's schema: unknown and missing
@@ -325,457 +328,456 @@ fn no_config(vmid: u32) -> Reply {
     )
 }
 
-fn route(
-    method: &str,
-    segs: &[String],
+fn nextid(params: Vec<(String, String)>, st: &mut State) -> Reply {
+    let p = match Params::check(params, &["vmid"], &[], &[]) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    if let Some(want) = p.get("vmid") {
+        return match want.parse::<u32>() {
+            Ok(id) if st.vms.contains_key(&id) => param_fail(&[("vmid", format!("VM {id} already exists"))]),
+            Ok(id) => ok(Value::String(id.to_string())),
+            Err(_) => param_fail(&[("vmid", "type check ('integer') failed".into())]),
+        };
+    }
+    let free = (100..).find(|i| !st.vms.contains_key(i)).unwrap();
+    // Proxmox answers the integer as a JSON string.
+    ok(Value::String(free.to_string()))
+}
+
+fn resources(params: Vec<(String, String)>, st: &mut State) -> Reply {
+    let p = match Params::check(params, &["type"], &[], &[]) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    match p.get("type") {
+        None | Some("vm") => ok(Value::Array(st.vms.values().map(vm_json).collect())),
+        Some("node" | "storage" | "pool" | "sdn") => ok(json!([])),
+        Some(other) => param_fail(&[(
+            "type",
+            format!("value '{other}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'"),
+        )]),
+    }
+}
+
+fn task_status(upid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
+    if let Err(e) = Params::check(params, &[], &[], &[]) {
+        return e;
+    }
+    let Some(task) = st.tasks.get_mut(upid) else {
+        return fail(500, &format!("unable to parse worker upid '{upid}'"));
+    };
+    task.polls_left = task.polls_left.saturating_sub(1);
+    let running = task.polls_left > 0;
+    if let Some(kind) = (!running && task.exitstatus.is_none()).then_some(task.kind) {
+        let exit = finish(&kind, st, b);
+        st.tasks.get_mut(upid).unwrap().exitstatus = Some(exit);
+    }
+    let task = &st.tasks[upid];
+    let mut v = json!({"upid": upid, "node": NODE, "user": user, "pid": 4242, "pstart": 123,
+                       "starttime": 1_700_000_000, "type": upid.split(':').nth(5).unwrap_or(""),
+                       "id": upid.split(':').nth(6).unwrap_or(""),
+                       "status": if running { "running" } else { "stopped" }});
+    if let Some(exit) = &task.exitstatus {
+        v["exitstatus"] = exit.clone().into();
+    }
+    ok(v)
+}
+
+fn clone_vm(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
+    let p = match Params::check(
+        params,
+        &[
+            "newid",
+            "name",
+            "description",
+            "pool",
+            "snapname",
+            "storage",
+            "format",
+            "full",
+            "target",
+            "bwlimit",
+        ],
+        &["newid"],
+        &[],
+    ) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let Ok(newid) = p.get("newid").unwrap().parse::<u32>() else {
+        return param_fail(&[("newid", "type check ('integer') failed".into())]);
+    };
+    if !(100..=999_999_999).contains(&newid) {
+        return param_fail(&[("newid", format!("invalid format - value '{newid}' is not in range"))]);
+    }
+    if let Some(name) = p.get("name")
+        && !dns_name_ok(name)
+    {
+        return param_fail(&[("name", "value does not look like a valid DNS name".into())]);
+    }
+    let full = match p.get("full").map(boolean) {
+        None => false,
+        Some(Some(f)) => f,
+        Some(None) => return param_fail(&[("full", "type check ('boolean') failed".into())]),
+    };
+    if let Some(d) = p.get("description")
+        && d.len() > 8192
+    {
+        return param_fail(&[("description", "value may only be 8192 characters long".into())]);
+    }
+    if b.clone_forbidden {
+        return fail(403, &format!("Permission check failed (/vms/{newid}, VM.Allocate)"));
+    }
+    let Ok(source) = vmid.parse::<u32>() else {
+        return param_fail(&[("vmid", "type check ('integer') failed".into())]);
+    };
+    let Some(src) = st.vms.get(&source) else {
+        return no_config(source);
+    };
+    if !src.template {
+        return fail(
+            500,
+            &format!("VM {source} is not a template (this fake clones templates only)"),
+        );
+    }
+    if let Some(pool) = p.get("pool")
+        && !POOLS.contains(&pool)
+    {
+        return fail(500, &format!("pool '{pool}' does not exist"));
+    }
+    if let Some(storage) = p.get("storage") {
+        if !STORAGES.contains(&storage) {
+            return fail(500, &format!("storage '{storage}' does not exist"));
+        }
+        if !full {
+            return fail(500, "parameter 'storage' not allowed for linked clones");
+        }
+    }
+    if st.vms.contains_key(&newid) {
+        return fail(500, &format!("unable to create VM {newid}: config file already exists"));
+    }
+    let clone = FakeVm {
+        vmid: newid,
+        name: p
+            .get("name")
+            .map(String::from)
+            .unwrap_or(format!("Copy-of-VM-{}", src.name)),
+        node: NODE.into(),
+        status: "stopped".into(),
+        lock: Some("clone".into()),
+        pool: p.get("pool").map(String::from),
+        storage: p.get("storage").map(String::from),
+        full,
+        description: p.get("description").unwrap_or("").to_string(),
+        ..src.clone()
+    };
+    st.vms.insert(
+        newid,
+        FakeVm {
+            template: false,
+            ..clone
+        },
+    );
+    let upid = new_upid(st, "qmclone", &source.to_string(), user);
+    st.tasks.insert(
+        upid.clone(),
+        Task {
+            kind: TaskKind::Clone { vmid: newid },
+            polls_left: b.task_polls,
+            exitstatus: None,
+        },
+    );
+    ok(upid.into())
+}
+
+fn read_config(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> Reply {
+    if let Err(e) = Params::check(params, &["current", "snapshot"], &[], &[]) {
+        return e;
+    }
+    let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    let mut v = json!({"name": vm.name, "cores": vm.cores, "memory": vm.memory.to_string(),
+                       "digest": format!("{:040x}", vm.vmid), "scsi0": format!("local-lvm:vm-{}-disk-0,size=10G", vm.vmid)});
+    for (k, val) in [
+        ("description", &vm.description),
+        ("ciuser", &vm.ciuser),
+        ("sshkeys", &vm.sshkeys),
+        ("ipconfig0", &vm.ipconfig0),
+        ("agent", &vm.agent),
+    ] {
+        if !val.is_empty() {
+            v[k] = val.clone().into();
+        }
+    }
+    if !vm.tags.is_empty() {
+        v["tags"] = vm.tags.join(";").into();
+    }
+    if let Some(lock) = &vm.lock {
+        v["lock"] = lock.clone().into();
+    }
+    if vm.template {
+        v["template"] = 1.into();
+    }
+    ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_config(
+    m: &Method,
+    vmid: &str,
     params: Vec<(String, String)>,
     st: &mut State,
     b: &Behaviour,
     user: &str,
 ) -> Reply {
-    let s: Vec<&str> = segs.iter().map(String::as_str).collect();
-    if let ["nodes", node, ..] = s.as_slice()
-        && *node != NODE
+    let p = match Params::check(
+        params,
+        &[
+            "cores",
+            "memory",
+            "ciuser",
+            "sshkeys",
+            "ipconfig0",
+            "tags",
+            "description",
+            "agent",
+            "name",
+            "sockets",
+            "digest",
+            "delete",
+            "skiplock",
+        ],
+        &[],
+        &[],
+    ) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let Some(id) = vmid.parse::<u32>().ok().filter(|id| st.vms.contains_key(id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    let mut errors = Vec::new();
+    let cores = p.get("cores").map(|c| c.parse::<u32>());
+    if let Some(c) = &cores
+        && !matches!(c, Ok(1..=128))
     {
-        return fail(
-            500,
-            &format!(
-                "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
-            ),
-        );
+        errors.push((
+            "cores",
+            "value must have a minimum value of 1 and at most 128".to_string(),
+        ));
     }
-    match (method, s.as_slice()) {
-        ("GET", ["cluster", "nextid"]) => {
-            let p = match Params::check(params, &["vmid"], &[], &[]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            if let Some(want) = p.get("vmid") {
-                return match want.parse::<u32>() {
-                    Ok(id) if st.vms.contains_key(&id) => param_fail(&[("vmid", format!("VM {id} already exists"))]),
-                    Ok(id) => ok(Value::String(id.to_string())),
-                    Err(_) => param_fail(&[("vmid", "type check ('integer') failed".into())]),
-                };
-            }
-            let free = (100..).find(|i| !st.vms.contains_key(i)).unwrap();
-            // Proxmox answers the integer as a JSON string.
-            ok(Value::String(free.to_string()))
-        }
-        ("GET", ["cluster", "resources"]) => {
-            let p = match Params::check(params, &["type"], &[], &[]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            match p.get("type") {
-                None | Some("vm") => ok(Value::Array(st.vms.values().map(vm_json).collect())),
-                Some("node" | "storage" | "pool" | "sdn") => ok(json!([])),
-                Some(other) => param_fail(&[(
-                    "type",
-                    format!("value '{other}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'"),
-                )]),
-            }
-        }
-        ("GET", ["nodes", _, "tasks", upid, "status"]) => {
-            if let Err(e) = Params::check(params, &[], &[], &[]) {
-                return e;
-            }
-            let Some(task) = st.tasks.get_mut(*upid) else {
-                return fail(500, &format!("unable to parse worker upid '{upid}'"));
-            };
-            task.polls_left = task.polls_left.saturating_sub(1);
-            let running = task.polls_left > 0;
-            if let Some(kind) = (!running && task.exitstatus.is_none()).then_some(task.kind) {
-                let exit = finish(&kind, st, b);
-                st.tasks.get_mut(*upid).unwrap().exitstatus = Some(exit);
-            }
-            let task = &st.tasks[*upid];
-            let mut v = json!({"upid": upid, "node": NODE, "user": user, "pid": 4242, "pstart": 123,
-                               "starttime": 1_700_000_000, "type": upid.split(':').nth(5).unwrap_or(""),
-                               "id": upid.split(':').nth(6).unwrap_or(""),
-                               "status": if running { "running" } else { "stopped" }});
-            if let Some(exit) = &task.exitstatus {
-                v["exitstatus"] = exit.clone().into();
-            }
-            ok(v)
-        }
-        ("POST", ["nodes", _, "qemu", vmid, "clone"]) => {
-            let p = match Params::check(
-                params,
-                &[
-                    "newid",
-                    "name",
-                    "description",
-                    "pool",
-                    "snapname",
-                    "storage",
-                    "format",
-                    "full",
-                    "target",
-                    "bwlimit",
-                ],
-                &["newid"],
-                &[],
-            ) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            let Ok(newid) = p.get("newid").unwrap().parse::<u32>() else {
-                return param_fail(&[("newid", "type check ('integer') failed".into())]);
-            };
-            if !(100..=999_999_999).contains(&newid) {
-                return param_fail(&[("newid", format!("invalid format - value '{newid}' is not in range"))]);
-            }
-            if let Some(name) = p.get("name")
-                && !dns_name_ok(name)
-            {
-                return param_fail(&[("name", "value does not look like a valid DNS name".into())]);
-            }
-            let full = match p.get("full").map(boolean) {
-                None => false,
-                Some(Some(f)) => f,
-                Some(None) => return param_fail(&[("full", "type check ('boolean') failed".into())]),
-            };
-            if let Some(d) = p.get("description")
-                && d.len() > 8192
-            {
-                return param_fail(&[("description", "value may only be 8192 characters long".into())]);
-            }
-            if b.clone_forbidden {
-                return fail(403, &format!("Permission check failed (/vms/{newid}, VM.Allocate)"));
-            }
-            let Ok(source) = vmid.parse::<u32>() else {
-                return param_fail(&[("vmid", "type check ('integer') failed".into())]);
-            };
-            let Some(src) = st.vms.get(&source) else {
-                return no_config(source);
-            };
-            if !src.template {
-                return fail(
-                    500,
-                    &format!("VM {source} is not a template (this fake clones templates only)"),
-                );
-            }
-            if let Some(pool) = p.get("pool")
-                && !POOLS.contains(&pool)
-            {
-                return fail(500, &format!("pool '{pool}' does not exist"));
-            }
-            if let Some(storage) = p.get("storage") {
-                if !STORAGES.contains(&storage) {
-                    return fail(500, &format!("storage '{storage}' does not exist"));
-                }
-                if !full {
-                    return fail(500, "parameter 'storage' not allowed for linked clones");
-                }
-            }
-            if st.vms.contains_key(&newid) {
-                return fail(500, &format!("unable to create VM {newid}: config file already exists"));
-            }
-            let clone = FakeVm {
-                vmid: newid,
-                name: p
-                    .get("name")
-                    .map(String::from)
-                    .unwrap_or(format!("Copy-of-VM-{}", src.name)),
-                node: NODE.into(),
-                status: "stopped".into(),
-                lock: Some("clone".into()),
-                pool: p.get("pool").map(String::from),
-                storage: p.get("storage").map(String::from),
-                full,
-                description: p.get("description").unwrap_or("").to_string(),
-                ..src.clone()
-            };
-            st.vms.insert(
-                newid,
-                FakeVm {
-                    template: false,
-                    ..clone
-                },
-            );
-            let upid = new_upid(st, "qmclone", &source.to_string(), user);
-            st.tasks.insert(
-                upid.clone(),
-                Task {
-                    kind: TaskKind::Clone { vmid: newid },
-                    polls_left: b.task_polls,
-                    exitstatus: None,
-                },
-            );
-            ok(upid.into())
-        }
-        ("GET", ["nodes", _, "qemu", vmid, "config"]) => {
-            if let Err(e) = Params::check(params, &["current", "snapshot"], &[], &[]) {
-                return e;
-            }
-            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
-                return no_config(vmid.parse().unwrap_or(0));
-            };
-            let mut v = json!({"name": vm.name, "cores": vm.cores, "memory": vm.memory.to_string(),
-                               "digest": format!("{:040x}", vm.vmid), "scsi0": format!("local-lvm:vm-{}-disk-0,size=10G", vm.vmid)});
-            for (k, val) in [
-                ("description", &vm.description),
-                ("ciuser", &vm.ciuser),
-                ("sshkeys", &vm.sshkeys),
-                ("ipconfig0", &vm.ipconfig0),
-                ("agent", &vm.agent),
-            ] {
-                if !val.is_empty() {
-                    v[k] = val.clone().into();
-                }
-            }
-            if !vm.tags.is_empty() {
-                v["tags"] = vm.tags.join(";").into();
-            }
-            if let Some(lock) = &vm.lock {
-                v["lock"] = lock.clone().into();
-            }
-            if vm.template {
-                v["template"] = 1.into();
-            }
-            ok(v)
-        }
-        (m @ ("POST" | "PUT"), ["nodes", _, "qemu", vmid, "config"]) => {
-            let p = match Params::check(
-                params,
-                &[
-                    "cores",
-                    "memory",
-                    "ciuser",
-                    "sshkeys",
-                    "ipconfig0",
-                    "tags",
-                    "description",
-                    "agent",
-                    "name",
-                    "sockets",
-                    "digest",
-                    "delete",
-                    "skiplock",
-                ],
-                &[],
-                &[],
-            ) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            let Some(id) = vmid.parse::<u32>().ok().filter(|id| st.vms.contains_key(id)) else {
-                return no_config(vmid.parse().unwrap_or(0));
-            };
-            let mut errors = Vec::new();
-            let cores = p.get("cores").map(|c| c.parse::<u32>());
-            if let Some(c) = &cores
-                && !matches!(c, Ok(1..=128))
-            {
-                errors.push((
-                    "cores",
-                    "value must have a minimum value of 1 and at most 128".to_string(),
-                ));
-            }
-            let memory = p
-                .get("memory")
-                .map(|m| m.strip_prefix("current=").unwrap_or(m).parse::<u32>());
-            if let Some(m) = &memory
-                && !matches!(m, Ok(16..=4_194_304))
-            {
-                errors.push(("memory", "value must be between 16 and 4194304 (MiB)".to_string()));
-            }
-            let mut sshkeys_decoded = None;
-            if let Some(k) = p.get("sshkeys") {
-                if !urlencoded_ok(k) {
-                    errors.push(("sshkeys", format!("invalid urlencoded string: {k}")));
-                } else {
-                    sshkeys_decoded = percent_decode(k, false);
-                }
-            }
-            if let Some(ip) = p.get("ipconfig0") {
-                let good = ip
-                    .split(',')
-                    .all(|kv| matches!(kv.split_once('='), Some(("ip" | "gw" | "ip6" | "gw6", v)) if !v.is_empty()));
-                if !good {
-                    errors.push(("ipconfig0", format!("invalid format - format error ({ip})")));
-                }
-            }
-            let tags: Option<Vec<String>> = p.get("tags").map(|t| {
-                t.split([';', ',', ' '])
-                    .filter(|t| !t.is_empty())
-                    .map(String::from)
-                    .collect()
-            });
-            if let Some(bad) = tags.iter().flatten().find(|t| !tag_ok(t)) {
-                errors.push(("tags", format!("invalid format - invalid tag '{bad}'")));
-            }
-            if let Some(a) = p.get("agent") {
-                let v = a.strip_prefix("enabled=").unwrap_or(a);
-                if boolean(v.split(',').next().unwrap_or("")).is_none() {
-                    errors.push(("agent", format!("invalid format - value '{a}' is not a boolean")));
-                }
-            }
-            if let Some(name) = p.get("name")
-                && !dns_name_ok(name)
-            {
-                errors.push(("name", "value does not look like a valid DNS name".to_string()));
-            }
-            if let Some(d) = p.get("description")
-                && d.len() > 8192
-            {
-                errors.push(("description", "value may only be 8192 characters long".to_string()));
-            }
-            if !errors.is_empty() {
-                return param_fail(&errors);
-            }
-            if let Some(keys) = &sshkeys_decoded
-                && keys
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .any(|l| !(l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")))
-            {
-                return fail(500, "SSH public key validation error");
-            }
-            let vm = st.vms.get_mut(&id).unwrap();
-            if vm.template {
-                return fail(500, &format!("VM {id} is a template (this fake changes clones only)"));
-            }
-            if let Some(lock) = &vm.lock {
-                return fail(500, &format!("VM is locked ({lock})"));
-            }
-            if let Some(Ok(c)) = cores {
-                vm.cores = c;
-            }
-            if let Some(Ok(m)) = memory {
-                vm.memory = m;
-            }
-            if let Some(u) = p.get("ciuser") {
-                vm.ciuser = u.into();
-            }
-            if let (Some(raw), Some(decoded)) = (p.get("sshkeys"), sshkeys_decoded) {
-                vm.sshkeys = raw.into();
-                vm.sshkeys_decoded = decoded;
-            }
-            if let Some(ip) = p.get("ipconfig0") {
-                vm.ipconfig0 = ip.into();
-            }
-            if let Some(t) = tags {
-                vm.tags = t;
-            }
-            if let Some(d) = p.get("description") {
-                vm.description = d.into();
-            }
-            if let Some(a) = p.get("agent") {
-                vm.agent = a.into();
-            }
-            if let Some(n) = p.get("name") {
-                vm.name = n.into();
-            }
-            if m == "PUT" {
-                return ok(Value::Null);
-            }
-            let upid = new_upid(st, "qmconfig", &id.to_string(), user);
-            st.tasks.insert(
-                upid.clone(),
-                Task {
-                    kind: TaskKind::Config,
-                    polls_left: b.task_polls,
-                    exitstatus: None,
-                },
-            );
-            ok(upid.into())
-        }
-        ("GET", ["nodes", _, "qemu", vmid, "status", "current"]) => {
-            if let Err(e) = Params::check(params, &[], &[], &[]) {
-                return e;
-            }
-            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
-                return no_config(vmid.parse().unwrap_or(0));
-            };
-            let mut v = json!({"vmid": vm.vmid, "name": vm.name, "status": vm.status,
-                               "qmpstatus": vm.status, "cpus": vm.cores,
-                               "maxmem": u64::from(vm.memory) * 1024 * 1024, "ha": {"managed": 0}});
-            if boolean(vm.agent.strip_prefix("enabled=").unwrap_or(&vm.agent)) == Some(true) {
-                v["agent"] = 1.into();
-            }
-            if let Some(lock) = &vm.lock {
-                v["lock"] = lock.clone().into();
-            }
-            ok(v)
-        }
-        ("POST", ["nodes", _, "qemu", vmid, "status", action @ ("start" | "stop")]) => {
-            let allowed: &[&str] = if *action == "start" {
-                &["skiplock", "timeout", "machine"]
-            } else {
-                &["skiplock", "timeout", "keepActive", "overrule-shutdown"]
-            };
-            if let Err(e) = Params::check(params, allowed, &[], &[]) {
-                return e;
-            }
-            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
-                return no_config(vmid.parse().unwrap_or(0));
-            };
-            let id = vm.vmid;
-            if vm.template {
-                return fail(500, "you can't start a vm if it's a template");
-            }
-            if let Some(lock) = &vm.lock {
-                return fail(500, &format!("VM is locked ({lock})"));
-            }
-            if *action == "start" && vm.status == "running" {
-                return fail(500, &format!("VM {id} already running"));
-            }
-            let (name, kind) = if *action == "start" {
-                ("qmstart", TaskKind::Start { vmid: id })
-            } else {
-                ("qmstop", TaskKind::Stop { vmid: id })
-            };
-            let upid = new_upid(st, name, &id.to_string(), user);
-            st.tasks.insert(
-                upid.clone(),
-                Task {
-                    kind,
-                    polls_left: b.task_polls,
-                    exitstatus: None,
-                },
-            );
-            ok(upid.into())
-        }
-        ("DELETE", ["nodes", _, "qemu", vmid]) => {
-            let p = match Params::check(params, &["purge", "destroy-unreferenced-disks", "skiplock"], &[], &[]) {
-                Ok(p) => p,
-                Err(e) => return e,
-            };
-            for k in ["purge", "destroy-unreferenced-disks"] {
-                if let Some(v) = p.get(k)
-                    && boolean(v).is_none()
-                {
-                    return param_fail(&[(k, "type check ('boolean') failed".into())]);
-                }
-            }
-            let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
-                return no_config(vmid.parse().unwrap_or(0));
-            };
-            let id = vm.vmid;
-            if vm.template {
-                return fail(500, &format!("can't remove VM {id} - protection mode enabled"));
-            }
-            if vm.status == "running" {
-                return fail(500, &format!("VM {id} is running - destroy failed"));
-            }
-            if let Some(lock) = &vm.lock {
-                return fail(500, &format!("VM is locked ({lock})"));
-            }
-            let upid = new_upid(st, "qmdestroy", &id.to_string(), user);
-            st.tasks.insert(
-                upid.clone(),
-                Task {
-                    kind: TaskKind::Destroy { vmid: id },
-                    polls_left: b.task_polls,
-                    exitstatus: None,
-                },
-            );
-            ok(upid.into())
-        }
-        (m, ["nodes", _, "qemu", vmid, "agent", command]) => agent(m, vmid, command, params, st, b),
-        _ => fail(501, &format!("Method '{method} /{}' not implemented", s.join("/"))),
+    let memory = p
+        .get("memory")
+        .map(|m| m.strip_prefix("current=").unwrap_or(m).parse::<u32>());
+    if let Some(m) = &memory
+        && !matches!(m, Ok(16..=4_194_304))
+    {
+        errors.push(("memory", "value must be between 16 and 4194304 (MiB)".to_string()));
     }
+    let mut sshkeys_decoded = None;
+    if let Some(k) = p.get("sshkeys") {
+        if !urlencoded_ok(k) {
+            errors.push(("sshkeys", format!("invalid urlencoded string: {k}")));
+        } else {
+            sshkeys_decoded = percent_decode_str(k).decode_utf8().ok().map(|k| k.into_owned());
+        }
+    }
+    if let Some(ip) = p.get("ipconfig0") {
+        let good = ip
+            .split(',')
+            .all(|kv| matches!(kv.split_once('='), Some(("ip" | "gw" | "ip6" | "gw6", v)) if !v.is_empty()));
+        if !good {
+            errors.push(("ipconfig0", format!("invalid format - format error ({ip})")));
+        }
+    }
+    let tags: Option<Vec<String>> = p.get("tags").map(|t| {
+        t.split([';', ',', ' '])
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect()
+    });
+    if let Some(bad) = tags.iter().flatten().find(|t| !tag_ok(t)) {
+        errors.push(("tags", format!("invalid format - invalid tag '{bad}'")));
+    }
+    if let Some(a) = p.get("agent") {
+        let v = a.strip_prefix("enabled=").unwrap_or(a);
+        if boolean(v.split(',').next().unwrap_or("")).is_none() {
+            errors.push(("agent", format!("invalid format - value '{a}' is not a boolean")));
+        }
+    }
+    if let Some(name) = p.get("name")
+        && !dns_name_ok(name)
+    {
+        errors.push(("name", "value does not look like a valid DNS name".to_string()));
+    }
+    if let Some(d) = p.get("description")
+        && d.len() > 8192
+    {
+        errors.push(("description", "value may only be 8192 characters long".to_string()));
+    }
+    if !errors.is_empty() {
+        return param_fail(&errors);
+    }
+    if let Some(keys) = &sshkeys_decoded
+        && keys
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .any(|l| !(l.starts_with("ssh-") || l.starts_with("ecdsa-") || l.starts_with("sk-")))
+    {
+        return fail(500, "SSH public key validation error");
+    }
+    let vm = st.vms.get_mut(&id).unwrap();
+    if vm.template {
+        return fail(500, &format!("VM {id} is a template (this fake changes clones only)"));
+    }
+    if let Some(lock) = &vm.lock {
+        return fail(500, &format!("VM is locked ({lock})"));
+    }
+    if let Some(Ok(c)) = cores {
+        vm.cores = c;
+    }
+    if let Some(Ok(m)) = memory {
+        vm.memory = m;
+    }
+    if let Some(u) = p.get("ciuser") {
+        vm.ciuser = u.into();
+    }
+    if let (Some(raw), Some(decoded)) = (p.get("sshkeys"), sshkeys_decoded) {
+        vm.sshkeys = raw.into();
+        vm.sshkeys_decoded = decoded;
+    }
+    if let Some(ip) = p.get("ipconfig0") {
+        vm.ipconfig0 = ip.into();
+    }
+    if let Some(t) = tags {
+        vm.tags = t;
+    }
+    if let Some(d) = p.get("description") {
+        vm.description = d.into();
+    }
+    if let Some(a) = p.get("agent") {
+        vm.agent = a.into();
+    }
+    if let Some(n) = p.get("name") {
+        vm.name = n.into();
+    }
+    if m == Method::PUT {
+        return ok(Value::Null);
+    }
+    let upid = new_upid(st, "qmconfig", &id.to_string(), user);
+    st.tasks.insert(
+        upid.clone(),
+        Task {
+            kind: TaskKind::Config,
+            polls_left: b.task_polls,
+            exitstatus: None,
+        },
+    );
+    ok(upid.into())
+}
+
+fn current_status(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> Reply {
+    if let Err(e) = Params::check(params, &[], &[], &[]) {
+        return e;
+    }
+    let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    let mut v = json!({"vmid": vm.vmid, "name": vm.name, "status": vm.status,
+                       "qmpstatus": vm.status, "cpus": vm.cores,
+                       "maxmem": u64::from(vm.memory) * 1024 * 1024, "ha": {"managed": 0}});
+    if boolean(vm.agent.strip_prefix("enabled=").unwrap_or(&vm.agent)) == Some(true) {
+        v["agent"] = 1.into();
+    }
+    if let Some(lock) = &vm.lock {
+        v["lock"] = lock.clone().into();
+    }
+    ok(v)
+}
+
+fn start_stop(
+    vmid: &str,
+    action: &str,
+    params: Vec<(String, String)>,
+    st: &mut State,
+    b: &Behaviour,
+    user: &str,
+) -> Reply {
+    let allowed: &[&str] = if action == "start" {
+        &["skiplock", "timeout", "machine"]
+    } else {
+        &["skiplock", "timeout", "keepActive", "overrule-shutdown"]
+    };
+    if let Err(e) = Params::check(params, allowed, &[], &[]) {
+        return e;
+    }
+    let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    let id = vm.vmid;
+    if vm.template {
+        return fail(500, "you can't start a vm if it's a template");
+    }
+    if let Some(lock) = &vm.lock {
+        return fail(500, &format!("VM is locked ({lock})"));
+    }
+    if action == "start" && vm.status == "running" {
+        return fail(500, &format!("VM {id} already running"));
+    }
+    let (name, kind) = if action == "start" {
+        ("qmstart", TaskKind::Start { vmid: id })
+    } else {
+        ("qmstop", TaskKind::Stop { vmid: id })
+    };
+    let upid = new_upid(st, name, &id.to_string(), user);
+    st.tasks.insert(
+        upid.clone(),
+        Task {
+            kind,
+            polls_left: b.task_polls,
+            exitstatus: None,
+        },
+    );
+    ok(upid.into())
+}
+
+fn destroy(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
+    let p = match Params::check(params, &["purge", "destroy-unreferenced-disks", "skiplock"], &[], &[]) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    for k in ["purge", "destroy-unreferenced-disks"] {
+        if let Some(v) = p.get(k)
+            && boolean(v).is_none()
+        {
+            return param_fail(&[(k, "type check ('boolean') failed".into())]);
+        }
+    }
+    let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get(&id)) else {
+        return no_config(vmid.parse().unwrap_or(0));
+    };
+    let id = vm.vmid;
+    if vm.template {
+        return fail(500, &format!("can't remove VM {id} - protection mode enabled"));
+    }
+    if vm.status == "running" {
+        return fail(500, &format!("VM {id} is running - destroy failed"));
+    }
+    if let Some(lock) = &vm.lock {
+        return fail(500, &format!("VM is locked ({lock})"));
+    }
+    let upid = new_upid(st, "qmdestroy", &id.to_string(), user);
+    st.tasks.insert(
+        upid.clone(),
+        Task {
+            kind: TaskKind::Destroy { vmid: id },
+            polls_left: b.task_polls,
+            exitstatus: None,
+        },
+    );
+    ok(upid.into())
 }
 
 /// What a task does when it stops; answers its exit status.
@@ -888,8 +890,8 @@ fn agent(
 }
 
 /// Checks the API token exactly; answers the token id (the task owner) or the refusal.
-fn authenticate(headers: &BTreeMap<String, String>, token_id: &str, secret: &str) -> Result<String, Reply> {
-    let Some(value) = headers.get("authorization") else {
+fn authenticate(given: Option<&str>, token_id: &str, secret: &str) -> Result<String, Reply> {
+    let Some(value) = given else {
         return Err(fail(401, "No ticket"));
     };
     let Some(token) = value.strip_prefix("PVEAPIToken=") else {
@@ -907,121 +909,283 @@ fn authenticate(headers: &BTreeMap<String, String>, token_id: &str, secret: &str
     }
     Ok(id.to_string())
 }
-
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    method: &str,
-    target: &str,
-    headers: &BTreeMap<String, String>,
-    body: &str,
-    st: &mut State,
-    b: &Behaviour,
-    token_id: &str,
-    secret: &str,
-) -> Reply {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(rel) = path.strip_prefix(BASE) else {
-        return fail(501, "no such uri");
-    };
-    let user = match authenticate(headers, token_id, secret) {
-        Ok(u) => u,
-        Err(e) => return e,
-    };
-    if b.flaky_first && !st.flaky_served {
-        st.flaky_served = true;
-        return fail(503, "Service Unavailable");
-    }
-    let Some(segs) = rel
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| percent_decode(s, false))
-        .collect::<Option<Vec<String>>>()
-    else {
-        return fail(400, "malformed path");
-    };
-    let Some(mut params) = parse_form(query) else {
-        return fail(400, "malformed query string");
-    };
-    if method == "POST" || method == "PUT" {
-        let ct = headers.get("content-type").map(String::as_str).unwrap_or("");
-        let main = ct.split(';').next().unwrap_or("").trim();
-        if main != "application/x-www-form-urlencoded" {
-            return fail(
-                415,
-                &format!("this fake takes application/x-www-form-urlencoded bodies, not '{ct}'"),
-            );
-        }
-        let Some(form) = parse_form(body) else {
-            return fail(400, "malformed form body");
-        };
-        // Query parameters win over body ones, as in pve-http-server.
-        let from_query: Vec<String> = params.iter().map(|(k, _)| k.clone()).collect();
-        params.extend(form.into_iter().filter(|(k, _)| !from_query.contains(k)));
-    } else if !body.is_empty() {
-        return fail(400, &format!("{method} takes its parameters in the query string"));
-    }
-    route(method, &segs, params, st, b, &user)
+/// The API: outside `BASE` nothing is served (501 "no such uri"); chunked bodies are refused
+/// as pve-http-server refuses them, before anything is recorded; every other request is
+/// recorded, then authenticated, then routed.
+fn router(fake: Fake) -> Router {
+    let nodes = Router::new()
+        .route("/nodes/{node}/tasks/{upid}/status", get(task_status_of))
+        .route("/nodes/{node}/qemu/{vmid}", delete(destroy_vm))
+        .route("/nodes/{node}/qemu/{vmid}/clone", post(clone_of))
+        .route(
+            "/nodes/{node}/qemu/{vmid}/config",
+            get(config_of).post(configure).put(configure),
+        )
+        .route("/nodes/{node}/qemu/{vmid}/status/current", get(status_of))
+        .route("/nodes/{node}/qemu/{vmid}/status/{action}", post(start_or_stop))
+        .route("/nodes/{node}/qemu/{vmid}/agent/{command}", any(agent_of))
+        .route_layer(middleware::from_fn(known_node));
+    let api = Router::new()
+        .route("/cluster/nextid", get(nextid_of))
+        .route("/cluster/resources", get(resources_of))
+        .merge(nodes)
+        .method_not_allowed_fallback(not_implemented)
+        .fallback(not_implemented)
+        .layer(middleware::from_fn_with_state(fake.clone(), admit))
+        .with_state(fake.clone());
+    Router::new()
+        .nest(BASE, api)
+        .fallback(|| async { reply(fail(501, "no such uri")) })
+        .layer(middleware::from_fn_with_state(fake, record))
 }
 
-fn serve(stream: TcpStream, state: &Mutex<State>, token_id: &str, secret: &str, b: &Behaviour) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut words = line.split_whitespace();
-    let (method, target) = (
-        words.next().unwrap_or("").to_string(),
-        words.next().unwrap_or("").to_string(),
-    );
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let (status, value) = if headers
-        .get("transfer-encoding")
-        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+/// A Proxmox answer: JSON, the error's message also in the reason line.
+fn reply((status, value): Reply) -> Response {
+    let code = StatusCode::from_u16(status).expect("a status code");
+    let mut response = (code, value.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
+    if status >= 400
+        && let Some(reason) = value["message"].as_str().and_then(|m| m.lines().next())
+        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.to_string())
     {
-        fail(501, "chunked transfer encoding not supported")
-    } else {
-        let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-        let mut body = vec![0; len];
-        let _ = reader.read_exact(&mut body);
-        let mut st = state.lock().unwrap();
-        let path = target.split('?').next().unwrap_or("");
-        let shown = percent_decode(path, false).unwrap_or_else(|| path.to_string());
-        st.requests.push(format!("{method} {shown}"));
-        handle(
-            &method,
-            &target,
-            &headers,
-            &String::from_utf8_lossy(&body),
-            &mut st,
-            b,
-            token_id,
-            secret,
-        )
+        response.extensions_mut().insert(reason);
+    }
+    response
+}
+
+/// Refuses chunked bodies (501), then records the request as `METHOD /path`, decoded.
+async fn record(Shared(fake): Shared<Fake>, request: Request, next: Next) -> Response {
+    let chunked = request
+        .headers()
+        .get(TRANSFER_ENCODING)
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        return reply(fail(501, "chunked transfer encoding not supported"));
+    }
+    let path = request.uri().path();
+    let shown = percent_decode_str(path)
+        .decode_utf8()
+        .map_or_else(|_| path.to_string(), |p| p.into_owned());
+    fake.state
+        .lock()
+        .unwrap()
+        .requests
+        .push(format!("{} {shown}", request.method()));
+    next.run(request).await
+}
+
+/// Checks the API token (401), answers the first request 503 under `flaky_first`, and hands
+/// the token id on to the handlers.
+async fn admit(Shared(fake): Shared<Fake>, mut request: Request, next: Next) -> Response {
+    let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let user = match authenticate(given, &fake.token_id, &fake.token_secret) {
+        Ok(user) => user,
+        Err(refusal) => return reply(refusal),
     };
-    let reason = if status < 400 {
-        "OK".to_string()
-    } else {
-        value["message"]
-            .as_str()
-            .and_then(|m| m.lines().next())
-            .unwrap_or("error")
-            .to_string()
-    };
-    let text = value.to_string();
-    let mut out = stream;
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        text.len()
-    );
-    let _ = out.write_all(format!("{head}{text}").as_bytes());
+    {
+        let mut st = fake.state.lock().unwrap();
+        if fake.behaviour.flaky_first && !st.flaky_served {
+            st.flaky_served = true;
+            return reply(fail(503, "Service Unavailable"));
+        }
+    }
+    request.extensions_mut().insert(User(user));
+    next.run(request).await
+}
+
+#[derive(Deserialize)]
+struct OnNode {
+    node: String,
+}
+
+/// The one node there is: another name fails its hostname lookup.
+async fn known_node(PvePath(OnNode { node }): PvePath<OnNode>, request: Request, next: Next) -> Response {
+    if node != NODE {
+        return reply(fail(
+            500,
+            &format!(
+                "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+            ),
+        ));
+    }
+    next.run(request).await
+}
+
+async fn not_implemented(method: Method, uri: Uri) -> Response {
+    let path = percent_decode_str(uri.path()).decode_utf8_lossy();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    reply(fail(
+        501,
+        &format!("Method '{method} /{}' not implemented", segments.join("/")),
+    ))
+}
+
+/// Path parameters, decoded; a path that does not decode is a 400.
+struct PvePath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PvePath<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(t)| Self(t))
+            .map_err(|_: PathRejection| reply(fail(400, "malformed path")))
+    }
+}
+
+/// A request's parameters as pve-http-server takes them: the query string, and for POST and
+/// PUT a form-encoded body (anything else is 415), query parameters winning over body ones;
+/// GET and DELETE take theirs in the query only (a body is 400). Each endpoint then checks
+/// them against its schema (`Params::check`).
+struct PveParams(Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequest<S> for PveParams {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let Ok(Query(mut params)) = Query::<Vec<(String, String)>>::try_from_uri(request.uri()) else {
+            return Err(reply(fail(400, "malformed query string")));
+        };
+        let method = request.method().clone();
+        if method == Method::POST || method == Method::PUT {
+            let ct = request
+                .headers()
+                .get(CONTENT_TYPE)
+                .map(|c| String::from_utf8_lossy(c.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let main = ct.split(';').next().unwrap_or("").trim();
+            if main != "application/x-www-form-urlencoded" {
+                return Err(reply(fail(
+                    415,
+                    &format!("this fake takes application/x-www-form-urlencoded bodies, not '{ct}'"),
+                )));
+            }
+            let Ok(Form(form)) = Form::<Vec<(String, String)>>::from_request(request, state).await else {
+                return Err(reply(fail(400, "malformed form body")));
+            };
+            let from_query: Vec<String> = params.iter().map(|(k, _)| k.clone()).collect();
+            params.extend(form.into_iter().filter(|(k, _)| !from_query.contains(k)));
+        } else {
+            let body = axum::body::Bytes::from_request(request, state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+            if !body.is_empty() {
+                return Err(reply(fail(
+                    400,
+                    &format!("{method} takes its parameters in the query string"),
+                )));
+            }
+        }
+        Ok(Self(params))
+    }
+}
+
+#[derive(Deserialize)]
+struct Vm {
+    vmid: String,
+}
+
+#[derive(Deserialize)]
+struct TaskPath {
+    upid: String,
+}
+
+#[derive(Deserialize)]
+struct VmAction {
+    vmid: String,
+    action: String,
+}
+
+#[derive(Deserialize)]
+struct VmAgent {
+    vmid: String,
+    command: String,
+}
+
+async fn nextid_of(Shared(fake): Shared<Fake>, PveParams(params): PveParams) -> Response {
+    fake.answer(|st, _| nextid(params, st))
+}
+
+async fn resources_of(Shared(fake): Shared<Fake>, PveParams(params): PveParams) -> Response {
+    fake.answer(|st, _| resources(params, st))
+}
+
+async fn task_status_of(
+    Shared(fake): Shared<Fake>,
+    Extension(User(user)): Extension<User>,
+    PvePath(TaskPath { upid }): PvePath<TaskPath>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, b| task_status(&upid, params, st, b, &user))
+}
+
+async fn clone_of(
+    Shared(fake): Shared<Fake>,
+    Extension(User(user)): Extension<User>,
+    PvePath(Vm { vmid }): PvePath<Vm>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, b| clone_vm(&vmid, params, st, b, &user))
+}
+
+async fn config_of(
+    Shared(fake): Shared<Fake>,
+    PvePath(Vm { vmid }): PvePath<Vm>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, _| read_config(&vmid, params, st))
+}
+
+async fn configure(
+    Shared(fake): Shared<Fake>,
+    method: Method,
+    Extension(User(user)): Extension<User>,
+    PvePath(Vm { vmid }): PvePath<Vm>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, b| write_config(&method, &vmid, params, st, b, &user))
+}
+
+async fn status_of(
+    Shared(fake): Shared<Fake>,
+    PvePath(Vm { vmid }): PvePath<Vm>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, _| current_status(&vmid, params, st))
+}
+
+async fn start_or_stop(
+    Shared(fake): Shared<Fake>,
+    method: Method,
+    uri: Uri,
+    Extension(User(user)): Extension<User>,
+    PvePath(VmAction { vmid, action }): PvePath<VmAction>,
+    PveParams(params): PveParams,
+) -> Response {
+    if action != "start" && action != "stop" {
+        return not_implemented(method, uri).await;
+    }
+    fake.answer(|st, b| start_stop(&vmid, &action, params, st, b, &user))
+}
+
+async fn destroy_vm(
+    Shared(fake): Shared<Fake>,
+    Extension(User(user)): Extension<User>,
+    PvePath(Vm { vmid }): PvePath<Vm>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, b| destroy(&vmid, params, st, b, &user))
+}
+
+async fn agent_of(
+    Shared(fake): Shared<Fake>,
+    method: Method,
+    PvePath(VmAgent { vmid, command }): PvePath<VmAgent>,
+    PveParams(params): PveParams,
+) -> Response {
+    fake.answer(|st, b| agent(method.as_str(), &vmid, &command, params, st, b))
 }
