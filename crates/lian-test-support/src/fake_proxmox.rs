@@ -15,8 +15,10 @@
 //! storages (`local-lvm`, `fast`).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::Router;
+use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Form, FromRequest, FromRequestParts, Path, Query, Request, State as Shared};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, TRANSFER_ENCODING};
@@ -25,7 +27,6 @@ use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
-use axum::{Extension, Router};
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -124,10 +125,9 @@ struct Fake {
 }
 
 impl Fake {
-    /// Runs an endpoint on the fake's state and answers as Proxmox does.
-    fn answer(&self, endpoint: impl FnOnce(&mut State, &Behaviour) -> Reply) -> Response {
-        let mut st = self.state.lock().unwrap();
-        reply(endpoint(&mut st, &self.behaviour))
+    /// The state, locked for one request, and the knobs.
+    fn lock(&self) -> (MutexGuard<'_, State>, &Behaviour) {
+        (self.state.lock().unwrap(), &self.behaviour)
     }
 }
 
@@ -141,7 +141,8 @@ const POOLS: [&str; 1] = ["ci"];
 const STORAGES: [&str; 2] = ["local-lvm", "fast"];
 const BASE: &str = "/api2/json";
 
-type Reply = (u16, Value);
+/// A Proxmox answer: a status and its JSON body (`IntoResponse` below).
+struct Reply(u16, Value);
 
 impl FakeProxmox {
     pub fn start(behaviour: Behaviour) -> Self {
@@ -202,7 +203,7 @@ impl FakeProxmox {
 
 /// A Proxmox error: the message goes in the reason line and the body.
 fn fail(status: u16, message: &str) -> Reply {
-    (status, json!({"data": null, "message": format!("{message}\n")}))
+    Reply(status, json!({"data": null, "message": format!("{message}\n")}))
 }
 
 fn param_fail<K: AsRef<str>>(errors: &[(K, String)]) -> Reply {
@@ -210,14 +211,14 @@ fn param_fail<K: AsRef<str>>(errors: &[(K, String)]) -> Reply {
         .iter()
         .map(|(k, v)| (k.as_ref().to_string(), Value::String(format!("{v}\n"))))
         .collect();
-    (
+    Reply(
         400,
         json!({"data": null, "errors": map, "message": "Parameter verification failed.\n"}),
     )
 }
 
 fn ok(data: Value) -> Reply {
-    (200, json!({ "data": data }))
+    Reply(200, json!({ "data": data }))
 }
 
 /// The parameters of a request, checked against the endpoint's schema: unknown and missing
@@ -292,14 +293,23 @@ fn urlencoded_ok(s: &str) -> bool {
     s.chars().all(|c| c.is_ascii_alphanumeric() || "-%_.!~*'()".contains(c))
 }
 
-fn new_upid(st: &mut State, kind_name: &str, id: &str, user: &str) -> String {
+/// Starts a task of `kind` (its UPID names `kind_name`, the object `id` and the `user`),
+/// polled `polls` times before it stops; answers its UPID.
+fn start_task(st: &mut State, kind_name: &str, id: &str, user: &str, kind: TaskKind, polls: u32) -> Reply {
     st.seq += 1;
-    format!(
+    let upid = format!(
         "UPID:{NODE}:{:08X}:{:08X}:{:08X}:{kind_name}:{id}:{user}:",
         0x1000 + st.seq,
         0x00A0_0000 + st.seq,
         0x6700_0000 + st.seq
-    )
+    );
+    let task = Task {
+        kind,
+        polls_left: polls,
+        exitstatus: None,
+    };
+    st.tasks.insert(upid.clone(), task);
+    ok(upid.into())
 }
 
 fn vm_json(vm: &FakeVm) -> Value {
@@ -328,7 +338,8 @@ fn no_config(vmid: u32) -> Reply {
     )
 }
 
-fn nextid(params: Vec<(String, String)>, st: &mut State) -> Reply {
+async fn nextid(Call { fake, params, .. }: Call) -> Reply {
+    let (st, _) = fake.lock();
     let p = match Params::check(params, &["vmid"], &[], &[]) {
         Ok(p) => p,
         Err(e) => return e,
@@ -345,7 +356,8 @@ fn nextid(params: Vec<(String, String)>, st: &mut State) -> Reply {
     ok(Value::String(free.to_string()))
 }
 
-fn resources(params: Vec<(String, String)>, st: &mut State) -> Reply {
+async fn resources(Call { fake, params, .. }: Call) -> Reply {
+    let (st, _) = fake.lock();
     let p = match Params::check(params, &["type"], &[], &[]) {
         Ok(p) => p,
         Err(e) => return e,
@@ -360,20 +372,21 @@ fn resources(params: Vec<(String, String)>, st: &mut State) -> Reply {
     }
 }
 
-fn task_status(upid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
+async fn task_status(PvePath(TaskPath { upid }): PvePath<TaskPath>, Call { fake, user, params }: Call) -> Reply {
+    let (mut st, b) = fake.lock();
     if let Err(e) = Params::check(params, &[], &[], &[]) {
         return e;
     }
-    let Some(task) = st.tasks.get_mut(upid) else {
+    let Some(task) = st.tasks.get_mut(&upid) else {
         return fail(500, &format!("unable to parse worker upid '{upid}'"));
     };
     task.polls_left = task.polls_left.saturating_sub(1);
     let running = task.polls_left > 0;
     if let Some(kind) = (!running && task.exitstatus.is_none()).then_some(task.kind) {
-        let exit = finish(&kind, st, b);
-        st.tasks.get_mut(upid).unwrap().exitstatus = Some(exit);
+        let exit = finish(&kind, &mut st, b);
+        st.tasks.get_mut(&upid).unwrap().exitstatus = Some(exit);
     }
-    let task = &st.tasks[upid];
+    let task = &st.tasks[&upid];
     let mut v = json!({"upid": upid, "node": NODE, "user": user, "pid": 4242, "pstart": 123,
                        "starttime": 1_700_000_000, "type": upid.split(':').nth(5).unwrap_or(""),
                        "id": upid.split(':').nth(6).unwrap_or(""),
@@ -384,24 +397,18 @@ fn task_status(upid: &str, params: Vec<(String, String)>, st: &mut State, b: &Be
     ok(v)
 }
 
-fn clone_vm(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
-    let p = match Params::check(
-        params,
-        &[
-            "newid",
-            "name",
-            "description",
-            "pool",
-            "snapname",
-            "storage",
-            "format",
-            "full",
-            "target",
-            "bwlimit",
-        ],
-        &["newid"],
-        &[],
-    ) {
+/// The parameters `POST .../clone` and `POST|PUT .../config` take.
+#[rustfmt::skip]
+const CLONE_PARAMS: [&str; 10] = ["newid", "name", "description", "pool", "snapname", "storage", "format", "full", "target", "bwlimit"];
+#[rustfmt::skip]
+const CONFIG_PARAMS: [&str; 13] = [
+    "cores", "memory", "ciuser", "sshkeys", "ipconfig0", "tags", "description",
+    "agent", "name", "sockets", "digest", "delete", "skiplock",
+];
+
+async fn clone_vm(PvePath(Vm { vmid }): PvePath<Vm>, Call { fake, user, params }: Call) -> Reply {
+    let (mut st, b) = fake.lock();
+    let p = match Params::check(params, &CLONE_PARAMS, &["newid"], &[]) {
         Ok(p) => p,
         Err(e) => return e,
     };
@@ -479,19 +486,18 @@ fn clone_vm(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behav
             ..clone
         },
     );
-    let upid = new_upid(st, "qmclone", &source.to_string(), user);
-    st.tasks.insert(
-        upid.clone(),
-        Task {
-            kind: TaskKind::Clone { vmid: newid },
-            polls_left: b.task_polls,
-            exitstatus: None,
-        },
-    );
-    ok(upid.into())
+    start_task(
+        &mut st,
+        "qmclone",
+        &source.to_string(),
+        &user,
+        TaskKind::Clone { vmid: newid },
+        b.task_polls,
+    )
 }
 
-fn read_config(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> Reply {
+async fn read_config(PvePath(Vm { vmid }): PvePath<Vm>, Call { fake, params, .. }: Call) -> Reply {
+    let (st, _) = fake.lock();
     if let Err(e) = Params::check(params, &["current", "snapshot"], &[], &[]) {
         return e;
     }
@@ -523,35 +529,9 @@ fn read_config(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> Rep
     ok(v)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_config(
-    m: &Method,
-    vmid: &str,
-    params: Vec<(String, String)>,
-    st: &mut State,
-    b: &Behaviour,
-    user: &str,
-) -> Reply {
-    let p = match Params::check(
-        params,
-        &[
-            "cores",
-            "memory",
-            "ciuser",
-            "sshkeys",
-            "ipconfig0",
-            "tags",
-            "description",
-            "agent",
-            "name",
-            "sockets",
-            "digest",
-            "delete",
-            "skiplock",
-        ],
-        &[],
-        &[],
-    ) {
+async fn write_config(m: Method, PvePath(Vm { vmid }): PvePath<Vm>, Call { fake, user, params }: Call) -> Reply {
+    let (mut st, b) = fake.lock();
+    let p = match Params::check(params, &CONFIG_PARAMS, &[], &[]) {
         Ok(p) => p,
         Err(e) => return e,
     };
@@ -666,19 +646,18 @@ fn write_config(
     if m == Method::PUT {
         return ok(Value::Null);
     }
-    let upid = new_upid(st, "qmconfig", &id.to_string(), user);
-    st.tasks.insert(
-        upid.clone(),
-        Task {
-            kind: TaskKind::Config,
-            polls_left: b.task_polls,
-            exitstatus: None,
-        },
-    );
-    ok(upid.into())
+    start_task(
+        &mut st,
+        "qmconfig",
+        &id.to_string(),
+        &user,
+        TaskKind::Config,
+        b.task_polls,
+    )
 }
 
-fn current_status(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> Reply {
+async fn current_status(PvePath(Vm { vmid }): PvePath<Vm>, Call { fake, params, .. }: Call) -> Reply {
+    let (st, _) = fake.lock();
     if let Err(e) = Params::check(params, &[], &[], &[]) {
         return e;
     }
@@ -697,14 +676,16 @@ fn current_status(vmid: &str, params: Vec<(String, String)>, st: &mut State) -> 
     ok(v)
 }
 
-fn start_stop(
-    vmid: &str,
-    action: &str,
-    params: Vec<(String, String)>,
-    st: &mut State,
-    b: &Behaviour,
-    user: &str,
+async fn start_stop(
+    method: Method,
+    uri: Uri,
+    PvePath(VmAction { vmid, action }): PvePath<VmAction>,
+    Call { fake, user, params }: Call,
 ) -> Reply {
+    if action != "start" && action != "stop" {
+        return not_implemented(method, uri).await;
+    }
+    let (mut st, b) = fake.lock();
     let allowed: &[&str] = if action == "start" {
         &["skiplock", "timeout", "machine"]
     } else {
@@ -731,19 +712,11 @@ fn start_stop(
     } else {
         ("qmstop", TaskKind::Stop { vmid: id })
     };
-    let upid = new_upid(st, name, &id.to_string(), user);
-    st.tasks.insert(
-        upid.clone(),
-        Task {
-            kind,
-            polls_left: b.task_polls,
-            exitstatus: None,
-        },
-    );
-    ok(upid.into())
+    start_task(&mut st, name, &id.to_string(), &user, kind, b.task_polls)
 }
 
-fn destroy(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behaviour, user: &str) -> Reply {
+async fn destroy(PvePath(Vm { vmid }): PvePath<Vm>, Call { fake, user, params }: Call) -> Reply {
+    let (mut st, b) = fake.lock();
     let p = match Params::check(params, &["purge", "destroy-unreferenced-disks", "skiplock"], &[], &[]) {
         Ok(p) => p,
         Err(e) => return e,
@@ -768,16 +741,14 @@ fn destroy(vmid: &str, params: Vec<(String, String)>, st: &mut State, b: &Behavi
     if let Some(lock) = &vm.lock {
         return fail(500, &format!("VM is locked ({lock})"));
     }
-    let upid = new_upid(st, "qmdestroy", &id.to_string(), user);
-    st.tasks.insert(
-        upid.clone(),
-        Task {
-            kind: TaskKind::Destroy { vmid: id },
-            polls_left: b.task_polls,
-            exitstatus: None,
-        },
-    );
-    ok(upid.into())
+    start_task(
+        &mut st,
+        "qmdestroy",
+        &id.to_string(),
+        &user,
+        TaskKind::Destroy { vmid: id },
+        b.task_polls,
+    )
 }
 
 /// What a task does when it stops; answers its exit status.
@@ -816,15 +787,12 @@ fn finish(kind: &TaskKind, st: &mut State, b: &Behaviour) -> String {
     }
 }
 
-fn agent(
-    method: &str,
-    vmid: &str,
-    command: &str,
-    params: Vec<(String, String)>,
-    st: &mut State,
-    b: &Behaviour,
+async fn agent(
+    method: Method,
+    PvePath(VmAgent { vmid, command }): PvePath<VmAgent>,
+    Call { fake, params, .. }: Call,
 ) -> Reply {
-    let checked = match (method, command) {
+    let checked = match (method.as_str(), command.as_str()) {
         ("GET", "network-get-interfaces") => Params::check(params, &[], &[], &[]),
         ("POST", "file-write") => Params::check(params, &["file", "content", "encode"], &["file", "content"], &[]),
         ("POST", "exec") => Params::check(params, &["command", "input-data"], &["command"], &["command"]),
@@ -835,6 +803,7 @@ fn agent(
         Ok(p) => p,
         Err(e) => return e,
     };
+    let (mut st, b) = fake.lock();
     let Some(vm) = vmid.parse::<u32>().ok().and_then(|id| st.vms.get_mut(&id)) else {
         return no_config(vmid.parse().unwrap_or(0));
     };
@@ -847,7 +816,7 @@ fn agent(
     if b.agent_never_ready {
         return fail(500, "QEMU guest agent is not running");
     }
-    match command {
+    match command.as_str() {
         "network-get-interfaces" => {
             let mut ifaces = vec![json!({"name": "lo", "hardware-address": "00:00:00:00:00:00",
                 "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8},
@@ -914,20 +883,20 @@ fn authenticate(given: Option<&str>, token_id: &str, secret: &str) -> Result<Str
 /// recorded, then authenticated, then routed.
 fn router(fake: Fake) -> Router {
     let nodes = Router::new()
-        .route("/nodes/{node}/tasks/{upid}/status", get(task_status_of))
-        .route("/nodes/{node}/qemu/{vmid}", delete(destroy_vm))
-        .route("/nodes/{node}/qemu/{vmid}/clone", post(clone_of))
+        .route("/nodes/{node}/tasks/{upid}/status", get(task_status))
+        .route("/nodes/{node}/qemu/{vmid}", delete(destroy))
+        .route("/nodes/{node}/qemu/{vmid}/clone", post(clone_vm))
         .route(
             "/nodes/{node}/qemu/{vmid}/config",
-            get(config_of).post(configure).put(configure),
+            get(read_config).post(write_config).put(write_config),
         )
-        .route("/nodes/{node}/qemu/{vmid}/status/current", get(status_of))
-        .route("/nodes/{node}/qemu/{vmid}/status/{action}", post(start_or_stop))
-        .route("/nodes/{node}/qemu/{vmid}/agent/{command}", any(agent_of))
+        .route("/nodes/{node}/qemu/{vmid}/status/current", get(current_status))
+        .route("/nodes/{node}/qemu/{vmid}/status/{action}", post(start_stop))
+        .route("/nodes/{node}/qemu/{vmid}/agent/{command}", any(agent))
         .route_layer(middleware::from_fn(known_node));
     let api = Router::new()
-        .route("/cluster/nextid", get(nextid_of))
-        .route("/cluster/resources", get(resources_of))
+        .route("/cluster/nextid", get(nextid))
+        .route("/cluster/resources", get(resources))
         .merge(nodes)
         .method_not_allowed_fallback(not_implemented)
         .fallback(not_implemented)
@@ -935,24 +904,27 @@ fn router(fake: Fake) -> Router {
         .with_state(fake.clone());
     Router::new()
         .nest(BASE, api)
-        .fallback(|| async { reply(fail(501, "no such uri")) })
+        .fallback(|| async { fail(501, "no such uri").into_response() })
         .layer(middleware::from_fn_with_state(fake, record))
 }
 
-/// A Proxmox answer: JSON, the error's message also in the reason line.
-fn reply((status, value): Reply) -> Response {
-    let code = StatusCode::from_u16(status).expect("a status code");
-    let mut response = (code, value.to_string()).into_response();
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
-    if status >= 400
-        && let Some(reason) = value["message"].as_str().and_then(|m| m.lines().next())
-        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.to_string())
-    {
-        response.extensions_mut().insert(reason);
+/// As Proxmox answers: JSON, an error's message also in the reason line.
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let Reply(status, value) = self;
+        let code = StatusCode::from_u16(status).expect("a status code");
+        let mut response = (code, value.to_string()).into_response();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json;charset=UTF-8"));
+        if status >= 400
+            && let Some(reason) = value["message"].as_str().and_then(|m| m.lines().next())
+            && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.to_string())
+        {
+            response.extensions_mut().insert(reason);
+        }
+        response
     }
-    response
 }
 
 /// Refuses chunked bodies (501), then records the request as `METHOD /path`, decoded.
@@ -963,7 +935,7 @@ async fn record(Shared(fake): Shared<Fake>, request: Request, next: Next) -> Res
         .and_then(|t| t.to_str().ok())
         .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
     if chunked {
-        return reply(fail(501, "chunked transfer encoding not supported"));
+        return fail(501, "chunked transfer encoding not supported").into_response();
     }
     let path = request.uri().path();
     let shown = percent_decode_str(path)
@@ -983,13 +955,13 @@ async fn admit(Shared(fake): Shared<Fake>, mut request: Request, next: Next) -> 
     let given = request.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let user = match authenticate(given, &fake.token_id, &fake.token_secret) {
         Ok(user) => user,
-        Err(refusal) => return reply(refusal),
+        Err(refusal) => return refusal.into_response(),
     };
     {
         let mut st = fake.state.lock().unwrap();
         if fake.behaviour.flaky_first && !st.flaky_served {
             st.flaky_served = true;
-            return reply(fail(503, "Service Unavailable"));
+            return fail(503, "Service Unavailable").into_response();
         }
     }
     request.extensions_mut().insert(User(user));
@@ -1004,23 +976,24 @@ struct OnNode {
 /// The one node there is: another name fails its hostname lookup.
 async fn known_node(PvePath(OnNode { node }): PvePath<OnNode>, request: Request, next: Next) -> Response {
     if node != NODE {
-        return reply(fail(
+        return fail(
             500,
             &format!(
                 "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
             ),
-        ));
+        )
+        .into_response();
     }
     next.run(request).await
 }
 
-async fn not_implemented(method: Method, uri: Uri) -> Response {
+async fn not_implemented(method: Method, uri: Uri) -> Reply {
     let path = percent_decode_str(uri.path()).decode_utf8_lossy();
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    reply(fail(
+    fail(
         501,
         &format!("Method '{method} /{}' not implemented", segments.join("/")),
-    ))
+    )
 }
 
 /// Path parameters, decoded; a path that does not decode is a 400.
@@ -1033,22 +1006,32 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PvePath
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(t)| Self(t))
-            .map_err(|_: PathRejection| reply(fail(400, "malformed path")))
+            .map_err(|_: PathRejection| fail(400, "malformed path").into_response())
     }
 }
 
-/// A request's parameters as pve-http-server takes them: the query string, and for POST and
-/// PUT a form-encoded body (anything else is 415), query parameters winning over body ones;
-/// GET and DELETE take theirs in the query only (a body is 400). Each endpoint then checks
-/// them against its schema (`Params::check`).
-struct PveParams(Vec<(String, String)>);
+/// What every endpoint takes: the fake, the token that authenticated the request (`admit`)
+/// and the request's parameters as pve-http-server takes them: the query string, and for
+/// POST and PUT a form-encoded body (anything else is 415), query parameters winning over
+/// body ones; GET and DELETE take theirs in the query only (a body is 400). Each endpoint
+/// then checks them against its schema (`Params::check`).
+struct Call {
+    fake: Fake,
+    user: String,
+    params: Vec<(String, String)>,
+}
 
-impl<S: Send + Sync> FromRequest<S> for PveParams {
-    type Rejection = Response;
+impl FromRequest<Fake> for Call {
+    type Rejection = Reply;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+    async fn from_request(request: Request, fake: &Fake) -> Result<Self, Reply> {
+        let User(user) = request
+            .extensions()
+            .get::<User>()
+            .cloned()
+            .expect("admit authenticates every request before it is routed");
         let Ok(Query(mut params)) = Query::<Vec<(String, String)>>::try_from_uri(request.uri()) else {
-            return Err(reply(fail(400, "malformed query string")));
+            return Err(fail(400, "malformed query string"));
         };
         let method = request.method().clone();
         if method == Method::POST || method == Method::PUT {
@@ -1059,28 +1042,29 @@ impl<S: Send + Sync> FromRequest<S> for PveParams {
                 .unwrap_or_default();
             let main = ct.split(';').next().unwrap_or("").trim();
             if main != "application/x-www-form-urlencoded" {
-                return Err(reply(fail(
+                return Err(fail(
                     415,
                     &format!("this fake takes application/x-www-form-urlencoded bodies, not '{ct}'"),
-                )));
+                ));
             }
-            let Ok(Form(form)) = Form::<Vec<(String, String)>>::from_request(request, state).await else {
-                return Err(reply(fail(400, "malformed form body")));
+            let Ok(Form(form)) = Form::<Vec<(String, String)>>::from_request(request, fake).await else {
+                return Err(fail(400, "malformed form body"));
             };
             let from_query: Vec<String> = params.iter().map(|(k, _)| k.clone()).collect();
             params.extend(form.into_iter().filter(|(k, _)| !from_query.contains(k)));
         } else {
-            let body = axum::body::Bytes::from_request(request, state)
-                .await
-                .map_err(IntoResponse::into_response)?;
+            let Ok(body) = Bytes::from_request(request, fake).await else {
+                return Err(fail(400, "unreadable body"));
+            };
             if !body.is_empty() {
-                return Err(reply(fail(
-                    400,
-                    &format!("{method} takes its parameters in the query string"),
-                )));
+                return Err(fail(400, &format!("{method} takes its parameters in the query string")));
             }
         }
-        Ok(Self(params))
+        Ok(Self {
+            fake: fake.clone(),
+            user,
+            params,
+        })
     }
 }
 
@@ -1104,88 +1088,4 @@ struct VmAction {
 struct VmAgent {
     vmid: String,
     command: String,
-}
-
-async fn nextid_of(Shared(fake): Shared<Fake>, PveParams(params): PveParams) -> Response {
-    fake.answer(|st, _| nextid(params, st))
-}
-
-async fn resources_of(Shared(fake): Shared<Fake>, PveParams(params): PveParams) -> Response {
-    fake.answer(|st, _| resources(params, st))
-}
-
-async fn task_status_of(
-    Shared(fake): Shared<Fake>,
-    Extension(User(user)): Extension<User>,
-    PvePath(TaskPath { upid }): PvePath<TaskPath>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, b| task_status(&upid, params, st, b, &user))
-}
-
-async fn clone_of(
-    Shared(fake): Shared<Fake>,
-    Extension(User(user)): Extension<User>,
-    PvePath(Vm { vmid }): PvePath<Vm>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, b| clone_vm(&vmid, params, st, b, &user))
-}
-
-async fn config_of(
-    Shared(fake): Shared<Fake>,
-    PvePath(Vm { vmid }): PvePath<Vm>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, _| read_config(&vmid, params, st))
-}
-
-async fn configure(
-    Shared(fake): Shared<Fake>,
-    method: Method,
-    Extension(User(user)): Extension<User>,
-    PvePath(Vm { vmid }): PvePath<Vm>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, b| write_config(&method, &vmid, params, st, b, &user))
-}
-
-async fn status_of(
-    Shared(fake): Shared<Fake>,
-    PvePath(Vm { vmid }): PvePath<Vm>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, _| current_status(&vmid, params, st))
-}
-
-async fn start_or_stop(
-    Shared(fake): Shared<Fake>,
-    method: Method,
-    uri: Uri,
-    Extension(User(user)): Extension<User>,
-    PvePath(VmAction { vmid, action }): PvePath<VmAction>,
-    PveParams(params): PveParams,
-) -> Response {
-    if action != "start" && action != "stop" {
-        return not_implemented(method, uri).await;
-    }
-    fake.answer(|st, b| start_stop(&vmid, &action, params, st, b, &user))
-}
-
-async fn destroy_vm(
-    Shared(fake): Shared<Fake>,
-    Extension(User(user)): Extension<User>,
-    PvePath(Vm { vmid }): PvePath<Vm>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, b| destroy(&vmid, params, st, b, &user))
-}
-
-async fn agent_of(
-    Shared(fake): Shared<Fake>,
-    method: Method,
-    PvePath(VmAgent { vmid, command }): PvePath<VmAgent>,
-    PveParams(params): PveParams,
-) -> Response {
-    fake.answer(|st, b| agent(method.as_str(), &vmid, &command, params, st, b))
 }
