@@ -142,7 +142,13 @@ impl JobStream {
                         delivery: Delivery::Live(Box::new(message)),
                     }));
                 }
-                // Missed heartbeats and the like are transient: the stream resumes itself.
+                // A worker whose slots were full did not poll its pull for a while, so the
+                // heartbeats of its last pull request went unread: nothing is wrong, and the
+                // stream has pulled again already.
+                Err(err) if err.kind() == jetstream::consumer::pull::MessagesErrorKind::MissingHeartbeat => {
+                    tracing::debug!(%err, "pull resumed after a pause");
+                }
+                // Anything else is transient too: the stream resumes itself.
                 Err(err) => {
                     tracing::warn!(%err, "pull interrupted, resuming");
                     tokio::time::sleep(Duration::from_millis(500)).await;
