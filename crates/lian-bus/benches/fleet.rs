@@ -223,6 +223,12 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
     let total = args.in_flight * args.builds_per_slot * template.len();
     // The anchor before and after: this disk's fsync budget drifts within a run.
     let raw_before = raw_pipelined(&js, total, args.in_flight).await;
+    let mean_payload = template.iter().map(|(_, v)| v.to_string().len()).sum::<usize>() / template.len();
+    let per_chain = args.builds_per_slot * template.len();
+    let mut chained = Vec::new();
+    for headers in [ChainHeaders::None, ChainHeaders::MsgId, ChainHeaders::MsgIdAndExpected] {
+        chained.push(raw_chains(&js, args.in_flight, per_chain, mean_payload, headers).await);
+    }
     let appends = append_path(&bus, &ws, &template, args.in_flight, args.builds_per_slot).await;
     let raw_after = raw_pipelined(&js, total, args.in_flight).await;
     let (raw_before_rate, raw_after_rate) = (raw_before.rate(), raw_after.rate());
@@ -234,7 +240,6 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
     let fleet = Fleet::start(lian, url, args.workers, args.slots);
     let whole = fleet_rate(&bus, &ws, &context, args.in_flight).await;
     drop(fleet);
-    let mean_payload = template.iter().map(|(_, v)| v.to_string().len()).sum::<usize>() / template.len();
     println!(
         "### P2: events appended per second, {} builds in flight\n",
         args.in_flight
@@ -250,6 +255,21 @@ async fn measure(lian: &std::path::Path, url: &str, replicas: usize, args: &Args
         raw.wall.as_secs_f64(),
         raw.rate()
     );
+    for (rate, what) in chained.iter().zip([
+        "no headers",
+        "with a `Nats-Msg-Id`",
+        "with a `Nats-Msg-Id` and `Nats-Expected-Last-Subject-Sequence`",
+    ]) {
+        println!(
+            "| raw chains: {} subjects, each publish waiting for the last one's ack, {} B, {what} | {} | {:.2} s | {:.0} | {:.2} |",
+            args.in_flight,
+            mean_payload,
+            rate.count,
+            rate.wall.as_secs_f64(),
+            rate.rate(),
+            rate.rate() / raw.rate()
+        );
+    }
     println!(
         "| **append path**: `Bus::append_after`, {} builds x {} each, a noop build's {} events (mean {} B) | {} | {:.2} s | {:.0} | **{:.2}** |",
         args.in_flight,
@@ -373,6 +393,61 @@ async fn raw_pipelined(js: &jetstream::Context, total: usize, window: usize) -> 
     }
     Rate {
         count: total as u64,
+        wall: start.elapsed(),
+    }
+}
+
+/// What each publish of a chain carries besides its payload (P2's breakdown).
+#[derive(Clone, Copy)]
+enum ChainHeaders {
+    None,
+    MsgId,
+    MsgIdAndExpected,
+}
+
+/// `chains` chains of `per_chain` publishes of `bytes` B, each publish of a chain waiting for
+/// the previous one's ack (as a build's appends do), on a subject of its own; with the
+/// headers an append carries, to tell their cost from the chaining's.
+async fn raw_chains(
+    js: &jetstream::Context,
+    chains: usize,
+    per_chain: usize,
+    bytes: usize,
+    headers: ChainHeaders,
+) -> Rate {
+    let variant = headers as u8;
+    let payload = bytes::Bytes::from(vec![b'z'; bytes]);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..chains)
+        .map(|chain| {
+            let (js, payload) = (js.clone(), payload.clone());
+            tokio::spawn(async move {
+                let subject = format!("bench.raw.chain{variant}.{chain}");
+                let mut last = 0;
+                for i in 0..per_chain {
+                    let mut h = async_nats::HeaderMap::new();
+                    if !matches!(headers, ChainHeaders::None) {
+                        h.insert("Nats-Msg-Id", format!("c{variant}-{chain}-{i}").as_str());
+                    }
+                    if matches!(headers, ChainHeaders::MsgIdAndExpected) {
+                        h.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+                    }
+                    let ack = js
+                        .publish_with_headers(subject.clone(), h, payload.clone())
+                        .await
+                        .expect("publish")
+                        .await
+                        .expect("acked");
+                    last = ack.sequence;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("a chain");
+    }
+    Rate {
+        count: (chains * per_chain) as u64,
         wall: start.elapsed(),
     }
 }
