@@ -57,7 +57,8 @@ pub fn load_catalog(dir: &Path, schemas: &Schemas) -> Result<Catalog, LoadError>
     }
     let misses: Vec<&PathBuf> = known.iter().filter(|k| k.1.is_none()).map(|k| &k.0).collect();
     let evaluated = evaluate_all(&misses, schemas)?;
-    let changed = !evaluated.is_empty();
+    // Only values the cache can hold change it: files with imports are evaluated every time.
+    let mut changed = false;
     let mut evaluated = evaluated.into_iter();
     let mut layers = Vec::with_capacity(known.len());
     for (path, cached, key) in known {
@@ -67,6 +68,7 @@ pub fn load_catalog(dir: &Path, schemas: &Schemas) -> Result<Catalog, LoadError>
                 let layer = evaluated.next().expect("one value per miss");
                 if let Some(key) = key {
                     cache.layers.insert(key, layer.clone());
+                    changed = true;
                 }
                 layer
             }
